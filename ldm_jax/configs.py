@@ -1,0 +1,235 @@
+"""One ml_collections ConfigDict per stage, and presets that scale it.
+
+Stages: `vae` (first stage), `ldm` (diffusion on VAE latents), `pixel` (the same diffusion
+on 28x28 pixels, the baseline) and `classifier` (the MNIST feature network for FID).
+Presets: `smoke` (seconds, for tests/CI), `cpu-quick` (the real CPU configuration),
+`full` (quality configuration for a GPU/TPU). Any field can be overridden from the CLI
+with `--config.<section>.<field>=value`; `validate` runs before any work starts.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+STAGES = ("vae", "ldm", "pixel", "classifier")
+PRESETS = ("smoke", "cpu-quick", "full")
+DIFFUSION_STAGES = ("ldm", "pixel")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message is one line for the user."""
+
+
+def _common(stage: str, preset: str) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.stage = stage  # which model this config trains
+    c.preset = preset  # the preset it was built from (informational)
+    c.seed = 0  # seeds parameters, data order and every training key
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "package"  # 'package' (shipped, MD5-verified IDX files) or 'tfds'
+    c.data.dir = ""  # read IDX files from here instead of the package copy ('' = package)
+    c.data.batch_size = 128  # global batch, split over all devices and processes
+    c.data.max_examples = 0  # use only the first N training images (0 = all 60,000)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 2e-4  # peak learning rate of AdamW
+    c.optim.warmup_steps = 100  # linear warmup from 0 to lr, then cosine decay to lr * final_lr_frac
+    c.optim.final_lr_frac = 0.1  # end of the cosine decay, as a fraction of lr
+    c.optim.weight_decay = 0.0  # AdamW decoupled weight decay
+    c.optim.b1 = 0.9  # Adam beta1
+    c.optim.b2 = 0.99  # Adam beta2
+    c.optim.grad_clip = 1.0  # clip the global gradient norm to this (0 = off)
+    c.optim.ema_decay = 0.999  # EMA of parameters, warmed up as min(decay, (1+s)/(10+s))
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 10_000  # optimizer steps in total
+    c.train.log_every = 50  # write a metrics.jsonl line every this many steps
+    c.train.ckpt_every = 1_000  # save a checkpoint every this many steps (and at the end)
+    c.train.keep_checkpoints = 3  # how many recent checkpoints to keep
+    c.train.max_minutes = 0.0  # stop cleanly after this wall-clock budget (0 = no budget)
+    c.train.skip_nonfinite = False  # skip updates with a NaN/inf loss or gradient instead of stopping
+    return c
+
+
+def _diffusion(c: ml_collections.ConfigDict, preset: str) -> None:
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.timesteps = 1000  # T
+    c.diffusion.schedule = "linear"  # beta schedule: linear | quadratic | cosine
+    c.diffusion.beta_start = 1e-4  # beta_1 (linear, quadratic)
+    c.diffusion.beta_end = 0.02  # beta_T (linear, quadratic)
+    c.diffusion.var_type = "fixed_small"  # DDPM sampling variance: fixed_small (beta~) | fixed_large (beta)
+    c.diffusion.clip_x0 = c.stage == "pixel"  # clip predicted x_0 to [-1, 1] (pixels only)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.ch = 64  # base channels of the U-Net
+    c.model.ch_mult = (1, 2)  # channel multiplier per level; a stride-2 conv between levels
+    c.model.num_res_blocks = 2  # residual blocks per level
+    c.model.heads = 4  # attention heads at the lowest resolution
+    c.model.groups = 8  # GroupNorm groups
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.sampler = "ddim"  # sampler used for previews: ddpm | ddim
+    c.sample.steps = 100  # DDIM steps
+    c.sample.eta = 0.0  # DDIM eta (0 = deterministic)
+
+    if c.stage == "ldm":
+        c.latent = ml_collections.ConfigDict()
+        c.latent.posterior = "sample"  # encode training images as posterior 'mean' or a 'sample'
+        c.optim.lr = 1e-3
+        c.model.ch, c.model.ch_mult, c.model.num_res_blocks = 64, (1, 2), 1
+    else:
+        c.optim.lr = 5e-4
+        c.model.ch, c.model.ch_mult, c.model.num_res_blocks = 32, (1, 2, 2), 1
+
+    if preset == "smoke":
+        c.model.ch, c.model.ch_mult, c.model.num_res_blocks = 16, (1, 2), 1
+        c.model.heads, c.model.groups = 2, 4
+        c.diffusion.timesteps = 50
+        c.sample.steps = 5
+    elif preset == "cpu-quick":
+        c.train.steps = 1_600
+    else:
+        c.model.ch = 128
+        c.model.num_res_blocks = 2
+        c.train.steps = 50_000
+
+
+def get_config(stage: str, preset: str = "full") -> ml_collections.ConfigDict:
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    c = _common(stage, preset)
+
+    if stage == "vae":
+        c.model = ml_collections.ConfigDict()
+        c.model.channels = (32, 64)  # encoder channels per level; each level halves 28 -> 14 -> 7
+        c.model.latent_ch = 4  # latent channels c of the s x s x c latent
+        c.model.num_res_blocks = 1  # residual blocks per level
+        c.model.groups = 8  # GroupNorm groups
+        c.loss = ml_collections.ConfigDict()
+        c.loss.kl_weight = 1e-3  # beta of the KL term; reconstruction is a per-image sum of squares
+        c.optim.lr = 1e-3
+        c.optim.ema_decay = 0.99
+        c.train.steps = 1_500 if preset == "cpu-quick" else 20_000
+        if preset == "smoke":
+            c.model.channels, c.model.groups = (8, 16), 4
+    elif stage == "classifier":
+        c.model = ml_collections.ConfigDict()
+        c.model.feature_dim = 128  # width of the penultimate layer (the FID features)
+        c.optim.lr = 1e-3
+        c.optim.ema_decay = 0.99
+        c.optim.weight_decay = 1e-4
+        c.train.steps = 3_000 if preset == "cpu-quick" else 6_000
+    else:
+        _diffusion(c, preset)
+
+    if preset == "smoke":
+        c.data.batch_size, c.data.max_examples = 16, 512
+        c.train.steps, c.train.log_every, c.train.ckpt_every = 6, 2, 3
+        c.optim.warmup_steps = 1
+    elif preset == "cpu-quick":
+        c.train.log_every, c.train.ckpt_every = 25, 200
+    return c
+
+
+def union_config() -> ml_collections.ConfigDict:
+    """Every field of every stage (full preset): the schema CLI overrides are parsed against."""
+    u = ml_collections.ConfigDict()
+    for stage in STAGES:
+        _merge(u, get_config(stage))
+    return u
+
+
+def _merge(dst: ml_collections.ConfigDict, src: ml_collections.ConfigDict) -> None:
+    for key, value in src.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            if key not in dst:
+                dst[key] = ml_collections.ConfigDict()
+            _merge(dst[key], value)
+        elif key not in dst:
+            dst[key] = value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
+    """Sets flat 'a.b' keys; a key this stage's config lacks is an error."""
+    for path, value in overrides.items():
+        *parents, leaf = path.split(".")
+        node = config
+        for p in parents:
+            if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
+                raise ConfigError(f"unknown config key {path!r} for stage {config.stage!r}")
+            node = node[p]
+        if leaf not in node:
+            raise ConfigError(f"unknown config key {path!r} for stage {config.stage!r}")
+        try:
+            node[leaf] = value
+        except TypeError as e:
+            raise ConfigError(f"config key {path!r}: {e}") from None
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError with one line when the config cannot work."""
+    if c.stage not in STAGES:
+        raise ConfigError(f"unknown stage {c.stage!r}; choose one of {', '.join(STAGES)}")
+    if c.data.source not in ("package", "tfds"):
+        raise ConfigError(f"data.source must be 'package' or 'tfds', got {c.data.source!r}")
+    positive = {"optim.lr": c.optim.lr, "data.batch_size": c.data.batch_size,
+                "train.steps": c.train.steps, "train.log_every": c.train.log_every,
+                "train.ckpt_every": c.train.ckpt_every,
+                "train.keep_checkpoints": c.train.keep_checkpoints}
+    for name, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"{name} must be positive, got {value}")
+    if c.data.max_examples < 0 or c.train.max_minutes < 0 or c.optim.warmup_steps < 0:
+        raise ConfigError("data.max_examples, train.max_minutes and optim.warmup_steps must be >= 0")
+    if not 0.0 <= c.optim.ema_decay < 1.0:
+        raise ConfigError(f"optim.ema_decay must be in [0, 1), got {c.optim.ema_decay}")
+    if c.data.max_examples and c.data.max_examples < c.data.batch_size:
+        raise ConfigError(f"data.max_examples={c.data.max_examples} is smaller than one batch "
+                          f"({c.data.batch_size})")
+    if c.stage == "vae":
+        _check_channels("model.channels", c.model.channels, c.model.groups)
+        side = 28
+        for _ in c.model.channels:
+            side = -(-side // 2)
+        dim = side * side * c.model.latent_ch
+        if not 0 < dim < 784:
+            raise ConfigError(f"latent {side}x{side}x{c.model.latent_ch} = {dim} dims must be "
+                              "between 1 and 783 (smaller than the 784 pixels)")
+        if c.loss.kl_weight < 0:
+            raise ConfigError(f"loss.kl_weight must be >= 0, got {c.loss.kl_weight}")
+    if c.stage in DIFFUSION_STAGES:
+        d = c.diffusion
+        if d.schedule not in ("linear", "quadratic", "cosine"):
+            raise ConfigError(f"diffusion.schedule must be linear|quadratic|cosine, got {d.schedule!r}")
+        if d.var_type not in ("fixed_small", "fixed_large"):
+            raise ConfigError(f"diffusion.var_type must be fixed_small|fixed_large, got {d.var_type!r}")
+        if d.timesteps < 2 or not 0 < d.beta_start < d.beta_end < 1:
+            raise ConfigError("diffusion needs timesteps >= 2 and 0 < beta_start < beta_end < 1")
+        _check_channels("model.ch * ch_mult", [c.model.ch * m for m in c.model.ch_mult],
+                        c.model.groups)
+        if (c.model.ch * c.model.ch_mult[-1]) % c.model.heads:
+            raise ConfigError(f"attention width {c.model.ch * c.model.ch_mult[-1]} is not "
+                              f"divisible by model.heads={c.model.heads}")
+        if c.sample.sampler not in ("ddpm", "ddim") or not 1 <= c.sample.steps <= d.timesteps:
+            raise ConfigError("sample.sampler must be ddpm|ddim and 1 <= sample.steps <= timesteps")
+        if c.stage == "ldm" and c.latent.posterior not in ("mean", "sample"):
+            raise ConfigError(f"latent.posterior must be 'mean' or 'sample', got {c.latent.posterior!r}")
+
+
+def check_unet_input(c: ml_collections.ConfigDict, side: int, channels: int) -> None:
+    """The U-Net needs its lowest level to keep at least 2x2 positions."""
+    lowest = side
+    for _ in range(len(c.model.ch_mult) - 1):
+        lowest = -(-lowest // 2)
+    if lowest < 2:
+        raise ConfigError(f"a {side}x{side}x{channels} input shrinks to {lowest}x{lowest} over "
+                          f"{len(c.model.ch_mult)} U-Net levels; use fewer entries in model.ch_mult")
+
+
+def _check_channels(name: str, channels, groups: int) -> None:
+    for ch in channels:
+        if ch <= 0 or ch % groups:
+            raise ConfigError(f"{name}: {ch} channels do not split into model.groups={groups} groups")

@@ -1,0 +1,138 @@
+"""MNIST, shipped with the package and verified on every load.
+
+The four canonical IDX files live in `ldm_jax/mnist/` (gzip-compressed, as
+distributed by LeCun, Cortes and Burges, CC BY-SA 3.0). Every load checks the
+gzip stream, the MD5 of the uncompressed bytes against `MD5SUMS`, the IDX magic
+and the header, and names the file and the failed check when one fails.
+
+Batches are a pure function of (seed, step): resuming at step s sees exactly the
+batches an uninterrupted run would, and each process of a multi-host run takes
+its own contiguous slice of every global batch.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+import zlib
+
+import numpy as np
+
+IMAGE_MAGIC = 2051
+LABEL_MAGIC = 2049
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+class DataError(ValueError):
+    """A data file is missing or fails a check; the message names file and check."""
+
+
+def default_data_dir() -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "mnist")
+
+
+def read_md5sums(data_dir: str) -> dict[str, str]:
+    path = os.path.join(data_dir, "MD5SUMS")
+    if not os.path.exists(path):
+        raise DataError(f"{path}: missing (it lists the MD5 of each uncompressed IDX file)")
+    sums = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                digest, name = line.split()
+                sums[name] = digest
+    return sums
+
+
+def read_idx(path: str, magic: int, md5: str) -> np.ndarray:
+    """Reads one gzip IDX file into a uint8 array, after checking every byte."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: missing")
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: not a complete gzip stream ({e})") from None
+    got = hashlib.md5(raw).hexdigest()
+    if got != md5:
+        raise DataError(f"{path}: MD5 of the uncompressed bytes is {got}, expected {md5}")
+    if len(raw) < 8:
+        raise DataError(f"{path}: too short for an IDX header")
+    found, count = struct.unpack(">II", raw[:8])
+    if found != magic:
+        raise DataError(f"{path}: IDX magic is {found}, expected {magic}")
+    dims = (count,)
+    offset = 8
+    if magic == IMAGE_MAGIC:
+        rows, cols = struct.unpack(">II", raw[8:16])
+        dims, offset = (count, rows, cols), 16
+    if len(raw) - offset != int(np.prod(dims)):
+        raise DataError(f"{path}: header says {dims} but holds {len(raw) - offset} bytes of data")
+    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def load_mnist(split: str, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (images uint8 [N, 28, 28], labels uint8 [N]) of 'train' or 'test'."""
+    if split not in FILES:
+        raise DataError(f"unknown MNIST split {split!r}; use 'train' or 'test'")
+    data_dir = data_dir or default_data_dir()
+    sums = read_md5sums(data_dir)
+    image_name, label_name = FILES[split]
+    images = read_idx(os.path.join(data_dir, image_name + ".gz"), IMAGE_MAGIC, sums[image_name])
+    labels = read_idx(os.path.join(data_dir, label_name + ".gz"), LABEL_MAGIC, sums[label_name])
+    if len(images) != len(labels):
+        raise DataError(f"{data_dir}: {len(images)} {split} images but {len(labels)} labels")
+    return images, labels
+
+
+def load_mnist_tfds(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The same arrays from tensorflow-datasets (optional extra `ldm_jax[tfds]`)."""
+    try:
+        import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        raise DataError("data.source=tfds needs `pip install ldm_jax[tfds]`") from None
+    ds = tfds.as_numpy(tfds.load("mnist", split=split, batch_size=-1))
+    return ds["image"][..., 0].astype(np.uint8), ds["label"].astype(np.uint8)
+
+
+def load(source: str, split: str, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    if source == "package":
+        return load_mnist(split, data_dir)
+    if source == "tfds":
+        return load_mnist_tfds(split)
+    raise DataError(f"unknown data source {source!r}; use 'package' or 'tfds'")
+
+
+def to_float(images: np.ndarray) -> np.ndarray:
+    """uint8 [N, 28, 28] -> float32 [N, 28, 28, 1] in [-1, 1]."""
+    return (images.astype(np.float32) / 127.5 - 1.0)[..., None]
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """float [N, 28, 28, 1] in [-1, 1] -> uint8 [N, 28, 28], rounded and clipped."""
+    x = np.asarray(x, dtype=np.float32).reshape(x.shape[0], 28, 28)
+    return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Indices of the global batch for `step`: epoch-wise shuffles drawn from (seed, epoch)."""
+    per_epoch = num_examples // batch_size
+    if per_epoch == 0:
+        raise DataError(f"batch size {batch_size} is larger than the {num_examples} examples")
+    epoch, i = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    return perm[i * batch_size:(i + 1) * batch_size]
+
+
+def process_slice(global_indices: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
+    """This process's contiguous share of a global batch (equal shares)."""
+    n = len(global_indices)
+    if n % process_count:
+        raise DataError(f"global batch {n} does not split over {process_count} processes")
+    per = n // process_count
+    return global_indices[process_index * per:(process_index + 1) * per]
