@@ -112,8 +112,11 @@ def get_config(stage: str, preset: str = "full") -> ml_collections.ConfigDict:
         c.loss.kl_weight = 1e-3  # beta of the KL term; reconstruction is a per-image sum of squares
         c.optim.lr = 1e-3
         c.optim.ema_decay = 0.99
-        c.train.steps = 1_500 if preset == "cpu-quick" else 20_000
-        if preset == "smoke":
+        c.train.steps = 20_000
+        if preset == "cpu-quick":  # ~0.15 s/step on 2 CPU cores: full-resolution convs dominate
+            c.model.channels, c.model.num_res_blocks = (16, 32), 0
+            c.train.steps = 1_500
+        elif preset == "smoke":
             c.model.channels, c.model.groups = (8, 16), 4
     elif stage == "classifier":
         c.model = ml_collections.ConfigDict()

@@ -217,7 +217,10 @@ class InceptionE(nn.Module):
             conv(384, (1, 3), (0, 1), "branch3x3dbl_3a")(bd),
             conv(384, (3, 1), (1, 0), "branch3x3dbl_3b")(bd),
         ]
-        pooled = _avg_pool_3x3(x) if self.pool == "avg" else _max_pool_3x3(x)
+        pools = {"avg": _avg_pool_3x3, "max": _max_pool_3x3}
+        if self.pool not in pools:
+            raise ValueError(f"pool must be 'avg' or 'max', got {self.pool!r}")
+        pooled = pools[self.pool](x)
         bp = conv(192, (1, 1), (0, 0), "branch_pool")(pooled)
         return jnp.concatenate([b1, *b3, *bd, bp], axis=-1)
 

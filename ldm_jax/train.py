@@ -254,11 +254,17 @@ TASKS = {"vae": vae_task, "ldm": diffusion_task, "pixel": diffusion_task,
 # ----------------------------------------------------------------------------- Checkpoint
 
 
-def checkpoint_manager(stage_dir: str, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
+def checkpoint_manager(stage_dir: str, keep: int = 3, create: bool = True,
+                       partial: bool = False) -> ocp.CheckpointManager:
+    """Checkpoints of state (Orbax PyTree), config and meta (JSON) under stage_dir/checkpoints.
+
+    partial=True opens them read-only for restoring a subtree (the EMA parameters)."""
+    state = ocp.PyTreeCheckpointHandler() if partial else ocp.StandardCheckpointHandler()
     return ocp.CheckpointManager(
         os.path.join(os.path.abspath(stage_dir), "checkpoints"),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create),
-        item_names=("state", "config", "meta"))
+        item_handlers=dict(state=state, config=ocp.JsonCheckpointHandler(),
+                           meta=ocp.JsonCheckpointHandler()))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -303,16 +309,28 @@ def check_resumable(c, stage_dir: str) -> None:
 
 
 def load_checkpoint(stage_dir: str, step: int | None = None):
-    """(ema_params, config dict, meta) of a checkpoint, or None if stage_dir has none."""
+    """(ema_params, config dict, meta) of a checkpoint, or None if stage_dir has none.
+
+    Restores only the EMA parameters, onto this process's first device, whatever mesh
+    the checkpoint was written from.
+    """
     if not os.path.isdir(os.path.join(stage_dir, "checkpoints")):
         return None
-    mgr = checkpoint_manager(stage_dir, create=False)
+    mgr = checkpoint_manager(stage_dir, create=False, partial=True)
     step = mgr.latest_step() if step is None else step
     if step is None:
         return None
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    ema_meta = mgr.item_metadata(step)["state"]["ema_params"]
+    target = {"ema_params": jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), ema_meta,
+        is_leaf=lambda m: hasattr(m, "shape"))}
     restored = mgr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore(),
+        state=ocp.args.PyTreeRestore(target, ocp.checkpoint_utils.construct_restore_args(target),
+                                     partial_restore=True),
+        config=ocp.args.JsonRestore(),
         meta=ocp.args.JsonRestore()))
+    mgr.close()
     return restored["state"]["ema_params"], restored["config"], restored["meta"]
 
 

@@ -1,0 +1,173 @@
+"""Sampling from a trained LDM or pixel model, with the EMA parameters.
+
+    python -m ldm_jax.sample --workdir=runs/demo --stage=ldm --num=64 --out=grid.png \
+        [--sampler=ddpm|ddim] [--steps=K] [--eta=0.0] [--seed=0]
+
+Writes the PNG grid and, beside it, an .npz holding `images`, uint8 [N, 28, 28].
+The LDM runs the whole reverse chain on latents and decodes once at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ldm_jax import cli, configs, data, diffusion, nets, train
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+@dataclasses.dataclass(frozen=True)
+class Generator:
+    """Everything needed to sample one trained diffusion stage."""
+    stage: str
+    unet: nets.UNet
+    params: Any  # EMA parameters of the U-Net
+    sched: diffusion.Schedule
+    config: dict
+    shape: tuple[int, int, int]  # one sample: latent (s, s, c) or pixels (28, 28, 1)
+    vae: nets.VAE | None = None
+    vae_params: Any = None
+    scale_factor: float = 1.0
+    step: int = 0
+
+
+def load_generator(workdir: str, stage: str) -> Generator:
+    """Loads workdir/<stage> (and, for the LDM, the VAE it was trained on)."""
+    if stage not in configs.DIFFUSION_STAGES:
+        raise configs.ConfigError(f"cannot sample stage {stage!r}; choose ldm or pixel")
+    stage_dir = os.path.join(workdir, stage)
+    restored = train.load_checkpoint(stage_dir)
+    if restored is None:
+        raise configs.ConfigError(f"no trained {stage} model in {stage_dir}; run "
+                                  f"`python -m ldm_jax.train --stage={stage} --workdir={workdir}`")
+    params, cfg, meta = restored
+    if cfg.get("stage") != stage:
+        raise configs.ConfigError(f"{stage_dir} holds a {cfg.get('stage')!r} checkpoint")
+    common = dict(stage=stage, unet=train.build_unet(cfg["model"]), params=params,
+                  sched=train.build_schedule(cfg["diffusion"]), config=cfg, step=meta["step"])
+    if stage == "pixel":
+        return Generator(shape=(28, 28, 1), **common)
+    vae, vae_params, _, vae_meta = train.load_vae(workdir)
+    if vae_meta["step"] != meta["vae_step"]:
+        raise configs.ConfigError(f"the VAE in {workdir}/vae is at step {vae_meta['step']} but "
+                                  f"the LDM was trained on its step {meta['vae_step']}; retrain the LDM")
+    return Generator(shape=tuple(meta["latent_shape"]), vae=vae, vae_params=vae_params,
+                     scale_factor=meta["scale_factor"], **common)
+
+
+def sample_fn(gen: Generator, n: int, sampler: str = "ddim", steps: int = 100,
+              eta: float = 0.0, keep_trajectory: bool = False):
+    """A jitted key -> images [n, 28, 28, 1] in [-1, 1] (and the chain, if asked)."""
+    if sampler not in SAMPLERS:
+        raise configs.ConfigError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
+    clip = bool(gen.config["diffusion"]["clip_x0"])
+    shape = (n, *gen.shape)
+
+    def decode(z):
+        if gen.vae is None:
+            return z
+        return gen.vae.apply({"params": gen.vae_params}, z / gen.scale_factor,
+                             method=nets.VAE.decode)
+
+    @jax.jit
+    def run(params, key):
+        eps_fn = lambda x, t: gen.unet.apply({"params": params}, x, t)
+        if sampler == "ddpm":
+            out = diffusion.ddpm_sample(eps_fn, gen.sched, key, shape,
+                                        gen.config["diffusion"]["var_type"], clip, keep_trajectory)
+        else:
+            out = diffusion.ddim_sample(eps_fn, gen.sched, key, shape, steps, eta, clip,
+                                        keep_trajectory)
+        x, traj = out if keep_trajectory else (out, None)
+        return (jnp.clip(decode(x), -1, 1), traj) if keep_trajectory else jnp.clip(decode(x), -1, 1)
+
+    return functools.partial(run, gen.params)
+
+
+def generate(gen: Generator, num: int, key: jax.Array, sampler: str = "ddim", steps: int = 100,
+             eta: float = 0.0, batch_size: int = 256, progress: bool = True) -> np.ndarray:
+    """num samples as uint8 [num, 28, 28], in fixed-size batches (one compilation)."""
+    batch = min(batch_size, num)
+    run = sample_fn(gen, batch, sampler, steps, eta)
+    out = []
+    for i in tqdm(range(math.ceil(num / batch)), desc=f"sample {gen.stage}", disable=not progress):
+        out.append(data.to_uint8(np.asarray(run(jax.random.fold_in(key, i)))))
+    return np.concatenate(out)[:num]
+
+
+def save_grid(images: np.ndarray, path: str, ncol: int | None = None) -> None:
+    """uint8 [N, 28, 28] -> one PNG grid with a 2-pixel border."""
+    n = len(images)
+    ncol = ncol or math.ceil(math.sqrt(n))
+    nrow = math.ceil(n / ncol)
+    grid = np.zeros((nrow * 30 + 2, ncol * 30 + 2), np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, ncol)
+        grid[2 + r * 30:2 + r * 30 + 28, 2 + c * 30:2 + c * 30 + 28] = img
+    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
+
+
+def check_out_path(path: str, suffix: str = ".png") -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise cli.UsageError(f"output directory {parent} does not exist")
+    if not path.endswith(suffix):
+        raise cli.UsageError(f"--out must end in {suffix}, got {path}")
+
+
+def define_flags(fv) -> None:
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    flags.DEFINE_string("workdir", None, "Run directory holding workdir/<stage>.", flag_values=fv)
+    flags.DEFINE_string("stage", "ldm", "Which generator: ldm | pixel.", flag_values=fv)
+    flags.DEFINE_integer("num", 64, "Number of samples.", flag_values=fv)
+    flags.DEFINE_string("out", "samples.png", "PNG grid path; the .npz goes beside it.",
+                        flag_values=fv)
+    flags.DEFINE_string("sampler", "ddim", "ddpm (all T steps) | ddim.", flag_values=fv)
+    flags.DEFINE_integer("steps", None, "DDIM steps (1..T; default: the model config's "
+                         "sample.steps); ignored by ddpm.", flag_values=fv)
+    flags.DEFINE_float("eta", 0.0, "DDIM eta: 0 deterministic, 1 DDPM-like.", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 256, "Samples per compiled batch.", flag_values=fv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    prog = "ldm_jax.sample"
+    fv = cli.parse_flags(prog, argv or sys.argv, define_flags)
+    try:
+        cli.require(fv, "workdir")
+        for name in ("num", "steps", "batch_size"):
+            if fv[name].value is not None and fv[name].value <= 0:
+                raise cli.UsageError(f"--{name} must be positive, got {fv[name].value}")
+        if fv.sampler not in SAMPLERS:
+            raise cli.UsageError(f"--sampler must be ddpm or ddim, got {fv.sampler!r}")
+        check_out_path(fv.out)
+        cli.setup_jax()
+        gen = load_generator(fv.workdir, fv.stage)
+        steps = fv.steps or gen.config["sample"]["steps"]
+        if fv.sampler == "ddim" and steps > gen.sched.num_timesteps:
+            raise cli.UsageError(f"--steps={steps} exceeds the {gen.sched.num_timesteps} "
+                                 "timesteps of this model")
+    except (cli.UsageError, configs.ConfigError) as e:
+        cli.fail(prog, e)
+    images = generate(gen, fv.num, jax.random.key(fv.seed), fv.sampler, steps, fv.eta,
+                      fv.batch_size)
+    save_grid(images, fv.out)
+    npz = os.path.splitext(fv.out)[0] + ".npz"
+    np.savez_compressed(npz, images=images)
+    print(f"wrote {fv.out} and {npz} ({len(images)} {fv.stage} samples, {fv.sampler})",
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

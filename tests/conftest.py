@@ -1,0 +1,27 @@
+"""Shared fixtures: one smoke-trained workdir (vae, ldm, pixel) for the whole session."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_module(module: str, *args: str, env: dict | None = None, cwd: str | None = None,
+               timeout: int = 600) -> subprocess.CompletedProcess:
+    """python -m ldm_jax.<module> args..., captured."""
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", f"ldm_jax.{module}", *args], capture_output=True,
+                          text=True, env=full_env, cwd=cwd or ROOT, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def smoke_workdir(tmp_path_factory):
+    """A workdir with vae, ldm and pixel trained on the smoke preset (in this process)."""
+    from ldm_jax import configs, train
+    workdir = str(tmp_path_factory.mktemp("smoke"))
+    for stage in ("vae", "ldm", "pixel"):
+        train.train_and_evaluate(configs.get_config(stage, "smoke"), workdir)
+    return workdir

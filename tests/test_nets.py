@@ -1,0 +1,64 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ldm_jax import configs, nets, train
+
+
+def n_params(p):
+    return sum(x.size for x in jax.tree.leaves(p))
+
+
+@pytest.mark.parametrize("channels,side", [((16, 32), 7), ((32, 64), 7), ((8, 16, 32), 4)])
+def test_vae_shapes(channels, side):
+    vae = nets.VAE(channels=channels, latent_ch=2, num_res_blocks=0, groups=4)
+    x = jnp.zeros((3, 28, 28, 1))
+    key = jax.random.key(0)
+    params = vae.init(key, x, key)["params"]
+    recon, mean, logvar = vae.apply({"params": params}, x, key)
+    chex.assert_shape(recon, (3, 28, 28, 1))
+    chex.assert_shape([mean, logvar], (3, side, side, 2))
+    z = vae.apply({"params": params}, jnp.zeros((5, side, side, 2)), method=nets.VAE.decode)
+    chex.assert_shape(z, (5, 28, 28, 1))
+
+
+@pytest.mark.parametrize("stage,shape", [("ldm", (2, 7, 7, 4)), ("pixel", (2, 28, 28, 1)),
+                                         ("ldm", (2, 4, 4, 4))])
+def test_unet_shapes_and_zero_init_output(stage, shape):
+    c = configs.get_config(stage, "smoke")
+    unet = train.build_unet(c.model)
+    x = jax.random.normal(jax.random.key(1), shape)
+    t = jnp.array([0, 999])
+    params = unet.init(jax.random.key(0), x, t)["params"]
+    out = unet.apply({"params": params}, x, t)
+    chex.assert_shape(out, shape)
+    np.testing.assert_array_equal(out, 0.0)  # the last conv starts at zero
+
+
+def test_parameter_counts():
+    """Pinned counts of the cpu-quick presets: a changed architecture must be deliberate."""
+    counts = {}
+    for stage, shape in (("ldm", (1, 7, 7, 4)), ("pixel", (1, 28, 28, 1))):
+        unet = train.build_unet(configs.get_config(stage, "cpu-quick").model)
+        counts[stage] = n_params(unet.init(jax.random.key(0), jnp.zeros(shape), jnp.zeros((1,), jnp.int32)))
+    vae = train.build_vae(configs.get_config("vae", "cpu-quick").model)
+    x = jnp.zeros((1, 28, 28, 1))
+    counts["vae"] = n_params(vae.init(jax.random.key(0), x, jax.random.key(0)))
+    counts["classifier"] = n_params(nets.Classifier().init(jax.random.key(0), x))
+    assert counts == {"ldm": 2_730_436, "pixel": 1_096_033, "vae": 59_929, "classifier": 467_818}
+
+
+def test_timestep_embedding():
+    e = nets.timestep_embedding(jnp.array([0, 10]), 8)
+    chex.assert_shape(e, (2, 8))
+    np.testing.assert_allclose(e[0], [1, 1, 1, 1, 0, 0, 0, 0])
+
+
+def test_classifier_features():
+    clf = nets.Classifier()
+    x = jnp.zeros((4, 28, 28, 1))
+    params = clf.init(jax.random.key(0), x)["params"]
+    chex.assert_shape(clf.apply({"params": params}, x), (4, 10))
+    chex.assert_shape(clf.apply({"params": params}, x, method=nets.Classifier.features), (4, 128))

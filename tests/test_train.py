@@ -1,0 +1,127 @@
+"""The train loop: loss goes down, one compilation, resume == uninterrupted,
+4 devices == 1 device, and bad input stops before anything is written."""
+
+import json
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_module
+from ldm_jax import configs, train
+
+
+
+@pytest.mark.parametrize("stage", ["vae", "pixel", "classifier"])
+def test_steps_lower_the_loss_on_a_fixed_batch(stage):
+    c = configs.get_config(stage, "smoke")
+    c.optim.lr = 1e-3
+    task = train.TASKS[stage](c, workdir=None)
+    params = task.init_params(jax.random.key(0))
+    tx = train.make_optimizer(c.optim, 100)
+    state = train.TrainState.create(apply_fn=None, params=params, tx=tx,
+                                    ema_params=jax.tree.map(jnp.copy, params))
+    step = jax.jit(chex.assert_max_traces(
+        lambda s, b, k: train.train_step(s, b, k, loss_fn=task.loss_fn, ema_decay=0.9), n=1))
+    batch, key = task.get_batch(0), jax.random.key(1)
+    losses = []
+    for _ in range(8):
+        state, m = step(state, batch, key)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert int(state.step) == 8
+    chex.clear_trace_counter()
+
+
+def test_ldm_stage_trains_on_vae_latents(smoke_workdir):
+    lines = [json.loads(l) for l in open(os.path.join(smoke_workdir, "ldm", "metrics.jsonl"))]
+    assert lines[-1]["step"] == 6 and all(np.isfinite(l["loss"]) for l in lines)
+    _, cfg, meta = train.load_checkpoint(os.path.join(smoke_workdir, "ldm"))
+    _, _, vae_meta = train.load_checkpoint(os.path.join(smoke_workdir, "vae"))
+    assert meta["latent_shape"] == vae_meta["latent_shape"] == [7, 7, 4]
+    assert meta["scale_factor"] == pytest.approx(1 / vae_meta["latent_std_sample"])
+    assert meta["finished"] and cfg["stage"] == "ldm"
+
+
+def test_nonfinite_step_is_skipped_not_applied():
+    c = configs.get_config("vae", "smoke")
+    task = train.TASKS["vae"](c, workdir=None)
+    params = task.init_params(jax.random.key(0))
+    state = train.TrainState.create(apply_fn=None, params=params,
+                                    tx=train.make_optimizer(c.optim, 10),
+                                    ema_params=jax.tree.map(jnp.copy, params))
+    batch = task.get_batch(0)
+    batch["image"] = batch["image"].at[0, 0, 0, 0].set(jnp.nan) if hasattr(batch["image"], "at") \
+        else np.where(np.arange(batch["image"].size).reshape(batch["image"].shape) == 0, np.nan, batch["image"])
+    new, m = train.train_step(state, batch, jax.random.key(0), loss_fn=task.loss_fn, ema_decay=0.9)
+    assert not bool(m["finite"]) and int(new.step) == 1
+    chex.assert_trees_all_equal(new.params, state.params)
+
+
+def _final_params(workdir, stage="vae"):
+    params, _, meta = train.load_checkpoint(os.path.join(workdir, stage))
+    return params, meta
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    c = configs.get_config("vae", "smoke")
+    train.train_and_evaluate(c, str(tmp_path / "full"))
+    train.train_and_evaluate(c, str(tmp_path / "split"), stop_at_step=3)
+    _, meta = _final_params(str(tmp_path / "split"))
+    assert meta["step"] == 3 and not meta["finished"]
+    train.train_and_evaluate(c, str(tmp_path / "split"))
+    a, meta_a = _final_params(str(tmp_path / "full"))
+    b, meta_b = _final_params(str(tmp_path / "split"))
+    assert meta_a["step"] == meta_b["step"] == 6 and meta_b["finished"]
+    chex.assert_trees_all_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def _train_in_subprocess(workdir, devices):
+    env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    r = run_module("train", "--stage=vae", "--preset=smoke", f"--workdir={workdir}", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return [json.loads(l) for l in open(os.path.join(workdir, "vae", "metrics.jsonl"))]
+
+
+def test_four_devices_match_one_device(tmp_path):
+    one = _train_in_subprocess(str(tmp_path / "d1"), 1)
+    four = _train_in_subprocess(str(tmp_path / "d4"), 4)
+    np.testing.assert_allclose([l["loss"] for l in four], [l["loss"] for l in one], rtol=1e-5)
+    a, _ = _final_params(str(tmp_path / "d1"))
+    b, _ = _final_params(str(tmp_path / "d4"))
+    chex.assert_trees_all_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--stage=nope"], "unknown stage 'nope'"),
+    (["--stage=vae", "--config.optim.lr=0"], "optim.lr must be positive"),
+    (["--stage=vae", "--config.optim.nope=1"], "unknown config key"),
+    (["--stage=vae", "--config.optim.lr=abc"], "could not convert"),
+    (["--stage=vae", "--config.diffusion.timesteps=10"], "unknown config key 'diffusion.timesteps' for stage 'vae'"),
+    (["--stage=vae", "--config.model.latent_ch=64"], "must be between 1 and 783"),
+    (["--stage=ldm"], "no trained VAE"),
+    (["--stage=pixel", "--config.model.ch_mult=(1,2,2,2,2,2)"], "shrinks to"),
+    (["--stage=vae", "--preset=huge"], "unknown preset"),
+])
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, args, message):
+    workdir = tmp_path / "run"
+    r = run_module("train", "--preset=smoke", f"--workdir={workdir}", *args)
+    assert r.returncode == 2, r.stderr[-1500:]
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not workdir.exists()
+
+
+def test_changed_config_refuses_to_resume(tmp_path):
+    c = configs.get_config("vae", "smoke")
+    train.train_and_evaluate(c, str(tmp_path), stop_at_step=3)
+    c2 = configs.get_config("vae", "smoke")
+    c2.model.latent_ch = 2
+    with pytest.raises(configs.ConfigError, match="model.latent_ch=4, not 2"):
+        train.train_and_evaluate(c2, str(tmp_path))
+    c3 = configs.get_config("pixel", "smoke")
+    os.rename(tmp_path / "vae", tmp_path / "pixel")
+    with pytest.raises(configs.ConfigError, match="holds a 'vae' checkpoint"):
+        train.train_and_evaluate(c3, str(tmp_path))
