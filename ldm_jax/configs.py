@@ -67,6 +67,11 @@ def _diffusion(c: ml_collections.ConfigDict, preset: str) -> None:
     c.model.num_res_blocks = 2  # residual blocks per level
     c.model.heads = 4  # attention heads at the lowest resolution
     c.model.groups = 8  # GroupNorm groups
+    c.model.conditioning = "none"  # none | class (label embedding) | crossattn (spatial transformer)
+    c.model.num_classes = 10  # labels 0..9; label num_classes is the null label
+    c.model.label_dropout = 0.1  # share of training labels replaced by the null label (CFG)
+    c.model.context_tokens = 4  # crossattn: learned tokens per label
+    c.model.context_dim = 64  # crossattn: width of each token
 
     c.sample = ml_collections.ConfigDict()
     c.sample.sampler = "ddim"  # sampler used for previews: ddpm | ddim
@@ -218,6 +223,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
                               f"divisible by model.heads={c.model.heads}")
         if c.sample.sampler not in ("ddpm", "ddim") or not 1 <= c.sample.steps <= d.timesteps:
             raise ConfigError("sample.sampler must be ddpm|ddim and 1 <= sample.steps <= timesteps")
+        if c.model.conditioning not in ("none", "class", "crossattn"):
+            raise ConfigError("model.conditioning must be none|class|crossattn, got "
+                              f"{c.model.conditioning!r}")
+        if not 0.0 <= c.model.label_dropout < 1.0 or c.model.num_classes < 1:
+            raise ConfigError("model.label_dropout must be in [0, 1) and model.num_classes >= 1")
         if c.stage == "ldm" and c.latent.posterior not in ("mean", "sample"):
             raise ConfigError(f"latent.posterior must be 'mean' or 'sample', got {c.latent.posterior!r}")
 

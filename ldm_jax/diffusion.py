@@ -228,3 +228,29 @@ def ddim_sample(eps_fn: EpsFn, sched: Schedule, key: Array, shape: tuple[int, ..
     ts_arr, ts_prev_arr = jnp.asarray(ts), jnp.asarray(ts_prev)
     x, traj = jax.lax.scan(step, x_init, jnp.arange(steps))
     return (x, traj) if keep_trajectory else x
+
+
+# ----------------------------------------------------------------------------- Guidance
+
+
+def drop_labels(key: Array, labels: Array, p: float, null_label: int) -> Array:
+    """Replaces each label by null_label with probability p (classifier-free guidance
+    training, Ho & Salimans 2021): one model learns eps(x, t, c) and eps(x, t, null)."""
+    return jnp.where(jax.random.uniform(key, labels.shape) < p, null_label, labels)
+
+
+def guided_eps_fn(eps_fn: Callable[[Array, Array, Array], Array], labels: Array,
+                  null_label: int, w: float | Array) -> EpsFn:
+    """Classifier-free guidance: eps = (1 + w) * eps(x, t, c) - w * eps(x, t, null).
+
+    w = 0 is plain conditional sampling (Ho & Salimans 2021, Eq. 6, whose w this is; some
+    code writes the same thing with scale s = 1 + w). The conditional and unconditional
+    passes run as one forward call on a doubled batch.
+    """
+    def guided(x: Array, t: Array) -> Array:
+        b = x.shape[0]
+        y = jnp.concatenate([labels, jnp.full_like(labels, null_label)])
+        eps = eps_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), y)
+        cond, uncond = eps[:b], eps[b:]
+        return (1.0 + w) * cond - w * uncond
+    return guided

@@ -68,25 +68,79 @@ class AttnBlock(nn.Module):
         return x + y.reshape(b, h, w, c)
 
 
+class SpatialTransformer(nn.Module):
+    """Rombach et al.'s conditioning block: self-attention, cross-attention to context
+    tokens, feed-forward, each pre-LayerNorm and residual, between 1x1 projections.
+
+    proj_out starts at zero, so a fresh block is the identity.
+    """
+    heads: int = 4
+    groups: int = 8
+
+    @nn.compact
+    def __call__(self, x: Array, context: Array) -> Array:
+        """x [B, H, W, C], context [B, L, D] -> [B, H, W, C]."""
+        b, h, w, c = x.shape
+        y = nn.Dense(c, name="proj_in")(nn.GroupNorm(self.groups)(x).reshape(b, h * w, c))
+        y = y + nn.MultiHeadDotProductAttention(self.heads, name="self_attn")(nn.LayerNorm()(y))
+        y = y + nn.MultiHeadDotProductAttention(self.heads, name="cross_attn")(
+            nn.LayerNorm()(y), context)
+        y = y + nn.Dense(c)(nn.gelu(nn.Dense(4 * c)(nn.LayerNorm()(y))))
+        y = nn.Dense(c, kernel_init=nn.initializers.zeros, name="proj_out")(y)
+        return x + y.reshape(b, h, w, c)
+
+
+CONDITIONING = ("none", "class", "crossattn")
+
+
 class UNet(nn.Module):
-    """eps_theta(x_t, t): residual U-Net with self-attention at the lowest resolution.
+    """eps_theta(x_t, t[, y]): residual U-Net with self-attention at the lowest resolution.
 
     Level i has ch * ch_mult[i] channels and num_res_blocks residual blocks; a stride-2
     convolution sits between levels, so len(ch_mult) = 2 gives 7 -> 4, 3 gives 28 -> 14 -> 7.
+
+    conditioning: 'none'; 'class' (a label embedding added to the time embedding); or
+    'crossattn' (SpatialTransformer blocks at every level below the first and in the
+    middle, attending to `context_tokens` learned tokens per label). Label `num_classes`
+    is the null label of classifier-free guidance.
     """
     ch: int = 64
     ch_mult: Sequence[int] = (1, 2)
     num_res_blocks: int = 2
     heads: int = 4
     groups: int = 8
+    conditioning: str = "none"
+    num_classes: int = 10
+    context_tokens: int = 4
+    context_dim: int = 64
 
     @nn.compact
-    def __call__(self, x: Array, t: Array) -> Array:
-        """x: [B, H, W, C]; t: [B] int timesteps; returns eps [B, H, W, C]."""
+    def __call__(self, x: Array, t: Array, y: Array | None = None) -> Array:
+        """x: [B, H, W, C]; t: [B] int timesteps; y: [B] int labels (num_classes = null);
+        returns eps [B, H, W, C]."""
         assert x.ndim == 4 and t.shape == (x.shape[0],), (x.shape, t.shape)
+        if self.conditioning not in CONDITIONING:
+            raise ValueError(f"conditioning must be one of {CONDITIONING}, got {self.conditioning!r}")
+        if (self.conditioning == "none") != (y is None):
+            raise ValueError(f"conditioning={self.conditioning!r} needs labels y exactly when "
+                             "it is not 'none'")
         emb_dim = 4 * self.ch
         emb = timestep_embedding(t, self.ch)
         emb = nn.Dense(emb_dim)(nn.swish(nn.Dense(emb_dim)(emb)))
+        context = None
+        if self.conditioning == "class":
+            emb = emb + nn.Embed(self.num_classes + 1, emb_dim, name="label_emb")(y)
+        elif self.conditioning == "crossattn":
+            context = nn.Embed(self.num_classes + 1, self.context_tokens * self.context_dim,
+                               name="label_tokens")(y).reshape(-1, self.context_tokens,
+                                                               self.context_dim)
+
+        def attend(h, level):  # self-attention, or a SpatialTransformer when cross-attending
+            if context is not None:
+                return SpatialTransformer(self.heads, self.groups)(h, context)
+            if level == len(self.ch_mult) - 1:
+                return AttnBlock(self.heads, self.groups)(h)
+            return h
         sizes = downsampled_sizes(x.shape[1], len(self.ch_mult) - 1)
 
         # Down path: keep every activation for the skip connections.
@@ -95,6 +149,8 @@ class UNet(nn.Module):
         for level, mult in enumerate(self.ch_mult):
             for _ in range(self.num_res_blocks):
                 h = ResBlock(self.ch * mult, self.groups)(h, emb)
+                if context is not None and level > 0:
+                    h = attend(h, level)
                 skips.append(h)
             if level < len(self.ch_mult) - 1:
                 h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2))(h)
@@ -102,7 +158,7 @@ class UNet(nn.Module):
 
         # Middle, at the lowest resolution.
         h = ResBlock(h.shape[-1], self.groups)(h, emb)
-        h = AttnBlock(self.heads, self.groups)(h)
+        h = attend(h, len(self.ch_mult) - 1)
         h = ResBlock(h.shape[-1], self.groups)(h, emb)
 
         # Up path: concatenate skips, attention again at the lowest level.
@@ -110,8 +166,8 @@ class UNet(nn.Module):
             for _ in range(self.num_res_blocks + 1):
                 h = ResBlock(self.ch * self.ch_mult[level], self.groups)(
                     jnp.concatenate([h, skips.pop()], axis=-1), emb)
-                if level == len(self.ch_mult) - 1:
-                    h = AttnBlock(self.heads, self.groups)(h)
+                if level == len(self.ch_mult) - 1 or (context is not None and level > 0):
+                    h = attend(h, level)
             if level > 0:
                 h = nn.Conv(h.shape[-1], (3, 3))(upsample_to(h, sizes[level - 1]))
         assert not skips

@@ -2,6 +2,10 @@
 
     python -m ldm_jax.sample --workdir=runs/demo --stage=ldm --num=64 --out=grid.png \
         [--sampler=ddpm|ddim] [--steps=K] [--eta=0.0] [--seed=0]
+    python -m ldm_jax.sample --workdir=runs/cond --stage=ldm --label=7 --guidance=3.0 --out=7s.png
+
+Guidance convention: eps = (1 + w) * eps(z, c) - w * eps(z, null), so w = 0 is plain
+conditional sampling (Ho & Salimans 2021); code using a scale s writes s = 1 + w.
 
 Writes the PNG grid and, beside it, an .npz holding `images`, uint8 [N, 28, 28].
 The LDM runs the whole reverse chain on latents and decodes once at the end.
@@ -66,13 +70,28 @@ def load_generator(workdir: str, stage: str) -> Generator:
                      scale_factor=meta["scale_factor"], **common)
 
 
+def is_conditional(gen: Generator) -> bool:
+    return gen.config["model"].get("conditioning", "none") != "none"
+
+
+def null_label(gen: Generator) -> int:
+    return int(gen.config["model"].get("num_classes", 10))
+
+
 def sample_fn(gen: Generator, n: int, sampler: str = "ddim", steps: int = 100,
               eta: float = 0.0, keep_trajectory: bool = False):
-    """A jitted key -> images [n, 28, 28, 1] in [-1, 1] (and the chain, if asked)."""
+    """A jitted (key, labels=None, guidance=0.0) -> images [n, 28, 28, 1] in [-1, 1]
+    (and the chain, if asked).
+
+    For a conditional model, labels [n] picks the digits (None: the null label, i.e.
+    unconditional) and guidance is w of eps = (1 + w) eps(z, c) - w eps(z, null); both are
+    traced arguments, so changing them does not recompile.
+    """
     if sampler not in SAMPLERS:
         raise configs.ConfigError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
     clip = bool(gen.config["diffusion"]["clip_x0"])
     shape = (n, *gen.shape)
+    conditional = is_conditional(gen)
 
     def decode(z):
         if gen.vae is None:
@@ -81,8 +100,12 @@ def sample_fn(gen: Generator, n: int, sampler: str = "ddim", steps: int = 100,
                              method=nets.VAE.decode)
 
     @jax.jit
-    def run(params, key):
-        eps_fn = lambda x, t: gen.unet.apply({"params": params}, x, t)
+    def run(params, key, labels, guidance):
+        if conditional:
+            cond_fn = lambda x, t, y: gen.unet.apply({"params": params}, x, t, y)
+            eps_fn = diffusion.guided_eps_fn(cond_fn, labels, null_label(gen), guidance)
+        else:
+            eps_fn = lambda x, t: gen.unet.apply({"params": params}, x, t)
         if sampler == "ddpm":
             out = diffusion.ddpm_sample(eps_fn, gen.sched, key, shape,
                                         gen.config["diffusion"]["var_type"], clip, keep_trajectory)
@@ -92,17 +115,34 @@ def sample_fn(gen: Generator, n: int, sampler: str = "ddim", steps: int = 100,
         x, traj = out if keep_trajectory else (out, None)
         return (jnp.clip(decode(x), -1, 1), traj) if keep_trajectory else jnp.clip(decode(x), -1, 1)
 
-    return functools.partial(run, gen.params)
+    def call(key, labels=None, guidance=0.0):
+        if labels is None:
+            labels = np.full((n,), null_label(gen), np.int32)
+        labels = jnp.asarray(labels, jnp.int32)
+        if labels.shape != (n,):
+            raise ValueError(f"labels must have shape ({n},), got {labels.shape}")
+        return run(gen.params, key, labels, jnp.float32(guidance))
+    call.run = run  # the jitted function, for ahead-of-time compilation in benchmarks
+    return call
 
 
 def generate(gen: Generator, num: int, key: jax.Array, sampler: str = "ddim", steps: int = 100,
-             eta: float = 0.0, batch_size: int = 256, progress: bool = True) -> np.ndarray:
-    """num samples as uint8 [num, 28, 28], in fixed-size batches (one compilation)."""
+             eta: float = 0.0, batch_size: int = 256, progress: bool = True,
+             labels: np.ndarray | None = None, guidance: float = 0.0) -> np.ndarray:
+    """num samples as uint8 [num, 28, 28], in fixed-size batches (one compilation).
+
+    labels [num] (conditional models only; None = unconditional) and guidance w."""
+    if labels is not None and not is_conditional(gen):
+        raise configs.ConfigError(f"the {gen.stage} model in this workdir is unconditional; "
+                                  "it cannot take --label")
     batch = min(batch_size, num)
     run = sample_fn(gen, batch, sampler, steps, eta)
     out = []
     for i in tqdm(range(math.ceil(num / batch)), desc=f"sample {gen.stage}", disable=not progress):
-        out.append(data.to_uint8(np.asarray(run(jax.random.fold_in(key, i)))))
+        y = None
+        if labels is not None:
+            y = np.resize(np.asarray(labels[i * batch:(i + 1) * batch], np.int32), batch)
+        out.append(data.to_uint8(np.asarray(run(jax.random.fold_in(key, i), y, guidance))))
     return np.concatenate(out)[:num]
 
 
@@ -139,6 +179,24 @@ def define_flags(fv) -> None:
     flags.DEFINE_float("eta", 0.0, "DDIM eta: 0 deterministic, 1 DDPM-like.", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fv)
     flags.DEFINE_integer("batch_size", 256, "Samples per compiled batch.", flag_values=fv)
+    flags.DEFINE_string("label", None, "Conditional models: a digit 0-9, or 'all' for one row "
+                        "per digit (num // 10 per row). Default: unconditional (null label).",
+                        flag_values=fv)
+    flags.DEFINE_float("guidance", 0.0, "Classifier-free guidance w >= 0: eps = (1 + w) * "
+                       "eps(z, c) - w * eps(z, null); w = 0 is plain conditional sampling.",
+                       flag_values=fv)
+
+
+def parse_labels(label: str | None, num: int) -> tuple[np.ndarray | None, int | None]:
+    """--label -> (labels [num'] or None, grid columns or None)."""
+    if label is None:
+        return None, None
+    if label == "all":
+        per_row = max(1, num // 10)
+        return np.repeat(np.arange(10, dtype=np.int32), per_row), per_row
+    if not (label.isdigit() and 0 <= int(label) <= 9):
+        raise cli.UsageError(f"--label must be a digit 0-9 or 'all', got {label!r}")
+    return np.full((num,), int(label), np.int32), None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -149,22 +207,30 @@ def main(argv: list[str] | None = None) -> None:
         for name in ("num", "steps", "batch_size"):
             if fv[name].value is not None and fv[name].value <= 0:
                 raise cli.UsageError(f"--{name} must be positive, got {fv[name].value}")
+        labels, ncol = parse_labels(fv.label, fv.num)
+        if fv.guidance < 0:
+            raise cli.UsageError(f"--guidance must be >= 0, got {fv.guidance}")
         if fv.sampler not in SAMPLERS:
             raise cli.UsageError(f"--sampler must be ddpm or ddim, got {fv.sampler!r}")
         check_out_path(fv.out)
         cli.setup_jax()
         gen = load_generator(fv.workdir, fv.stage)
+        if labels is not None and not is_conditional(gen):
+            raise cli.UsageError(f"the {fv.stage} model in {fv.workdir} is unconditional; "
+                                 "drop --label or train with --config.model.conditioning=class")
         steps = fv.steps or gen.config["sample"]["steps"]
         if fv.sampler == "ddim" and steps > gen.sched.num_timesteps:
             raise cli.UsageError(f"--steps={steps} exceeds the {gen.sched.num_timesteps} "
                                  "timesteps of this model")
     except (cli.UsageError, configs.ConfigError) as e:
         cli.fail(prog, e)
-    images = generate(gen, fv.num, jax.random.key(fv.seed), fv.sampler, steps, fv.eta,
-                      fv.batch_size)
-    save_grid(images, fv.out)
+    num = fv.num if labels is None else len(labels)
+    images = generate(gen, num, jax.random.key(fv.seed), fv.sampler, steps, fv.eta,
+                      fv.batch_size, labels=labels, guidance=fv.guidance)
+    save_grid(images, fv.out, ncol)
     npz = os.path.splitext(fv.out)[0] + ".npz"
-    np.savez_compressed(npz, images=images)
+    extra = {} if labels is None else {"labels": labels}
+    np.savez_compressed(npz, images=images, **extra)
     print(f"wrote {fv.out} and {npz} ({len(images)} {fv.stage} samples, {fv.sampler})",
           file=sys.stderr)
 

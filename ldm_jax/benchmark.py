@@ -1,0 +1,142 @@
+"""Cost of one trained generator: train time per iteration, images/s, compile time, memory.
+
+    python -m ldm_jax.benchmark --workdir=runs/demo --stage=ldm --what=train
+    python -m ldm_jax.benchmark --workdir=runs/demo --stage=pixel --what=generate
+
+Prints one JSON object. `ldm_jax.evaluate` runs each (stage, what) in its own process so
+the peak memory it reports belongs to that model alone. Timings are medians over repeated
+calls after compilation (block_until_ready), compile time reported apart; peak memory is
+the backend's `memory_stats()['peak_bytes_in_use']` where it has one, else the process's
+max RSS (CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import resource
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ldm_jax import cli, configs, data, sample, train
+
+# Per preset: (train steps timed, generation batch, DDIM repeats, DDPM repeats).
+PLAN = {"smoke": (3, 8, 1, 1), "cpu-quick": (20, 64, 3, 1), "full": (50, 256, 5, 2)}
+
+
+def peak_memory() -> dict:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    out = {"max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if "peak_bytes_in_use" in stats:
+        out["device_peak_mib"] = stats["peak_bytes_in_use"] / 2**20
+    return out
+
+
+def _timed(fn, *args, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def count_params(params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def bench_train(workdir: str, stage: str, steps: int) -> dict:
+    """Median seconds per optimizer step of this stage's stored config (fresh parameters)."""
+    restored = train.load_checkpoint(os.path.join(workdir, stage))
+    if restored is None:
+        raise configs.ConfigError(f"no trained {stage} model in {workdir}/{stage}")
+    _, cfg, _ = restored
+    c = ml_collections.ConfigDict(cfg)
+    c.data.max_examples = max(4 * c.data.batch_size, 1024)  # timing does not need all data
+    task = train.TASKS[stage](c, workdir)
+    params = task.init_params(jax.random.key(0))
+    state = train.TrainState.create(apply_fn=None, params=params,
+                                    tx=train.make_optimizer(c.optim, c.train.steps),
+                                    ema_params=jax.tree.map(jnp.copy, params))
+    step = jax.jit(functools.partial(train.train_step, loss_fn=task.loss_fn,
+                                     ema_decay=c.optim.ema_decay))
+    batch, key = task.get_batch(0), jax.random.key(1)
+    t = time.perf_counter()
+    compiled = step.lower(state, batch, key).compile()
+    compile_s = time.perf_counter() - t
+    jax.block_until_ready(compiled(state, batch, key))  # warm-up
+    times = []
+    for i in range(steps):
+        b = task.get_batch(i + 1)
+        t = time.perf_counter()
+        state, m = compiled(state, b, jax.random.fold_in(key, i))
+        jax.block_until_ready(m["loss"])
+        times.append(time.perf_counter() - t)
+    return dict(stage=stage, what="train", batch_size=c.data.batch_size,
+                params=count_params(params), train_compile_s=compile_s,
+                train_s_per_iter=float(np.median(times)), train_steps_timed=steps,
+                **peak_memory())
+
+
+def bench_generate(workdir: str, stage: str, batch: int, ddim_repeats: int,
+                   ddpm_repeats: int) -> dict:
+    """Images/s of the full DDPM chain and of DDIM with 50 and 10 steps, at one batch size."""
+    gen = sample.load_generator(workdir, stage)
+    T = gen.sched.num_timesteps
+    out = dict(stage=stage, what="generate", gen_batch=batch, params=count_params(gen.params),
+               timesteps=T)
+    for name, sampler, steps, repeats in (("ddim10", "ddim", min(10, T), ddim_repeats),
+                                          ("ddim50", "ddim", min(50, T), ddim_repeats),
+                                          ("ddpm", "ddpm", T, ddpm_repeats)):
+        run = sample.sample_fn(gen, batch, sampler, steps).run
+        args = (gen.params, jax.random.key(0),
+                jnp.full((batch,), sample.null_label(gen), jnp.int32), jnp.float32(0.0))
+        t = time.perf_counter()
+        compiled = run.lower(*args).compile()
+        out[f"{name}_compile_s"] = time.perf_counter() - t
+        times = _timed(compiled, *args, repeats=repeats)
+        out[f"{name}_images_per_s"] = batch / float(np.median(times))
+    out.update(peak_memory())
+    return out
+
+
+def define_flags(fv) -> None:
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    flags.DEFINE_string("workdir", None, "Run directory holding workdir/<stage>.", flag_values=fv)
+    flags.DEFINE_string("stage", None, "ldm | pixel.", flag_values=fv)
+    flags.DEFINE_string("what", "train", "train | generate.", flag_values=fv)
+    flags.DEFINE_string("preset", "cpu-quick", "How long to measure: smoke | cpu-quick | full.",
+                        flag_values=fv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    prog = "ldm_jax.benchmark"
+    fv = cli.parse_flags(prog, argv or sys.argv, define_flags)
+    try:
+        cli.require(fv, "workdir", "stage")
+        if fv.stage not in configs.DIFFUSION_STAGES:
+            raise cli.UsageError(f"--stage must be ldm or pixel, got {fv.stage!r}")
+        if fv.what not in ("train", "generate"):
+            raise cli.UsageError(f"--what must be train or generate, got {fv.what!r}")
+        if fv.preset not in PLAN:
+            raise cli.UsageError(f"unknown preset {fv.preset!r}; choose one of {', '.join(PLAN)}")
+        cli.setup_jax()
+        steps, batch, ddim_rep, ddpm_rep = PLAN[fv.preset]
+        if fv.what == "train":
+            result = bench_train(fv.workdir, fv.stage, steps)
+        else:
+            result = bench_generate(fv.workdir, fv.stage, batch, ddim_rep, ddpm_rep)
+    except (cli.UsageError, configs.ConfigError, data.DataError) as e:
+        cli.fail(prog, e)
+    result["device"] = jax.devices()[0].device_kind
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

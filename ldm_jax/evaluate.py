@@ -1,0 +1,292 @@
+"""Quality and cost of every trained generator in a workdir, side by side, with floors.
+
+    python -m ldm_jax.evaluate --workdir=runs/demo [--preset=cpu-quick] [--num=N]
+
+For each of workdir/ldm and workdir/pixel that holds a trained model: N samples (DDIM),
+their MNIST-classifier features, FID against the 10,000 MNIST test images, precision and
+recall (k=3) and density and coverage (k=5) against N test images; the same metrics for N
+training images (the real-vs-real floor); with --inception, FID on the TF-FID InceptionV3
+features too. Cost, each measured in its own process (ldm_jax.benchmark): train seconds per
+iteration at the same batch size, images/s for DDIM-10, DDIM-50 and the full DDPM chain,
+compile times, peak memory, parameter count. Writes workdir/eval/{metrics.json, report.md,
+samples.png, cost.png, <stage>_samples.npz}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+from ldm_jax import cli, configs, data, features, metrics, sample
+
+# Per preset: (samples per model, DDIM steps for the quality samples).
+PLAN = {"smoke": (128, 5), "cpu-quick": (2000, 50), "full": (10_000, 100)}
+QUALITY = ("fid", "precision", "recall", "density", "coverage")
+
+
+def trained_stages(workdir: str) -> list[str]:
+    return [s for s in configs.DIFFUSION_STAGES
+            if os.path.isdir(os.path.join(workdir, s, "checkpoints"))]
+
+
+def _cache_dir() -> str:
+    d = os.environ.get("LDM_JAX_CACHE_DIR", os.path.expanduser("~/.cache/ldm_jax"))
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def reference_features(feat_fn, classifier_path: str) -> np.ndarray:
+    """Classifier features of the 10,000 MNIST test images, computed once and cached
+    (keyed by the classifier file's MD5)."""
+    with open(classifier_path, "rb") as f:
+        digest = hashlib.md5(f.read()).hexdigest()[:12]
+    path = os.path.join(_cache_dir(), f"mnist_test_features_{digest}.npz")
+    if os.path.isfile(path):
+        with np.load(path, allow_pickle=False) as z:
+            return z["features"]
+    test_images, _ = data.load("package", "test")
+    feats = feat_fn(test_images)
+    np.savez(path + ".tmp.npz", features=feats)
+    os.replace(path + ".tmp.npz", path)
+    return feats
+
+
+def quality(real_all: np.ndarray, real_n: np.ndarray, fake: np.ndarray) -> dict:
+    """FID against all test features; PRDC against N test features."""
+    out = {"fid": metrics.fid_from_features(real_all, fake)}
+    out.update(metrics.prdc(real_n, fake, k_pr=3, k_dc=5))
+    return {k: float(out[k]) for k in QUALITY}
+
+
+def run_benchmark(workdir: str, stage: str, what: str, preset: str) -> dict:
+    """ldm_jax.benchmark in a fresh process (so its peak memory is this model's alone)."""
+    r = subprocess.run([sys.executable, "-m", "ldm_jax.benchmark", f"--workdir={workdir}",
+                        f"--stage={stage}", f"--what={what}", f"--preset={preset}"],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"benchmark {stage}/{what} failed: {r.stderr.strip()[-500:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def training_summary(workdir: str, stage: str) -> dict:
+    """Steps and wall-clock of the training run, from its metrics.jsonl."""
+    path = os.path.join(workdir, stage, "metrics.jsonl")
+    rows = [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
+    if not rows:
+        return {}
+    return dict(train_steps=rows[-1]["step"], train_wall_s=rows[-1]["time"],
+                final_loss=rows[-1]["loss"])
+
+
+# ----------------------------------------------------------------------------- Figures & report
+
+
+def save_figures(samples: dict[str, np.ndarray], real: np.ndarray, cost: dict, out_dir: str) -> None:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+    def grid(images, ncol=10):
+        images = images[:ncol * ncol]
+        rows = [np.concatenate(list(images[i:i + ncol]), axis=1)
+                for i in range(0, len(images) - ncol + 1, ncol)]
+        return np.concatenate(rows, axis=0)
+
+    panels = [("MNIST test (real)", real)] + [(f"{s} samples", x) for s, x in samples.items()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.3))
+    for ax, (title, images) in zip(np.atleast_1d(axes), panels):
+        ax.imshow(grid(images), cmap="gray", vmin=0, vmax=255)
+        ax.set_title(title)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "samples.png"), dpi=100)
+    plt.close(fig)
+
+    stages = list(cost)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    a1.bar(stages, [cost[s]["train_s_per_iter"] for s in stages], color=["C0", "C1"][:len(stages)])
+    a1.set_ylabel("seconds per training iteration")
+    a1.set_title("training (same batch size)")
+    width = 0.8 / max(len(stages), 1)
+    names = ("ddim10", "ddim50", "ddpm")
+    for i, s in enumerate(stages):
+        a2.bar(np.arange(3) + i * width, [cost[s][f"{n}_images_per_s"] for n in names], width,
+               label=s)
+    a2.set_xticks(np.arange(3) + width * (len(stages) - 1) / 2,
+                  ["DDIM 10", "DDIM 50", "DDPM (all T)"])
+    a2.set_yscale("log")
+    a2.set_ylabel("images / s")
+    a2.set_title("generation")
+    a2.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "cost.png"), dpi=100)
+    plt.close(fig)
+
+
+def _fmt(v, digits=3):
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return "–"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return f"{v:.{digits}g}" if abs(v) < 1e4 else f"{v:,.0f}"
+
+
+def write_report(result: dict, out_dir: str) -> str:
+    r = result
+    lines = [f"# ldm_jax evaluation: {r['workdir']}", "",
+             f"`{r['command']}` — {r['num']} samples per model, DDIM {r['ddim_steps']} steps, "
+             f"device {r['device']}, {r['date']}.", "",
+             "## Quality (MNIST-classifier features; FID against the 10,000 test images, "
+             f"PRDC against {r['num']} test images)", "",
+             "| | " + " | ".join(QUALITY) + (" | Inception FID |" if r.get("inception") else " |"),
+             "|---" * (len(QUALITY) + 1 + bool(r.get("inception"))) + "|"]
+    rows = [(s, r["quality"][s]) for s in r["quality"]]
+    for name, q in rows:
+        inc = f" {_fmt(r['inception'].get(name))} |" if r.get("inception") else ""
+        lines.append(f"| {name} | " + " | ".join(_fmt(q[k]) for k in QUALITY) + " |" + inc)
+    lines += ["", "`real (train vs test)` is the floor: N training images scored as if they "
+              "were samples.", "", "## Cost", "",
+              "| | params | train s/iter | train compile s | DDIM-10 img/s | DDIM-50 img/s | "
+              "DDPM img/s | DDPM compile s | peak RSS train MiB | peak RSS sample MiB | "
+              "trained steps | train wall s |",
+              "|---" * 12 + "|"]
+    for s, c in r["cost"].items():
+        lines.append(
+            f"| {s} | {_fmt(c['params'])} | {_fmt(c['train_s_per_iter'])} | "
+            f"{_fmt(c['train_compile_s'])} | {_fmt(c['ddim10_images_per_s'])} | "
+            f"{_fmt(c['ddim50_images_per_s'])} | {_fmt(c['ddpm_images_per_s'])} | "
+            f"{_fmt(c['ddpm_compile_s'])} | {_fmt(c['train_peak_mib'])} | "
+            f"{_fmt(c['generate_peak_mib'])} | {_fmt(c.get('train_steps'))} | "
+            f"{_fmt(c.get('train_wall_s'))} |")
+    lines += ["", f"Train s/iter: median of the timed steps after compilation, batch "
+              f"{next(iter(r['cost'].values()))['batch_size'] if r['cost'] else '–'}. "
+              f"Images/s: generation batch {next(iter(r['cost'].values()))['gen_batch'] if r['cost'] else '–'}, "
+              "median over repeats after compilation, decoding included for the LDM.", "",
+              "![samples](samples.png)", "", "![cost](cost.png)", ""]
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+# ----------------------------------------------------------------------------- Main
+
+
+def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int | None = None,
+             classifier: str | None = None, inception: bool = False, cost: bool = True,
+             command: str = "") -> dict:
+    stages = trained_stages(workdir)
+    if not stages:
+        raise configs.ConfigError(f"no trained ldm or pixel model in {workdir}; train one with "
+                                  f"`python -m ldm_jax.train --stage=ldm --workdir={workdir}`")
+    n_default, steps_default = PLAN[preset]
+    num = num or n_default
+    gens = {s: sample.load_generator(workdir, s) for s in stages}  # fails before writing
+    out_dir = os.path.join(workdir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+
+    classifier = classifier or features.DEFAULT_PATH
+    feat_fn = features.feature_fn(classifier)
+    real_all = reference_features(feat_fn, classifier)
+    test_images, _ = data.load("package", "test")
+    train_images, _ = data.load("package", "train")
+    rng = np.random.default_rng(0)
+    test_n = test_images[rng.choice(len(test_images), min(num, len(test_images)), replace=False)]
+    train_n = train_images[rng.choice(len(train_images), num, replace=False)]
+    real_n = feat_fn(test_n)
+
+    samples, q = {}, {}
+    for s, gen in gens.items():
+        steps = min(ddim_steps or steps_default, gen.sched.num_timesteps)
+        t = time.time()
+        samples[s] = sample.generate(gen, num, jax.random.key(1), "ddim", steps)
+        print(f"{s}: {num} samples in {time.time() - t:.0f}s", file=sys.stderr)
+        np.savez_compressed(os.path.join(out_dir, f"{s}_samples.npz"), images=samples[s])
+        q[s] = quality(real_all, real_n, feat_fn(samples[s]))
+    q["real (train vs test)"] = quality(real_all, real_n, feat_fn(train_n))
+
+    inception_fid = None
+    if inception:
+        from ldm_jax import inception as inc  # pylint: disable=import-outside-toplevel
+        try:
+            inc_fn = inc.make_feature_fn(inc.load_params(), batch_size=10)
+        except FileNotFoundError as e:
+            print(f"evaluate: Inception FID skipped: {str(e).splitlines()[0]}", file=sys.stderr)
+        else:
+            ref = inc_fn(test_n)
+            inception_fid = {s: metrics.fid_from_features(ref, inc_fn(x)) for s, x in samples.items()}
+            inception_fid["real (train vs test)"] = metrics.fid_from_features(ref, inc_fn(train_n))
+
+    cost_rows = {}
+    if cost:
+        for s in stages:
+            tr = run_benchmark(workdir, s, "train", preset)
+            ge = run_benchmark(workdir, s, "generate", preset)
+            cost_rows[s] = dict(tr, **{k: v for k, v in ge.items() if k not in ("what",)},
+                                train_peak_mib=tr.get("device_peak_mib", tr["max_rss_mib"]),
+                                generate_peak_mib=ge.get("device_peak_mib", ge["max_rss_mib"]),
+                                **training_summary(workdir, s))
+            print(f"{s}: cost measured", file=sys.stderr)
+
+    result = dict(workdir=workdir, command=command, preset=preset, num=num,
+                  ddim_steps=ddim_steps or steps_default, device=jax.devices()[0].device_kind,
+                  date=time.strftime("%Y-%m-%d"), quality=q, inception=inception_fid,
+                  cost=cost_rows, classifier=os.path.abspath(classifier))
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    save_figures(samples, test_n, cost_rows, out_dir) if cost_rows else None
+    write_report(result, out_dir)
+    return result
+
+
+def define_flags(fv) -> None:
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    flags.DEFINE_string("workdir", None, "Run directory with trained ldm and/or pixel stages.",
+                        flag_values=fv)
+    flags.DEFINE_string("preset", "full", f"Sizes of the evaluation: {' | '.join(PLAN)} "
+                        "(samples per model: " + ", ".join(f"{k} {v[0]}" for k, v in PLAN.items())
+                        + ").", flag_values=fv)
+    flags.DEFINE_integer("num", None, "Samples per model (default: from --preset).", flag_values=fv)
+    flags.DEFINE_integer("steps", None, "DDIM steps of the quality samples (default: preset).",
+                         flag_values=fv)
+    flags.DEFINE_string("classifier", None, "Feature classifier npz (default: the committed one).",
+                        flag_values=fv)
+    flags.DEFINE_bool("inception", False, "Also compute FID on InceptionV3 features (slow on CPU).",
+                      flag_values=fv)
+    flags.DEFINE_bool("cost", True, "Measure the cost benchmarks.", flag_values=fv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    prog = "ldm_jax.evaluate"
+    argv = argv or sys.argv
+    fv = cli.parse_flags(prog, argv, define_flags)
+    try:
+        cli.require(fv, "workdir")
+        if fv.preset not in PLAN:
+            raise cli.UsageError(f"unknown preset {fv.preset!r}; choose one of {', '.join(PLAN)}")
+        for name in ("num", "steps"):
+            if fv[name].value is not None and fv[name].value <= 0:
+                raise cli.UsageError(f"--{name} must be positive, got {fv[name].value}")
+        if not os.path.isdir(fv.workdir):
+            raise cli.UsageError(f"workdir {fv.workdir} does not exist")
+        features.load_classifier(fv.classifier)
+        cli.setup_jax()
+        command = "python -m ldm_jax.evaluate " + " ".join(argv[1:])
+        result = evaluate(fv.workdir, fv.preset, fv.num, fv.steps, fv.classifier, fv.inception,
+                          fv.cost, command)
+    except (cli.UsageError, configs.ConfigError, data.DataError, FileNotFoundError) as e:
+        cli.fail(prog, e)
+    print(f"wrote {os.path.join(fv.workdir, 'eval', 'report.md')}", file=sys.stderr)
+    for name, qs in result["quality"].items():
+        print(f"  {name:>22}: " + "  ".join(f"{k}={qs[k]:.3f}" for k in QUALITY), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

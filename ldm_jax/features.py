@@ -1,0 +1,114 @@
+"""The project's MNIST feature network: the committed classifier, as features and labels.
+
+Every MNIST-FID, precision/recall and conditional accuracy the project reports uses the
+same weights, `ldm_jax/assets/classifier.npz` (flat 'a/b/c' keys, loaded with
+allow_pickle=False). They come from `python -m ldm_jax.train --stage=classifier` and
+
+    python -m ldm_jax.features --workdir=runs/clf --out=ldm_jax/assets/classifier.npz
+
+which copies the EMA parameters of that run and records its test accuracy in the file.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from ldm_jax import cli, configs, data, nets, train
+
+DEFAULT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "classifier.npz")
+META_KEYS = ("meta/feature_dim", "meta/test_accuracy", "meta/step")
+
+
+def save_classifier(params, path: str, feature_dim: int, test_accuracy: float, step: int) -> None:
+    flat = {"/".join(k): np.asarray(v, np.float32)
+            for k, v in traverse_util.flatten_dict(jax.device_get(params)).items()}
+    flat.update({"meta/feature_dim": np.int64(feature_dim),
+                 "meta/test_accuracy": np.float64(test_accuracy), "meta/step": np.int64(step)})
+    np.savez(path, **flat)
+
+
+def load_classifier(path: str | None = None) -> tuple[nets.Classifier, dict, dict]:
+    """(model, params, meta) from an exported npz; never unpickles."""
+    path = path or DEFAULT_PATH
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"classifier weights not found at {path}; train one with "
+                                "`python -m ldm_jax.train --stage=classifier` and export it "
+                                "with `python -m ldm_jax.features`")
+    with np.load(path, allow_pickle=False) as npz:
+        meta = {k.split("/", 1)[1]: npz[k].item() for k in META_KEYS if k in npz.files}
+        flat = {tuple(k.split("/")): jnp.asarray(npz[k]) for k in npz.files
+                if not k.startswith("meta/")}
+    model = nets.Classifier(feature_dim=int(meta.get("feature_dim", 128)))
+    return model, traverse_util.unflatten_dict(flat), meta
+
+
+def _batched(fn, batch: int) -> Callable[[np.ndarray], np.ndarray]:
+    """uint8 [N, 28, 28] -> fn over fixed-size zero-padded batches (one compilation)."""
+    jitted = jax.jit(fn)
+
+    def apply(images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.shape[1:] != (28, 28):
+            raise ValueError(f"expected uint8 [N, 28, 28] images, got {images.dtype} {images.shape}")
+        out = []
+        for i in range(0, len(images), batch):
+            chunk = images[i:i + batch]
+            pad = batch - len(chunk)
+            if pad:
+                chunk = np.concatenate([chunk, np.zeros((pad, 28, 28), np.uint8)])
+            out.append(np.asarray(jitted(data.to_float(chunk)))[:batch - pad])
+        return np.concatenate(out)
+    return apply
+
+
+def feature_fn(path: str | None = None, batch: int = 500) -> Callable[[np.ndarray], np.ndarray]:
+    """uint8 images [N, 28, 28] -> penultimate-layer features [N, feature_dim] (float32)."""
+    model, params, _ = load_classifier(path)
+    return _batched(lambda x: model.apply({"params": params}, x, method=nets.Classifier.features),
+                    batch)
+
+
+def predict_fn(path: str | None = None, batch: int = 500) -> Callable[[np.ndarray], np.ndarray]:
+    """uint8 images [N, 28, 28] -> predicted labels [N] (int)."""
+    model, params, _ = load_classifier(path)
+    return _batched(lambda x: jnp.argmax(model.apply({"params": params}, x), -1), batch)
+
+
+def define_flags(fv) -> None:
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    flags.DEFINE_string("workdir", None, "Workdir of a finished classifier run.", flag_values=fv)
+    flags.DEFINE_string("out", None, "Where to write the npz (must not exist).", flag_values=fv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    prog = "ldm_jax.features"
+    fv = cli.parse_flags(prog, argv or sys.argv, define_flags)
+    try:
+        cli.require(fv, "workdir", "out")
+        if os.path.exists(fv.out):
+            raise cli.UsageError(f"{fv.out} exists; remove it first to replace the weights")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(fv.out))):
+            raise cli.UsageError(f"output directory of {fv.out} does not exist")
+        restored = train.load_checkpoint(os.path.join(fv.workdir, "classifier"))
+        if restored is None:
+            raise configs.ConfigError(f"no trained classifier in {fv.workdir}/classifier")
+        params, cfg, meta = restored
+        if not meta.get("finished"):
+            raise configs.ConfigError(f"the classifier in {fv.workdir} has not finished training")
+    except (cli.UsageError, configs.ConfigError) as e:
+        cli.fail(prog, e)
+    save_classifier(params, fv.out, cfg["model"]["feature_dim"], meta["test_accuracy"],
+                    meta["step"])
+    print(f"wrote {fv.out} (test accuracy {meta['test_accuracy']:.4f}, step {meta['step']})",
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

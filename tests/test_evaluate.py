@@ -1,0 +1,80 @@
+"""Sampling CLI, the committed feature classifier, and the evaluation report (smoke preset)."""
+
+import json
+import os
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from conftest import run_module
+from ldm_jax import data, evaluate, features, sample
+
+
+@pytest.mark.parametrize("stage,sampler", [("ldm", "ddim"), ("pixel", "ddpm")])
+def test_sample_cli_writes_grid_and_uint8_npz(smoke_workdir, tmp_path, stage, sampler):
+    out = tmp_path / f"{stage}.png"
+    r = run_module("sample", f"--workdir={smoke_workdir}", f"--stage={stage}", "--num=12",
+                   f"--out={out}", f"--sampler={sampler}", "--steps=3")
+    assert r.returncode == 0, r.stderr[-1500:]
+    with np.load(tmp_path / f"{stage}.npz", allow_pickle=False) as z:
+        images = z["images"]
+    assert images.shape == (12, 28, 28) and images.dtype == np.uint8
+    assert out.stat().st_size > 0 and images.std() > 0
+
+
+def test_sampling_is_seeded(smoke_workdir):
+    gen = sample.load_generator(smoke_workdir, "ldm")
+    a = sample.generate(gen, 4, jax.random.key(3), "ddim", 3, progress=False)
+    b = sample.generate(gen, 4, jax.random.key(3), "ddim", 3, progress=False)
+    c = sample.generate(gen, 4, jax.random.key(4), "ddim", 3, progress=False)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a.astype(int) - c.astype(int)).sum() > 0
+
+
+def test_committed_classifier_reaches_its_accuracy():
+    _, _, meta = features.load_classifier()
+    images, labels = data.load_mnist("test")
+    acc = float(np.mean(features.predict_fn()(images) == labels))
+    assert acc >= 0.993, acc
+    assert acc == pytest.approx(meta["test_accuracy"], abs=1e-4)
+    feats = features.feature_fn()(images[:10])
+    assert feats.shape == (10, int(meta["feature_dim"])) and feats.dtype == np.float32
+
+
+def test_classifier_npz_round_trip(tmp_path):
+    model, params, meta = features.load_classifier()
+    path = str(tmp_path / "c.npz")
+    features.save_classifier(params, path, meta["feature_dim"], meta["test_accuracy"], meta["step"])
+    _, params2, meta2 = features.load_classifier(path)
+    chex.assert_trees_all_equal(params, params2)
+    assert meta2 == meta
+
+
+def test_evaluate_smoke_writes_report_with_floor(smoke_workdir):
+    r = run_module("evaluate", f"--workdir={smoke_workdir}", "--preset=smoke", "--num=64")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = os.path.join(smoke_workdir, "eval")
+    result = json.load(open(os.path.join(out, "metrics.json")))
+    assert set(result["quality"]) == {"ldm", "pixel", "real (train vs test)"}
+    floor = result["quality"]["real (train vs test)"]
+    for name, q in result["quality"].items():
+        assert all(np.isfinite(q[k]) for k in evaluate.QUALITY), (name, q)
+        assert 0 <= q["precision"] <= 1 and 0 <= q["recall"] <= 1 and 0 <= q["coverage"] <= 1
+    # Six smoke steps make noise: far from MNIST, and much worse than real digits.
+    assert result["quality"]["pixel"]["fid"] > 5 * floor["fid"]
+    assert floor["precision"] > 0.5 and floor["recall"] > 0.5
+    for stage in ("ldm", "pixel"):
+        c = result["cost"][stage]
+        assert c["train_s_per_iter"] > 0 and c["ddpm_images_per_s"] > 0 and c["params"] > 0
+        assert c["batch_size"] == 16
+    for name in ("report.md", "samples.png", "cost.png", "ldm_samples.npz"):
+        assert os.path.getsize(os.path.join(out, name)) > 0
+    assert "| ldm |" in open(os.path.join(out, "report.md")).read()
+
+
+def test_evaluate_without_models_exits_2(tmp_path):
+    r = run_module("evaluate", f"--workdir={tmp_path}", "--preset=smoke")
+    assert r.returncode == 2 and "no trained ldm or pixel model" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "eval").exists()
