@@ -75,13 +75,13 @@ def train_step(state: TrainState, batch: dict, key: Array, *, loss_fn: LossFn,
     new = state.apply_gradients(grads=grads)
     new = new.replace(ema_params=optax.incremental_update(
         new.params, state.ema_params, 1.0 - ema_decay_at(state.step, ema_decay)))
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     skipped = state.replace(step=state.step + 1)
     new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, skipped)
     metrics = dict(aux, loss=loss, grad_norm=grad_norm, finite=finite,
-                   param_norm=optax.global_norm(new.params),
-                   update_norm=optax.global_norm(jax.tree.map(jnp.subtract, new.params,
+                   param_norm=optax.tree.norm(new.params),
+                   update_norm=optax.tree.norm(jax.tree.map(jnp.subtract, new.params,
                                                               state.params)))
     return new, metrics
 
@@ -104,9 +104,12 @@ def build_vae(model_cfg) -> nets.VAE:
 
 
 def build_unet(model_cfg) -> nets.UNet:
+    get = model_cfg.get  # checkpoints from before conditioning existed lack its fields
     return nets.UNet(ch=model_cfg["ch"], ch_mult=tuple(model_cfg["ch_mult"]),
                      num_res_blocks=model_cfg["num_res_blocks"], heads=model_cfg["heads"],
-                     groups=model_cfg["groups"])
+                     groups=model_cfg["groups"], conditioning=get("conditioning", "none"),
+                     num_classes=get("num_classes", 10), context_tokens=get("context_tokens", 4),
+                     context_dim=get("context_dim", 64))
 
 
 def build_schedule(diff_cfg) -> diffusion.Schedule:
@@ -188,7 +191,8 @@ def load_vae(workdir: str):
 
 
 def diffusion_task(c, workdir: str) -> Task:
-    images, _ = _train_images(c)
+    images, labels = _train_images(c)
+    conditional = c.model.conditioning != "none"
     sched = build_schedule(c.diffusion)
     unet = build_unet(c.model)
     if c.stage == "ldm":
@@ -201,18 +205,27 @@ def diffusion_task(c, workdir: str) -> Task:
         arrays, meta, scale = {"image": images}, {}, 1.0
     example = next(iter(arrays.values()))[:1]
     configs.check_unet_input(c, example.shape[1], example.shape[3])
+    if conditional:
+        arrays["label"] = labels
 
     def loss_fn(params, batch, key):
-        z_key, d_key = jax.random.split(key)
+        z_key, d_key, y_key = jax.random.split(key, 3)
         x0 = batch["image"] if "image" in batch else batch["mean"]
         if "std" in batch:  # a posterior sample z = mean + std * eps
             x0 = x0 + batch["std"] * jax.random.normal(z_key, x0.shape)
-        eps_fn = lambda x, t: unet.apply({"params": params}, x, t)
+        if conditional:  # classifier-free guidance: some labels become the null label
+            y = diffusion.drop_labels(y_key, batch["label"], c.model.label_dropout,
+                                      c.model.num_classes)
+            eps_fn = lambda x, t: unet.apply({"params": params}, x, t, y)
+        else:
+            eps_fn = lambda x, t: unet.apply({"params": params}, x, t)
         loss = jnp.mean(diffusion.training_losses(eps_fn, sched, x0 * scale, d_key))
         return loss, {}
 
+    init_y = jnp.zeros((1,), jnp.int32) if conditional else None
     return Task(
-        init_params=lambda key: unet.init(key, example, jnp.zeros((1,), jnp.int32))["params"],
+        init_params=lambda key: unet.init(key, example, jnp.zeros((1,), jnp.int32),
+                                          init_y)["params"],
         loss_fn=loss_fn, get_batch=_batcher(c, arrays), meta=lambda ema: meta)
 
 
@@ -298,7 +311,9 @@ def check_resumable(c, stage_dir: str) -> None:
     if old.get("stage") != c.stage:
         raise configs.ConfigError(f"{stage_dir} holds a {old.get('stage')!r} checkpoint, "
                                   f"not {c.stage!r}; use another workdir")
-    old_flat, new_flat = _flatten(old), _flatten(c.to_dict())
+    # Fields added since the checkpoint was written count as their defaults.
+    defaults = configs.get_config(c.stage, old.get("preset", c.preset)).to_dict()
+    old_flat, new_flat = {**_flatten(defaults), **_flatten(old)}, _flatten(c.to_dict())
     diff = sorted(k for k in set(old_flat) | set(new_flat)
                   if k not in RESUMABLE_FIELDS and old_flat.get(k) != new_flat.get(k))
     if diff:
