@@ -29,6 +29,7 @@ from ldm_jax import cli, configs, data, features, metrics, sample
 # Per preset: (samples per model, DDIM steps for the quality samples).
 PLAN = {"smoke": (128, 5), "cpu-quick": (2000, 50), "full": (10_000, 100)}
 QUALITY = ("fid", "precision", "recall", "density", "coverage")
+GUIDANCE = (0.0, 0.5, 1.0, 2.0, 4.0)
 
 
 def trained_stages(workdir: str) -> list[str]:
@@ -63,6 +64,24 @@ def quality(real_all: np.ndarray, real_n: np.ndarray, fake: np.ndarray) -> dict:
     out = {"fid": metrics.fid_from_features(real_all, fake)}
     out.update(metrics.prdc(real_n, fake, k_pr=3, k_dc=5))
     return {k: float(out[k]) for k in QUALITY}
+
+
+def guidance_sweep(gen, num: int, steps: int, feat_fn, pred_fn, real_all, real_n,
+                   weights=GUIDANCE) -> dict:
+    """For each guidance weight w: FID/PRDC and conditional accuracy, the share of samples
+    the MNIST classifier assigns to the requested label, over num // 10 samples per digit."""
+    per_class = max(1, num // 10)
+    labels = np.repeat(np.arange(10, dtype=np.int32), per_class)
+    rows = {}
+    for w in weights:
+        images = sample.generate(gen, len(labels), jax.random.key(2), "ddim", steps,
+                                 labels=labels, guidance=w)
+        row = quality(real_all, real_n, feat_fn(images))
+        row["accuracy"] = float(np.mean(pred_fn(images) == labels))
+        rows[str(w)] = row
+        print(f"{gen.stage} w={w}: accuracy {row['accuracy']:.4f}, FID {row['fid']:.3f}",
+              file=sys.stderr)
+    return rows
 
 
 def run_benchmark(workdir: str, stage: str, what: str, preset: str) -> dict:
@@ -130,6 +149,27 @@ def save_figures(samples: dict[str, np.ndarray], real: np.ndarray, cost: dict, o
     plt.close(fig)
 
 
+def save_guidance_plot(guidance: dict, out_dir: str) -> None:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for stage, rows in guidance.items():
+        ws = list(rows)
+        acc = [rows[w]["accuracy"] for w in ws]
+        fid = [rows[w]["fid"] for w in ws]
+        ax.plot(acc, fid, "o-", label=stage)
+        for w, a, f in zip(ws, acc, fid):
+            ax.annotate(f"w={w}", (a, f), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("conditional accuracy")
+    ax.set_ylabel("FID (MNIST classifier features)")
+    ax.set_title("classifier-free guidance")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "guidance.png"), dpi=100)
+    plt.close(fig)
+
+
 def _fmt(v, digits=3):
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return "–"
@@ -170,6 +210,15 @@ def write_report(result: dict, out_dir: str) -> str:
               f"Images/s: generation batch {next(iter(r['cost'].values()))['gen_batch'] if r['cost'] else '–'}, "
               "median over repeats after compilation, decoding included for the LDM.", "",
               "![samples](samples.png)", "", "![cost](cost.png)", ""]
+    for stage, rows in (r.get("guidance") or {}).items():
+        lines += [f"## Classifier-free guidance ({stage})", "",
+                  "eps = (1 + w) eps(z, c) - w eps(z, null); "
+                  f"{r['num'] // 10} samples per digit for each w.", "",
+                  "| w | accuracy | " + " | ".join(QUALITY) + " |", "|---" * (len(QUALITY) + 2) + "|"]
+        for w, row in rows.items():
+            lines.append(f"| {w} | {row['accuracy']:.4f} | "
+                         + " | ".join(_fmt(row[k]) for k in QUALITY) + " |")
+        lines += ["", "![guidance](guidance.png)", ""]
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))
@@ -212,6 +261,13 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
         q[s] = quality(real_all, real_n, feat_fn(samples[s]))
     q["real (train vs test)"] = quality(real_all, real_n, feat_fn(train_n))
 
+    guidance = {}
+    for s, gen in gens.items():
+        if sample.is_conditional(gen):
+            steps = min(ddim_steps or steps_default, gen.sched.num_timesteps)
+            guidance[s] = guidance_sweep(gen, num, steps, feat_fn, features.predict_fn(classifier),
+                                         real_all, real_n)
+
     inception_fid = None
     if inception:
         from ldm_jax import inception as inc  # pylint: disable=import-outside-toplevel
@@ -238,10 +294,12 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
     result = dict(workdir=workdir, command=command, preset=preset, num=num,
                   ddim_steps=ddim_steps or steps_default, device=jax.devices()[0].device_kind,
                   date=time.strftime("%Y-%m-%d"), quality=q, inception=inception_fid,
-                  cost=cost_rows, classifier=os.path.abspath(classifier))
+                  cost=cost_rows, guidance=guidance, classifier=os.path.abspath(classifier))
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(result, f, indent=2)
     save_figures(samples, test_n, cost_rows, out_dir) if cost_rows else None
+    if guidance:
+        save_guidance_plot(guidance, out_dir)
     write_report(result, out_dir)
     return result
 
