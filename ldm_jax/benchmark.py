@@ -21,7 +21,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from ldm_jax import cli, configs, data, sample, train
@@ -57,7 +56,7 @@ def bench_train(workdir: str, stage: str, steps: int) -> dict:
     if restored is None:
         raise configs.ConfigError(f"no trained {stage} model in {workdir}/{stage}")
     _, cfg, _ = restored
-    c = ml_collections.ConfigDict(cfg)
+    c = train.config_from_stored(cfg)
     c.data.max_examples = max(4 * c.data.batch_size, 1024)  # timing does not need all data
     task = train.TASKS[stage](c, workdir)
     params = task.init_params(jax.random.key(0))

@@ -66,6 +66,19 @@ def quality(real_all: np.ndarray, real_n: np.ndarray, fake: np.ndarray) -> dict:
     return {k: float(out[k]) for k in QUALITY}
 
 
+def cached_samples(out_dir: str, gen, num: int, steps: int) -> np.ndarray | None:
+    """Samples an earlier evaluate run saved for this model, sampler and size, else None."""
+    path = os.path.join(out_dir, f"{gen.stage}_samples.npz")
+    if not os.path.isfile(path):
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        if ("model_step" in z.files and int(z["model_step"]) == gen.step
+                and int(z["ddim_steps"]) == steps and len(z["images"]) == num):
+            print(f"{gen.stage}: reusing {num} samples from {path}", file=sys.stderr)
+            return z["images"]
+    return None
+
+
 def guidance_sweep(gen, num: int, steps: int, feat_fn, pred_fn, real_all, real_n,
                    weights=GUIDANCE) -> dict:
     """For each guidance weight w: FID/PRDC and conditional accuracy, the share of samples
@@ -254,10 +267,13 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
     samples, q = {}, {}
     for s, gen in gens.items():
         steps = min(ddim_steps or steps_default, gen.sched.num_timesteps)
-        t = time.time()
-        samples[s] = sample.generate(gen, num, jax.random.key(1), "ddim", steps)
-        print(f"{s}: {num} samples in {time.time() - t:.0f}s", file=sys.stderr)
-        np.savez_compressed(os.path.join(out_dir, f"{s}_samples.npz"), images=samples[s])
+        samples[s] = cached_samples(out_dir, gen, num, steps)
+        if samples[s] is None:  # sample, and keep them so a rerun skips this part
+            t = time.time()
+            samples[s] = sample.generate(gen, num, jax.random.key(1), "ddim", steps)
+            print(f"{s}: {num} samples in {time.time() - t:.0f}s", file=sys.stderr)
+            np.savez_compressed(os.path.join(out_dir, f"{s}_samples.npz"), images=samples[s],
+                                model_step=gen.step, ddim_steps=steps, seed=1)
         q[s] = quality(real_all, real_n, feat_fn(samples[s]))
     q["real (train vs test)"] = quality(real_all, real_n, feat_fn(train_n))
 

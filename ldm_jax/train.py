@@ -303,6 +303,16 @@ def stored_config(stage_dir: str) -> dict | None:
     return restored["config"]
 
 
+def config_from_stored(stored: dict) -> ml_collections.ConfigDict:
+    """A checkpoint's config dict as a ConfigDict, with fields added since it was written
+    set to their defaults."""
+    c = configs.get_config(stored["stage"], stored.get("preset", "full"))
+    flat = _flatten(stored)
+    c.update_from_flattened_dict({k: tuple(v) if isinstance(v, list) else v
+                                  for k, v in flat.items() if k in _flatten(c.to_dict())})
+    return c
+
+
 def check_resumable(c, stage_dir: str) -> None:
     """A checkpoint in stage_dir must come from the same stage and a compatible config."""
     old = stored_config(stage_dir)

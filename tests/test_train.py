@@ -125,3 +125,13 @@ def test_changed_config_refuses_to_resume(tmp_path):
     os.rename(tmp_path / "vae", tmp_path / "pixel")
     with pytest.raises(configs.ConfigError, match="holds a 'vae' checkpoint"):
         train.train_and_evaluate(c3, str(tmp_path))
+
+
+def test_config_from_stored_fills_fields_added_later():
+    old = configs.get_config("ldm", "cpu-quick").to_dict()
+    del old["model"]["conditioning"], old["model"]["label_dropout"]
+    old["optim"]["lr"] = 3e-4
+    c = train.config_from_stored(old)
+    assert c.model.conditioning == "none" and c.model.label_dropout == 0.1
+    assert c.optim.lr == 3e-4 and tuple(c.model.ch_mult) == (1, 2)
+    configs.validate(c)
