@@ -140,7 +140,12 @@ def save_figures(samples: dict[str, np.ndarray], real: np.ndarray, cost: dict, o
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "samples.png"), dpi=100)
     plt.close(fig)
+    if cost:
+        save_cost_plot(cost, out_dir)
 
+
+def save_cost_plot(cost: dict, out_dir: str) -> None:
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
     stages = list(cost)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     a1.bar(stages, [cost[s]["train_s_per_iter"] for s in stages], color=["C0", "C1"][:len(stages)])
@@ -222,7 +227,7 @@ def write_report(result: dict, out_dir: str) -> str:
               f"{next(iter(r['cost'].values()))['batch_size'] if r['cost'] else '–'}. "
               f"Images/s: generation batch {next(iter(r['cost'].values()))['gen_batch'] if r['cost'] else '–'}, "
               "median over repeats after compilation, decoding included for the LDM.", "",
-              "![samples](samples.png)", "", "![cost](cost.png)", ""]
+              "![samples](samples.png)", ""] + (["![cost](cost.png)", ""] if r["cost"] else [])
     for stage, rows in (r.get("guidance") or {}).items():
         lines += [f"## Classifier-free guidance ({stage})", "",
                   "eps = (1 + w) eps(z, c) - w eps(z, null); "
@@ -313,7 +318,7 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
                   cost=cost_rows, guidance=guidance, classifier=os.path.abspath(classifier))
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(result, f, indent=2)
-    save_figures(samples, test_n, cost_rows, out_dir) if cost_rows else None
+    save_figures(samples, test_n, cost_rows, out_dir)
     if guidance:
         save_guidance_plot(guidance, out_dir)
     write_report(result, out_dir)

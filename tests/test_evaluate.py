@@ -1,6 +1,7 @@
 """Sampling CLI, the committed feature classifier, and the evaluation report (smoke preset)."""
 
 import json
+import re
 import os
 
 import chex
@@ -78,3 +79,18 @@ def test_evaluate_without_models_exits_2(tmp_path):
     r = run_module("evaluate", f"--workdir={tmp_path}", "--preset=smoke")
     assert r.returncode == 2 and "no trained ldm or pixel model" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "eval").exists()
+
+
+def test_report_without_cost_links_only_what_exists(tmp_path):
+    rng = np.random.default_rng(0)
+    imgs = {"ldm": rng.integers(0, 256, (100, 28, 28), dtype=np.uint8)}
+    q = {k: 1.0 for k in evaluate.QUALITY}
+    result = dict(workdir="w", command="c", num=100, ddim_steps=5, device="cpu", date="d",
+                  quality={"ldm": q}, inception=None, cost={},
+                  guidance={"ldm": {"0.0": dict(q, accuracy=0.5), "2.0": dict(q, accuracy=0.9)}})
+    evaluate.save_figures(imgs, imgs["ldm"], {}, str(tmp_path))
+    evaluate.save_guidance_plot(result["guidance"], str(tmp_path))
+    report = open(evaluate.write_report(result, str(tmp_path))).read()
+    for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
+        assert (tmp_path / link).is_file(), link
+    assert "cost.png" not in report and "| 2.0 | 0.9000 |" in report
