@@ -42,7 +42,7 @@ def parse_flags(prog: str, argv: list[str], define: Callable[[flags.FlagValues],
     except flags.Error as e:
         fail(prog, e)
     if fv.help:
-        print(fv.main_module_help() or fv.module_help(sys.modules["__main__"]))
+        print((sys.modules["__main__"].__doc__ or prog).strip() + "\n")
         print(fv.get_help())
         sys.exit(0)
     return fv

@@ -1,6 +1,6 @@
 """Sampling from a trained LDM or pixel model, with the EMA parameters.
 
-    python -m ldm_jax.sample --workdir=runs/demo --stage=ldm --num=64 --out=grid.png \
+    python -m ldm_jax.sample --workdir=runs/demo --stage=ldm --num=64 --out=grid.png
         [--sampler=ddpm|ddim] [--steps=K] [--eta=0.0] [--seed=0]
     python -m ldm_jax.sample --workdir=runs/cond --stage=ldm --label=7 --guidance=3.0 --out=7s.png
 

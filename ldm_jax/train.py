@@ -63,7 +63,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.
 
 def ema_decay_at(step: Array, decay: float) -> Array:
     """Warmed-up EMA decay min(decay, (1 + s) / (10 + s)), so short runs are not noise."""
-    step = step.astype(jnp.float32)
+    step = jnp.asarray(step, jnp.float32)
     return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
@@ -406,8 +406,14 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
         state = mgr.restore(mgr.latest_step(), args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target)))["state"]
     start = int(state.step)
-    end = min(c.train.steps, stop_at_step) if stop_at_step is not None else c.train.steps
     is_main = jax.process_index() == 0
+    if start >= c.train.steps and stop_at_step is None:
+        mgr.close()
+        if is_main:
+            print(f"{c.stage}: already trained ({start} steps) in {stage_dir}; nothing to do",
+                  file=sys.stderr)
+        return state
+    end = min(c.train.steps, stop_at_step) if stop_at_step is not None else c.train.steps
 
     def save(state, finished: bool, **extra):
         meta = dict(task.meta(state.ema_params), step=int(state.step), finished=finished, **extra)
