@@ -59,10 +59,11 @@ def bench_train(workdir: str, stage: str, steps: int) -> dict:
     c = train.config_from_stored(cfg)
     c.data.max_examples = max(4 * c.data.batch_size, 1024)  # timing does not need all data
     task = train.TASKS[stage](c, workdir)
-    params = task.init_params(jax.random.key(0))
+    params, model_state = task.init(jax.random.key(0))
     state = train.TrainState.create(apply_fn=None, params=params,
                                     tx=train.make_optimizer(c.optim, c.train.steps),
-                                    ema_params=jax.tree.map(jnp.copy, params))
+                                    ema_params=jax.tree.map(jnp.copy, params),
+                                    model_state=model_state)
     step = jax.jit(functools.partial(train.train_step, loss_fn=task.loss_fn,
                                      ema_decay=c.optim.ema_decay))
     batch, key = task.get_batch(0), jax.random.key(1)

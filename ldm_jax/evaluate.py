@@ -22,9 +22,10 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax import cli, configs, data, features, metrics, sample
+from ldm_jax import cli, configs, data, features, metrics, nets, sample, train
 
 # Per preset: (samples per model, DDIM steps for the quality samples).
 PLAN = {"smoke": (128, 5), "cpu-quick": (2000, 50), "full": (10_000, 100)}
@@ -97,6 +98,39 @@ def guidance_sweep(gen, num: int, steps: int, feat_fn, pred_fn, real_all, real_n
     return rows
 
 
+def autoencoder_quality(workdir: str, feat_fn, real_all: np.ndarray, batch: int = 500) -> dict:
+    """Reconstructions of the 10,000 test images through the first stage in workdir/vae
+    (posterior mean, quantised for vq, EMA parameters): MSE and PSNR on the [-1, 1] scale
+    (peak-to-peak 2), reconstruction FID against the test set, and for vq the codebook's
+    perplexity and share of codes used over the test set."""
+    vae, variables, cfg, meta = train.load_vae(workdir)
+    recon_fn = jax.jit(lambda v, x: vae.apply(v, x, method=nets.VAE.reconstruct))
+    test_images, _ = data.load("package", "test")
+    x = data.to_float(test_images)
+    sq_err, recons, codes = [], [], []
+    for i in range(0, len(x), batch):
+        xb = x[i:i + batch]
+        r, info = recon_fn(variables, xb)
+        r = np.clip(np.asarray(r), -1.0, 1.0)
+        sq_err.append(np.mean(np.square(r - xb), axis=(1, 2, 3)))
+        recons.append(data.to_uint8(r))
+        if "index" in info:
+            codes.append(np.asarray(info["index"]).ravel())
+    mse = float(np.mean(np.concatenate(sq_err)))
+    recons = np.concatenate(recons)
+    ae = cfg.get("autoencoder") or {"reg": "kl"}
+    out = dict(reg=ae["reg"], latent_shape=meta["latent_shape"], steps=meta["step"],
+               perceptual_weight=cfg["loss"].get("perceptual_weight", 0.0), mse=mse,
+               psnr=float(10 * np.log10(4.0 / mse)),
+               rfid=metrics.fid_from_features(real_all, feat_fn(recons)))
+    if codes:
+        usage = nets.codebook_usage(jnp.asarray(np.concatenate(codes)), ae["codebook_size"])
+        out.update({k: float(v) for k, v in usage.items()}, codebook_size=ae["codebook_size"])
+    print("vae: " + ", ".join(f"{k} {v:.4g}" for k, v in out.items()
+                             if isinstance(v, float)), file=sys.stderr)
+    return out, recons
+
+
 def run_benchmark(workdir: str, stage: str, what: str, preset: str) -> dict:
     """ldm_jax.benchmark in a fresh process (so its peak memory is this model's alone)."""
     r = subprocess.run([sys.executable, "-m", "ldm_jax.benchmark", f"--workdir={workdir}",
@@ -142,6 +176,14 @@ def save_figures(samples: dict[str, np.ndarray], real: np.ndarray, cost: dict, o
     plt.close(fig)
     if cost:
         save_cost_plot(cost, out_dir)
+
+
+def save_reconstructions(real: np.ndarray, recon: np.ndarray, out_dir: str) -> None:
+    """Test digits (top row) over their reconstructions (bottom row), uint8 [n, 28, 28] each."""
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    grid = np.concatenate([np.concatenate(list(real), 1), np.concatenate(list(recon), 1)], 0)
+    Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(
+        os.path.join(out_dir, "reconstructions.png"))
 
 
 def save_cost_plot(cost: dict, out_dir: str) -> None:
@@ -228,6 +270,15 @@ def write_report(result: dict, out_dir: str) -> str:
               f"Images/s: generation batch {next(iter(r['cost'].values()))['gen_batch'] if r['cost'] else '–'}, "
               "median over repeats after compilation, decoding included for the LDM.", "",
               "![samples](samples.png)", ""] + (["![cost](cost.png)", ""] if r["cost"] else [])
+    if r.get("autoencoder"):
+        a = r["autoencoder"]
+        lines += ["## First stage (workdir/vae): reconstructions of the 10,000 test images", "",
+                  "| reg | latent | perceptual weight | MSE | PSNR dB | rFID | perplexity | codes used |",
+                  "|---" * 8 + "|",
+                  f"| {a['reg']} | {'×'.join(map(str, a['latent_shape']))} | "
+                  f"{_fmt(a['perceptual_weight'])} | {a['mse']:.5f} | {a['psnr']:.2f} | "
+                  f"{_fmt(a['rfid'])} | {_fmt(a.get('perplexity'))} | {_fmt(a.get('codes_used'))} |",
+                  "", "![reconstructions](reconstructions.png)", ""]
     for stage, rows in (r.get("guidance") or {}).items():
         lines += [f"## Classifier-free guidance ({stage})", "",
                   "eps = (1 + w) eps(z, c) - w eps(z, null); "
@@ -250,9 +301,12 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
              classifier: str | None = None, inception: bool = False, cost: bool = True,
              command: str = "") -> dict:
     stages = trained_stages(workdir)
-    if not stages:
-        raise configs.ConfigError(f"no trained ldm or pixel model in {workdir}; train one with "
-                                  f"`python -m ldm_jax.train --stage=ldm --workdir={workdir}`")
+    has_vae = os.path.isdir(os.path.join(workdir, "vae", "checkpoints"))
+    if not stages and not has_vae:
+        raise configs.ConfigError(f"no trained vae, ldm or pixel model in {workdir}; train one "
+                                  f"with `python -m ldm_jax.train --stage=vae --workdir={workdir}`")
+    if has_vae:
+        train.load_vae(workdir)  # an unfinished or foreign VAE fails here, before writing
     n_default, steps_default = PLAN[preset]
     num = num or n_default
     gens = {s: sample.load_generator(workdir, s) for s in stages}  # fails before writing
@@ -281,6 +335,10 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
                                 model_step=gen.step, ddim_steps=steps, seed=1)
         q[s] = quality(real_all, real_n, feat_fn(samples[s]))
     q["real (train vs test)"] = quality(real_all, real_n, feat_fn(train_n))
+    autoencoder = None
+    if has_vae:
+        autoencoder, recons = autoencoder_quality(workdir, feat_fn, real_all)
+        save_reconstructions(test_images[:10], recons[:10], out_dir)
 
     guidance = {}
     for s, gen in gens.items():
@@ -315,7 +373,8 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
     result = dict(workdir=workdir, command=command, preset=preset, num=num,
                   ddim_steps=ddim_steps or steps_default, device=jax.devices()[0].device_kind,
                   date=time.strftime("%Y-%m-%d"), quality=q, inception=inception_fid,
-                  cost=cost_rows, guidance=guidance, classifier=os.path.abspath(classifier))
+                  cost=cost_rows, guidance=guidance, autoencoder=autoencoder,
+                  classifier=os.path.abspath(classifier))
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(result, f, indent=2)
     save_figures(samples, test_n, cost_rows, out_dir)

@@ -20,7 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from ldm_jax import cli, configs, data, nets, train
+from ldm_jax import cli, configs, data, nets
+
+Array = jax.Array
 
 DEFAULT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "classifier.npz")
 META_KEYS = ("meta/feature_dim", "meta/test_accuracy", "meta/step")
@@ -81,6 +83,29 @@ def predict_fn(path: str | None = None, batch: int = 500) -> Callable[[np.ndarra
     return _batched(lambda x: jnp.argmax(model.apply({"params": params}, x), -1), batch)
 
 
+def perceptual_distance(acts_x: list[Array], acts_y: list[Array], eps: float = 1e-8) -> Array:
+    """LPIPS-style distance (Zhang et al. 2018, without learned layer weights) between two
+    lists of activations [B, H, W, C]: per layer, unit-normalise over channels, take the
+    squared difference summed over channels and averaged over positions; sum the layers.
+    Returns [B]; 0 exactly when every activation matches."""
+    def unit(a):
+        return a / jnp.sqrt(jnp.sum(a * a, axis=-1, keepdims=True) + eps)
+    return sum(jnp.mean(jnp.sum(jnp.square(unit(a) - unit(b)), -1), axis=(1, 2))
+               for a, b in zip(acts_x, acts_y))
+
+
+def perceptual_loss_fn(path: str | None = None) -> Callable[[Array, Array], Array]:
+    """(x [B, 28, 28, 1], y [B, 28, 28, 1], both in [-1, 1]) -> [B] perceptual distances on
+    the committed classifier's conv activations; the classifier is frozen (no gradient to
+    its weights, gradients flow to the images)."""
+    model, params, _ = load_classifier(path)
+    params = jax.lax.stop_gradient(params)
+
+    def acts(x):
+        return model.apply({"params": params}, x, method=nets.Classifier.activations)
+    return lambda x, y: perceptual_distance(acts(x), acts(y))
+
+
 def define_flags(fv) -> None:
     from absl import flags  # pylint: disable=import-outside-toplevel
     flags.DEFINE_string("workdir", None, "Workdir of a finished classifier run.", flag_values=fv)
@@ -88,6 +113,7 @@ def define_flags(fv) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from ldm_jax import train  # pylint: disable=import-outside-toplevel  (train imports us)
     prog = "ldm_jax.features"
     fv = cli.parse_flags(prog, argv or sys.argv, define_flags)
     try:

@@ -1,4 +1,5 @@
-"""Flax Linen networks: the KL-regularised VAE, the U-Net denoiser and the MNIST classifier.
+"""Flax Linen networks: the KL- or VQ-regularised autoencoder, the U-Net denoiser and the
+MNIST classifier.
 
 All NHWC. The U-Net is one class for latents [B, 7, 7, c] and pixels [B, 28, 28, 1];
 only its config differs.
@@ -176,14 +177,14 @@ class UNet(nn.Module):
 
 
 class Encoder(nn.Module):
-    """x [B, 28, 28, 1] -> (mean, logvar), each [B, s, s, latent_ch], s = 28 / 2^len(channels)."""
+    """x [B, 28, 28, 1] -> [B, s, s, out_ch], s = 28 / 2^len(channels)."""
     channels: Sequence[int] = (32, 64)
-    latent_ch: int = 4
+    out_ch: int = 8
     num_res_blocks: int = 1
     groups: int = 8
 
     @nn.compact
-    def __call__(self, x: Array) -> tuple[Array, Array]:
+    def __call__(self, x: Array) -> Array:
         h = nn.Conv(self.channels[0], (3, 3))(x)
         for ch in self.channels:
             for _ in range(self.num_res_blocks):
@@ -191,9 +192,7 @@ class Encoder(nn.Module):
             h = nn.Conv(ch, (3, 3), strides=(2, 2))(h)
         h = ResBlock(self.channels[-1], self.groups)(h)
         h = nn.swish(nn.GroupNorm(self.groups)(h))
-        moments = nn.Conv(2 * self.latent_ch, (1, 1))(h)
-        mean, logvar = jnp.split(moments, 2, axis=-1)
-        return mean, jnp.clip(logvar, -30.0, 20.0)
+        return nn.Conv(self.out_ch, (1, 1))(h)
 
 
 class Decoder(nn.Module):
@@ -216,41 +215,161 @@ class Decoder(nn.Module):
         return nn.Conv(1, (3, 3))(h)
 
 
+# ----------------------------------------------------------------------------- Vector quantisation
+
+
+def nearest_code(z: Array, codebook: Array) -> Array:
+    """z [N, D], codebook [K, D] -> index [N] of the nearest code in Euclidean distance."""
+    d2 = (jnp.sum(z * z, 1, keepdims=True) - 2.0 * z @ codebook.T
+          + jnp.sum(codebook * codebook, 1)[None])
+    return jnp.argmin(d2, axis=1)
+
+
+def codebook_usage(index: Array, num_codes: int) -> dict:
+    """Perplexity exp(H(p)) of the code histogram of index [N], and the share of codes used."""
+    p = jnp.bincount(index, length=num_codes) / index.shape[0]
+    entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
+    return dict(perplexity=jnp.exp(entropy), codes_used=jnp.mean(p > 0))
+
+
+def ema_codebook_update(vq: dict, z: Array, index: Array, key: Array, decay: float,
+                        dead_threshold: float, eps: float = 1e-5) -> tuple[dict, Array]:
+    """One EMA step of the codebook (van den Oord et al. 2017, App. A.1), then dead-code restarts.
+
+    vq: {'codebook' [K, D], 'cluster_size' [K], 'embed_sum' [K, D]}; z [N, D] encoder
+    outputs, index [N] their nearest codes. Cluster sizes and sums move toward this batch's
+    counts and sums; each code is their (Laplace-smoothed) ratio. A code whose EMA count
+    falls below dead_threshold vectors per batch is restarted on a random z of this batch.
+    Returns (new vq, number of codes restarted).
+    """
+    num_codes = vq["codebook"].shape[0]
+    onehot = jax.nn.one_hot(index, num_codes, dtype=z.dtype)  # [N, K]
+    size = decay * vq["cluster_size"] + (1.0 - decay) * jnp.sum(onehot, 0)
+    embed_sum = decay * vq["embed_sum"] + (1.0 - decay) * onehot.T @ z
+    total = jnp.sum(size)
+    smoothed = (size + eps) / (total + num_codes * eps) * total
+    codebook = embed_sum / smoothed[:, None]
+    dead = size < dead_threshold  # [K]
+    pick = z[jax.random.randint(key, (num_codes,), 0, z.shape[0])]  # [K, D]
+    return dict(codebook=jnp.where(dead[:, None], pick, codebook),
+                cluster_size=jnp.where(dead, 1.0, size),
+                embed_sum=jnp.where(dead[:, None], pick, embed_sum)), jnp.sum(dead)
+
+
+class VectorQuantizer(nn.Module):
+    """Codebook of num_codes vectors, kept in the 'vq' collection and learned by EMA.
+
+    z [B, H, W, D] -> (straight-through quantised z [B, H, W, D], info): the forward value
+    is the nearest code, the gradient passes to z unchanged (van den Oord et al. 2017).
+    When 'vq' is mutable (training) the codebook takes one ema_codebook_update step,
+    using the 'vq' RNG stream for dead-code restarts.
+    """
+    num_codes: int = 256
+    decay: float = 0.99
+    dead_threshold: float = 1.0
+
+    @nn.compact
+    def __call__(self, z: Array) -> tuple[Array, dict]:
+        dim = z.shape[-1]
+        init = lambda: jax.random.uniform(self.make_rng("params"), (self.num_codes, dim),
+                                          minval=-1.0 / self.num_codes, maxval=1.0 / self.num_codes)
+        codebook = self.variable("vq", "codebook", init)
+        size = self.variable("vq", "cluster_size", lambda: jnp.ones((self.num_codes,)))
+        embed_sum = self.variable("vq", "embed_sum", lambda: codebook.value)
+        flat = z.reshape(-1, dim)
+        index = nearest_code(flat, codebook.value)
+        q = codebook.value[index].reshape(z.shape)
+        info = dict(commit=jnp.mean(jnp.sum(jnp.square(z - jax.lax.stop_gradient(q)), -1)),
+                    index=index.reshape(z.shape[:-1]), restarted=jnp.zeros((), jnp.int32),
+                    **codebook_usage(index, self.num_codes))
+        if self.is_mutable_collection("vq") and not self.is_initializing():
+            new, info["restarted"] = ema_codebook_update(
+                dict(codebook=codebook.value, cluster_size=size.value, embed_sum=embed_sum.value),
+                jax.lax.stop_gradient(flat), index, self.make_rng("vq"), self.decay,
+                self.dead_threshold)
+            codebook.value, size.value, embed_sum.value = (
+                new["codebook"], new["cluster_size"], new["embed_sum"])
+        return z + jax.lax.stop_gradient(q - z), info
+
+
+REGULARISERS = ("kl", "vq")
+
+
 class VAE(nn.Module):
-    """KL-regularised autoencoder (Kingma & Welling 2014; Rombach et al. 2022, Sec. 3)."""
+    """The first stage: a KL-regularised VAE (Kingma & Welling 2014) or a VQ-regularised
+    autoencoder (van den Oord et al. 2017), as in Rombach et al. 2022, Sec. 3.
+
+    reg='kl': encode -> (mean, logvar) of a diagonal Gaussian posterior.
+    reg='vq': encode -> (z_e, logvar = -inf), the pre-quantisation latent with a point-mass
+    posterior; quantisation happens inside `decode`, so the LDM diffuses z_e.
+    """
     channels: Sequence[int] = (32, 64)
     latent_ch: int = 4
     num_res_blocks: int = 1
     groups: int = 8
+    reg: str = "kl"
+    num_codes: int = 256  # vq only
+    codebook_decay: float = 0.99  # vq only
+    dead_threshold: float = 1.0  # vq only
 
     def setup(self):
-        self.encoder = Encoder(self.channels, self.latent_ch, self.num_res_blocks, self.groups)
+        if self.reg not in REGULARISERS:
+            raise ValueError(f"reg must be one of {REGULARISERS}, got {self.reg!r}")
+        out_ch = 2 * self.latent_ch if self.reg == "kl" else self.latent_ch
+        self.encoder = Encoder(self.channels, out_ch, self.num_res_blocks, self.groups)
         self.decoder = Decoder(self.channels, self.num_res_blocks, self.groups)
+        if self.reg == "vq":
+            self.quantizer = VectorQuantizer(self.num_codes, self.codebook_decay,
+                                             self.dead_threshold)
 
     def encode(self, x: Array) -> tuple[Array, Array]:
-        return self.encoder(x)
+        """x [B, 28, 28, 1] -> (mean, logvar), each [B, s, s, latent_ch]."""
+        h = self.encoder(x)
+        if self.reg == "vq":
+            return h, jnp.full_like(h, -jnp.inf)
+        mean, logvar = jnp.split(h, 2, axis=-1)
+        return mean, jnp.clip(logvar, -30.0, 20.0)
+
+    def quantize(self, z: Array) -> tuple[Array, dict]:
+        """z [B, s, s, c] -> (z for the decoder, info); the identity for reg='kl'."""
+        return self.quantizer(z) if self.reg == "vq" else (z, {})
 
     def decode(self, z: Array) -> Array:
-        return self.decoder(z)
+        """z [B, s, s, latent_ch] (pre-quantisation for vq) -> x [B, 28, 28, 1]."""
+        return self.decoder(self.quantize(z)[0])
 
-    def __call__(self, x: Array, key: Array) -> tuple[Array, Array, Array]:
-        """x [B, 28, 28, 1] -> (reconstruction [B, 28, 28, 1], mean, logvar [B, s, s, c])."""
+    def reconstruct(self, x: Array) -> tuple[Array, dict]:
+        """x [B, 28, 28, 1] -> (decode(posterior mean) [B, 28, 28, 1], quantiser info)."""
+        zq, info = self.quantize(self.encode(x)[0])
+        return self.decoder(zq), info
+
+    def __call__(self, x: Array, key: Array) -> tuple[Array, dict]:
+        """x [B, 28, 28, 1] -> (reconstruction [B, 28, 28, 1], info): mean and logvar
+        [B, s, s, c] for kl; commit, perplexity, codes_used, index for vq."""
         mean, logvar = self.encode(x)
-        z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
-        return self.decode(z), mean, logvar
+        if self.reg == "kl":
+            z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+            return self.decoder(z), dict(mean=mean, logvar=logvar)
+        zq, info = self.quantizer(mean)
+        return self.decoder(zq), info
 
 
 class ClassifierTrunk(nn.Module):
-    """Two conv-conv-pool stages and a dense layer: x [B, 28, 28, 1] -> [B, feature_dim]."""
+    """Two conv-conv-pool stages and a dense layer: x [B, 28, 28, 1] -> [B, feature_dim]
+    (with_activations: also the four conv activations, for the perceptual loss)."""
     feature_dim: int = 128
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, with_activations: bool = False):
+        acts = []
         for ch in (32, 64):
             x = nn.relu(nn.Conv(ch, (3, 3))(x))
+            acts.append(x)
             x = nn.relu(nn.Conv(ch, (3, 3))(x))
+            acts.append(x)
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        return nn.relu(nn.Dense(self.feature_dim)(x.reshape(x.shape[0], -1)))
+        feats = nn.relu(nn.Dense(self.feature_dim)(x.reshape(x.shape[0], -1)))
+        return (feats, acts) if with_activations else feats
 
 
 class Classifier(nn.Module):
@@ -265,6 +384,10 @@ class Classifier(nn.Module):
     def features(self, x: Array) -> Array:
         """x [B, 28, 28, 1] in [-1, 1] -> [B, feature_dim]."""
         return self.trunk(x)
+
+    def activations(self, x: Array) -> list[Array]:
+        """x [B, 28, 28, 1] -> the four conv activations [B, H, W, C] (28, 28, 14, 14)."""
+        return self.trunk(x, with_activations=True)[1]
 
     def __call__(self, x: Array) -> Array:
         """x [B, 28, 28, 1] -> logits [B, num_classes]."""

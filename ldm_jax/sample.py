@@ -41,7 +41,7 @@ class Generator:
     config: dict
     shape: tuple[int, int, int]  # one sample: latent (s, s, c) or pixels (28, 28, 1)
     vae: nets.VAE | None = None
-    vae_params: Any = None
+    vae_vars: Any = None  # {'params': EMA parameters, **model state} of the first stage
     scale_factor: float = 1.0
     step: int = 0
 
@@ -62,11 +62,11 @@ def load_generator(workdir: str, stage: str) -> Generator:
                   sched=train.build_schedule(cfg["diffusion"]), config=cfg, step=meta["step"])
     if stage == "pixel":
         return Generator(shape=(28, 28, 1), **common)
-    vae, vae_params, _, vae_meta = train.load_vae(workdir)
+    vae, vae_vars, _, vae_meta = train.load_vae(workdir)
     if vae_meta["step"] != meta["vae_step"]:
         raise configs.ConfigError(f"the VAE in {workdir}/vae is at step {vae_meta['step']} but "
                                   f"the LDM was trained on its step {meta['vae_step']}; retrain the LDM")
-    return Generator(shape=tuple(meta["latent_shape"]), vae=vae, vae_params=vae_params,
+    return Generator(shape=tuple(meta["latent_shape"]), vae=vae, vae_vars=vae_vars,
                      scale_factor=meta["scale_factor"], **common)
 
 
@@ -96,7 +96,7 @@ def sample_fn(gen: Generator, n: int, sampler: str = "ddim", steps: int = 100,
     def decode(z):
         if gen.vae is None:
             return z
-        return gen.vae.apply({"params": gen.vae_params}, z / gen.scale_factor,
+        return gen.vae.apply(gen.vae_vars, z / gen.scale_factor,
                              method=nets.VAE.decode)
 
     @jax.jit

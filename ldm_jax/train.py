@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import flax
 from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
@@ -34,7 +35,8 @@ from ldm_jax import cli, configs, data, diffusion, nets
 
 Array = jax.Array
 PyTree = Any
-LossFn = Callable[[PyTree, dict, Array], tuple[Array, dict]]
+# (params, model_state, batch, key) -> (loss, (metrics, new model_state))
+LossFn = Callable[[PyTree, PyTree, dict, Array], tuple[Array, tuple[dict, PyTree]]]
 
 # Config fields that may change between a run and its resumption.
 RESUMABLE_FIELDS = ("preset", "train.steps", "train.max_minutes", "train.log_every",
@@ -47,6 +49,8 @@ class TrainingError(RuntimeError):
 
 class TrainState(train_state.TrainState):
     ema_params: PyTree
+    # Non-gradient model variables updated by the loss (the VQ codebook's 'vq' collection).
+    model_state: PyTree = flax.struct.field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- Update
@@ -71,9 +75,10 @@ def train_step(state: TrainState, batch: dict, key: Array, *, loss_fn: LossFn,
                ema_decay: float) -> tuple[TrainState, dict]:
     """One optimizer step. A non-finite loss or gradient leaves the parameters untouched
     (the step counter still advances) and reports finite=False."""
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+    (loss, (aux, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.model_state, batch, key)
     new = state.apply_gradients(grads=grads)
-    new = new.replace(ema_params=optax.incremental_update(
+    new = new.replace(model_state=model_state, ema_params=optax.incremental_update(
         new.params, state.ema_params, 1.0 - ema_decay_at(state.step, ema_decay)))
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -92,15 +97,30 @@ def train_step(state: TrainState, batch: dict, key: Array, *, loss_fn: LossFn,
 @dataclasses.dataclass(frozen=True)
 class Task:
     """What a stage brings to the shared loop."""
-    init_params: Callable[[Array], PyTree]  # key -> params
-    loss_fn: LossFn  # (params, batch, key) -> (loss, metrics)
+    init: Callable[[Array], tuple[PyTree, PyTree]]  # key -> (params, model_state)
+    loss_fn: LossFn  # (params, model_state, batch, key) -> (loss, (metrics, model_state))
     get_batch: Callable[[int], dict]  # step -> this process's share of the global batch
-    meta: Callable[[PyTree], dict] = lambda ema_params: {}  # saved beside each checkpoint
+    # {'params': ema_params, **model_state} -> JSON saved beside each checkpoint
+    meta: Callable[[dict], dict] = lambda variables: {}
 
 
-def build_vae(model_cfg) -> nets.VAE:
-    return nets.VAE(channels=tuple(model_cfg["channels"]), latent_ch=model_cfg["latent_ch"],
-                    num_res_blocks=model_cfg["num_res_blocks"], groups=model_cfg["groups"])
+def stateless(loss_fn, init_params):
+    """Adapts a (params, batch, key) -> (loss, metrics) loss and a key -> params init to
+    a Task's signatures, for stages with no model state."""
+    return (lambda key: (init_params(key), {}),
+            lambda params, model_state, batch, key: (
+                lambda out: (out[0], (out[1], model_state)))(loss_fn(params, batch, key)))
+
+
+def build_vae(cfg) -> nets.VAE:
+    """The first stage from a VAE config (ConfigDict or a checkpoint's config dict)."""
+    m = cfg["model"]
+    ae = cfg.get("autoencoder") or {}  # checkpoints from before VQ existed lack it
+    return nets.VAE(channels=tuple(m["channels"]), latent_ch=m["latent_ch"],
+                    num_res_blocks=m["num_res_blocks"], groups=m["groups"],
+                    reg=ae.get("reg", "kl"), num_codes=ae.get("codebook_size", 256),
+                    codebook_decay=ae.get("codebook_decay", 0.99),
+                    dead_threshold=ae.get("dead_code_threshold", 1.0))
 
 
 def build_unet(model_cfg) -> nets.UNet:
@@ -117,31 +137,52 @@ def build_schedule(diff_cfg) -> diffusion.Schedule:
                                    diff_cfg["beta_start"], diff_cfg["beta_end"])
 
 
-def vae_loss(model: nets.VAE, kl_weight: float, params, batch, key):
-    """Reconstruction (per-image sum of squares) + kl_weight * KL(q(z|x) || N(0, I))."""
+def kl_divergence(mean: Array, logvar: Array) -> Array:
+    """KL(N(mean, exp(logvar)) || N(0, I)) per example: [B, s, s, c] -> [B]."""
+    return 0.5 * jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3))
+
+
+def vae_loss(model: nets.VAE, c, perceptual, params, model_state, batch, key):
+    """First-stage loss, per image, averaged over the batch:
+    1. reconstruction: sum of squares over pixels;
+    2. perceptual (if perceptual_weight > 0): classifier-feature distance to the input;
+    3. regulariser: kl_weight * KL(q(z|x) || N(0, I)) for kl, commitment_weight *
+       ||z_e - sg(q)||^2 for vq (whose codebook takes its EMA step in model_state)."""
     x = batch["image"]  # [B, 28, 28, 1]
-    recon, mean, logvar = model.apply({"params": params}, x, key)
+    z_key, vq_key = jax.random.split(key)
+    (recon, info), new_state = model.apply({"params": params, **model_state}, x, z_key,
+                                           rngs={"vq": vq_key}, mutable=list(model_state))
     rec = jnp.mean(jnp.sum(jnp.square(recon - x), axis=(1, 2, 3)))
-    kl = jnp.mean(0.5 * jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar,
-                                axis=(1, 2, 3)))
-    return rec + kl_weight * kl, dict(recon=rec, kl=kl)
+    metrics = dict(recon=rec)
+    loss = rec
+    if c.loss.perceptual_weight > 0:
+        metrics["perceptual"] = jnp.mean(perceptual(recon, x))
+        loss = loss + c.loss.perceptual_weight * metrics["perceptual"]
+    if model.reg == "kl":
+        metrics["kl"] = jnp.mean(kl_divergence(info["mean"], info["logvar"]))
+        loss = loss + c.loss.kl_weight * metrics["kl"]
+    else:
+        metrics.update({k: info[k] for k in ("commit", "perplexity", "codes_used", "restarted")})
+        loss = loss + c.autoencoder.commitment_weight * info["commit"]
+    return loss, (metrics, new_state)
 
 
-def encode_dataset(vae: nets.VAE, params, images: np.ndarray, batch: int = 1000):
-    """float images [N, 28, 28, 1] -> posterior (mean, std), each [N, s, s, c] numpy."""
-    encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=nets.VAE.encode))
+def encode_dataset(vae: nets.VAE, variables: dict, images: np.ndarray, batch: int = 1000):
+    """float images [N, 28, 28, 1] -> posterior (mean, std), each [N, s, s, c] numpy
+    (for vq: the pre-quantisation latent and std 0)."""
+    encode = jax.jit(lambda v, x: vae.apply(v, x, method=nets.VAE.encode))
     means, stds = [], []
     for i in range(0, len(images), batch):
-        mean, logvar = encode(params, images[i:i + batch])
+        mean, logvar = encode(variables, images[i:i + batch])
         means.append(np.asarray(mean))
         stds.append(np.asarray(jnp.exp(0.5 * logvar)))
     return np.concatenate(means), np.concatenate(stds)
 
 
-def latent_stats(vae: nets.VAE, params, images: np.ndarray, seed: int = 0) -> dict:
+def latent_stats(vae: nets.VAE, variables: dict, images: np.ndarray, seed: int = 0) -> dict:
     """Std of posterior means and of posterior samples over `images` (Rombach et al. 2022,
     Sec. 4.3.2: latents are rescaled by 1/std to unit variance before diffusion)."""
-    mean, std = encode_dataset(vae, params, images)
+    mean, std = encode_dataset(vae, variables, images)
     sample = mean + std * np.random.default_rng(seed).standard_normal(mean.shape, np.float32)
     return dict(latent_std_mean=float(mean.std()), latent_std_sample=float(sample.std()),
                 latent_shape=list(mean.shape[1:]))
@@ -165,29 +206,37 @@ def _batcher(c, arrays: dict[str, np.ndarray]) -> Callable[[int], dict]:
 
 def vae_task(c, workdir: str) -> Task:
     images, _ = _train_images(c)
-    model = build_vae(c.model)
+    model = build_vae(c)
     stats_images = images[:10_000]
+    perceptual = None
+    if c.loss.perceptual_weight > 0:
+        from ldm_jax import features  # pylint: disable=import-outside-toplevel
+        perceptual = features.perceptual_loss_fn()
+
+    def init(key):
+        variables = model.init(key, images[:1], key)
+        return variables["params"], {k: v for k, v in variables.items() if k != "params"}
     return Task(
-        init_params=lambda key: model.init(key, images[:1], key)["params"],
-        loss_fn=functools.partial(vae_loss, model, c.loss.kl_weight),
+        init=init, loss_fn=functools.partial(vae_loss, model, c, perceptual),
         get_batch=_batcher(c, {"image": images}),
-        meta=lambda ema: latent_stats(model, ema, stats_images, c.seed))
+        meta=lambda variables: latent_stats(model, variables, stats_images, c.seed))
 
 
 def load_vae(workdir: str):
-    """(model, ema_params, config dict, meta) of the finished VAE in workdir/vae."""
+    """(model, variables, config dict, meta) of the finished VAE in workdir/vae; variables
+    is {'params': EMA parameters, **model state (the VQ codebook)}."""
     vae_dir = os.path.join(workdir, "vae")
-    restored = load_checkpoint(vae_dir)
+    restored = load_checkpoint(vae_dir, with_state=True)
     if restored is None:
         raise configs.ConfigError(f"no trained VAE in {vae_dir}; run "
                                   f"`python -m ldm_jax.train --stage=vae --workdir={workdir}` first")
-    params, cfg, meta = restored
+    params, model_state, cfg, meta = restored
     if cfg["stage"] != "vae":
         raise configs.ConfigError(f"{vae_dir} holds a {cfg['stage']!r} checkpoint, not a VAE")
     if not meta.get("finished"):
         raise configs.ConfigError(f"the VAE in {vae_dir} stopped at step {meta['step']} of "
                                   f"{cfg['train']['steps']}; rerun --stage=vae to finish it")
-    return build_vae(cfg["model"]), params, cfg, meta
+    return build_vae(cfg), {"params": params, **model_state}, cfg, meta
 
 
 def diffusion_task(c, workdir: str) -> Task:
@@ -196,8 +245,8 @@ def diffusion_task(c, workdir: str) -> Task:
     sched = build_schedule(c.diffusion)
     unet = build_unet(c.model)
     if c.stage == "ldm":
-        vae, vae_params, _, vae_meta = load_vae(workdir)
-        mean, std = encode_dataset(vae, vae_params, images)
+        vae, vae_vars, _, vae_meta = load_vae(workdir)
+        mean, std = encode_dataset(vae, vae_vars, images)
         scale = 1.0 / vae_meta[f"latent_std_{c.latent.posterior}"]
         arrays = {"mean": mean, "std": std} if c.latent.posterior == "sample" else {"mean": mean}
         meta = dict(scale_factor=scale, vae_step=vae_meta["step"], latent_shape=list(mean.shape[1:]))
@@ -223,10 +272,10 @@ def diffusion_task(c, workdir: str) -> Task:
         return loss, {}
 
     init_y = jnp.zeros((1,), jnp.int32) if conditional else None
-    return Task(
-        init_params=lambda key: unet.init(key, example, jnp.zeros((1,), jnp.int32),
-                                          init_y)["params"],
-        loss_fn=loss_fn, get_batch=_batcher(c, arrays), meta=lambda ema: meta)
+    init, loss_fn = stateless(loss_fn, lambda key: unet.init(
+        key, example, jnp.zeros((1,), jnp.int32), init_y)["params"])
+    return Task(init=init, loss_fn=loss_fn, get_batch=_batcher(c, arrays),
+                meta=lambda variables: meta)
 
 
 def classifier_accuracy(params, images: np.ndarray, labels: np.ndarray, feature_dim: int = 128,
@@ -253,11 +302,11 @@ def classifier_task(c, workdir: str) -> Task:
         loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]))
         return loss, dict(accuracy=jnp.mean(jnp.argmax(logits, -1) == batch["label"]))
 
+    init, loss_fn = stateless(loss_fn, lambda key: model.init(key, images[:1])["params"])
     return Task(
-        init_params=lambda key: model.init(key, images[:1])["params"],
-        loss_fn=loss_fn, get_batch=_batcher(c, {"image": images, "label": labels}),
-        meta=lambda ema: dict(test_accuracy=classifier_accuracy(
-            ema, test_images, test_labels, c.model.feature_dim)))
+        init=init, loss_fn=loss_fn, get_batch=_batcher(c, {"image": images, "label": labels}),
+        meta=lambda variables: dict(test_accuracy=classifier_accuracy(
+            variables["params"], test_images, test_labels, c.model.feature_dim)))
 
 
 TASKS = {"vae": vae_task, "ldm": diffusion_task, "pixel": diffusion_task,
@@ -333,11 +382,12 @@ def check_resumable(c, stage_dir: str) -> None:
             f"({len(diff)} field(s) differ); use another workdir to train a new model")
 
 
-def load_checkpoint(stage_dir: str, step: int | None = None):
-    """(ema_params, config dict, meta) of a checkpoint, or None if stage_dir has none.
+def load_checkpoint(stage_dir: str, step: int | None = None, with_state: bool = False):
+    """(ema_params, config dict, meta) of a checkpoint, or None if stage_dir has none;
+    with_state=True: (ema_params, model_state, config dict, meta).
 
-    Restores only the EMA parameters, onto this process's first device, whatever mesh
-    the checkpoint was written from.
+    Restores only the EMA parameters (and the model state), onto this process's first
+    device, whatever mesh the checkpoint was written from.
     """
     if not os.path.isdir(os.path.join(stage_dir, "checkpoints")):
         return None
@@ -346,17 +396,21 @@ def load_checkpoint(stage_dir: str, step: int | None = None):
     if step is None:
         return None
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    ema_meta = mgr.item_metadata(step)["state"]["ema_params"]
-    target = {"ema_params": jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), ema_meta,
-        is_leaf=lambda m: hasattr(m, "shape"))}
+    stored = mgr.item_metadata(step)["state"]
+    keys = ["ema_params"] + (["model_state"] if with_state and stored.get("model_state") else [])
+    target = {k: jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), stored[k],
+        is_leaf=lambda m: hasattr(m, "shape")) for k in keys}
     restored = mgr.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(target, ocp.checkpoint_utils.construct_restore_args(target),
                                      partial_restore=True),
         config=ocp.args.JsonRestore(),
         meta=ocp.args.JsonRestore()))
     mgr.close()
-    return restored["state"]["ema_params"], restored["config"], restored["meta"]
+    ema, cfg, meta = restored["state"]["ema_params"], restored["config"], restored["meta"]
+    if with_state:
+        return ema, restored["state"].get("model_state", {}), cfg, meta
+    return ema, cfg, meta
 
 
 # ----------------------------------------------------------------------------- Loop
@@ -392,8 +446,9 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
     tx = make_optimizer(c.optim, c.train.steps)
 
     def init_state(key):
-        params = task.init_params(key)
-        return TrainState.create(apply_fn=None, params=params, tx=tx, ema_params=params)
+        params, model_state = task.init(key)
+        return TrainState.create(apply_fn=None, params=params, tx=tx, ema_params=params,
+                                 model_state=model_state)
 
     state = jax.jit(init_state, out_shardings=replicated)(init_key)
     step_fn = jax.jit(functools.partial(train_step, loss_fn=task.loss_fn,
@@ -416,7 +471,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
     end = min(c.train.steps, stop_at_step) if stop_at_step is not None else c.train.steps
 
     def save(state, finished: bool, **extra):
-        meta = dict(task.meta(state.ema_params), step=int(state.step), finished=finished, **extra)
+        variables = {"params": state.ema_params, **state.model_state}
+        meta = dict(task.meta(variables), step=int(state.step), finished=finished, **extra)
         mgr.save(int(state.step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(c.to_dict()),
             meta=ocp.args.JsonSave(meta)), force=True)

@@ -11,16 +11,26 @@ def n_params(p):
     return sum(x.size for x in jax.tree.leaves(p))
 
 
+@pytest.mark.parametrize("reg", ["kl", "vq"])
 @pytest.mark.parametrize("channels,side", [((16, 32), 7), ((32, 64), 7), ((8, 16, 32), 4)])
-def test_vae_shapes(channels, side):
-    vae = nets.VAE(channels=channels, latent_ch=2, num_res_blocks=0, groups=4)
+def test_vae_shapes(channels, side, reg):
+    vae = nets.VAE(channels=channels, latent_ch=2, num_res_blocks=0, groups=4, reg=reg,
+                   num_codes=16)
     x = jnp.zeros((3, 28, 28, 1))
     key = jax.random.key(0)
-    params = vae.init(key, x, key)["params"]
-    recon, mean, logvar = vae.apply({"params": params}, x, key)
+    variables = vae.init(key, x, key)
+    assert set(variables) == ({"params"} if reg == "kl" else {"params", "vq"})
+    recon, info = vae.apply(variables, x, key)
     chex.assert_shape(recon, (3, 28, 28, 1))
+    mean, logvar = vae.apply(variables, x, method=nets.VAE.encode)
     chex.assert_shape([mean, logvar], (3, side, side, 2))
-    z = vae.apply({"params": params}, jnp.zeros((5, side, side, 2)), method=nets.VAE.decode)
+    if reg == "kl":
+        chex.assert_shape([info["mean"], info["logvar"]], (3, side, side, 2))
+    else:  # a point-mass posterior: std exp(logvar / 2) is exactly 0
+        assert float(jnp.max(jnp.exp(0.5 * logvar))) == 0.0
+        chex.assert_shape(variables["vq"]["quantizer"]["codebook"], (16, 2))
+        chex.assert_shape(info["index"], (3, side, side))
+    z = vae.apply(variables, jnp.zeros((5, side, side, 2)), method=nets.VAE.decode)
     chex.assert_shape(z, (5, 28, 28, 1))
 
 
@@ -43,7 +53,7 @@ def test_parameter_counts():
     for stage, shape in (("ldm", (1, 7, 7, 4)), ("pixel", (1, 28, 28, 1))):
         unet = train.build_unet(configs.get_config(stage, "cpu-quick").model)
         counts[stage] = n_params(unet.init(jax.random.key(0), jnp.zeros(shape), jnp.zeros((1,), jnp.int32)))
-    vae = train.build_vae(configs.get_config("vae", "cpu-quick").model)
+    vae = train.build_vae(configs.get_config("vae", "cpu-quick"))
     x = jnp.zeros((1, 28, 28, 1))
     counts["vae"] = n_params(vae.init(jax.random.key(0), x, jax.random.key(0)))
     counts["classifier"] = n_params(nets.Classifier().init(jax.random.key(0), x))

@@ -20,7 +20,7 @@ def test_steps_lower_the_loss_on_a_fixed_batch(stage):
     c = configs.get_config(stage, "smoke")
     c.optim.lr = 1e-3
     task = train.TASKS[stage](c, workdir=None)
-    params = task.init_params(jax.random.key(0))
+    params, _ = task.init(jax.random.key(0))
     tx = train.make_optimizer(c.optim, 100)
     state = train.TrainState.create(apply_fn=None, params=params, tx=tx,
                                     ema_params=jax.tree.map(jnp.copy, params))
@@ -49,7 +49,7 @@ def test_ldm_stage_trains_on_vae_latents(smoke_workdir):
 def test_nonfinite_step_is_skipped_not_applied():
     c = configs.get_config("vae", "smoke")
     task = train.TASKS["vae"](c, workdir=None)
-    params = task.init_params(jax.random.key(0))
+    params, _ = task.init(jax.random.key(0))
     state = train.TrainState.create(apply_fn=None, params=params,
                                     tx=train.make_optimizer(c.optim, 10),
                                     ema_params=jax.tree.map(jnp.copy, params))
