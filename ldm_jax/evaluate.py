@@ -187,6 +187,8 @@ def save_reconstructions(real: np.ndarray, recon: np.ndarray, out_dir: str) -> N
 
 
 def save_cost_plot(cost: dict, out_dir: str) -> None:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
     stages = list(cost)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))

@@ -3,10 +3,19 @@
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
+from ldm_jax import cli
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# One persistent XLA compilation cache for the session, shared with the CLI subprocesses
+# (cli.setup_jax reads LDM_JAX_CACHE): the same smoke step compiled again by a resumed,
+# killed or second-process run is loaded, not rebuilt. Starts empty, so nothing stale.
+os.environ["LDM_JAX_CACHE"] = tempfile.mkdtemp(prefix="ldm_jax_test_xla_")
+cli.setup_jax()
 
 
 def run_module(module: str, *args: str, env: dict | None = None, cwd: str | None = None,

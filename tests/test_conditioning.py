@@ -1,6 +1,9 @@
 """Class conditioning: label dropout, the guidance formula, the spatial transformer, and a
 conditional smoke run that trains and samples every label."""
 
+import os
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,13 +49,14 @@ def test_guidance_matches_formula_in_one_call(w):
 def test_conditional_unet_shapes_and_label_effect(mode):
     unet = nets.UNet(ch=16, ch_mult=(1, 2), num_res_blocks=1, heads=2, groups=4, conditioning=mode)
     x, t = jnp.ones((2, 7, 7, 4)), jnp.array([3, 3])
-    params = unet.init(jax.random.key(0), x, t, jnp.array([0, 10]))["params"]
+    params = jax.jit(unet.init)(jax.random.key(0), x, t, jnp.array([0, 10]))["params"]
     # Zero-initialised output layers hide any label effect at init; perturb every leaf.
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(1), len(leaves))
     params = treedef.unflatten([p + 0.05 * jax.random.normal(k, p.shape)
                                 for p, k in zip(leaves, keys)])
-    out = lambda y: unet.apply({"params": params}, x, t, jnp.array(y))
+    apply = jax.jit(lambda y: unet.apply({"params": params}, x, t, y))
+    out = lambda y: apply(jnp.array(y))
     assert out([7, 7]).shape == x.shape
     np.testing.assert_allclose(out([7, 7])[0], out([7, 7])[1], rtol=1e-5, atol=1e-5)
     assert float(jnp.abs(out([7, 7]) - out([10, 10])).max()) > 1e-4  # null differs from 7
@@ -73,12 +77,14 @@ def test_spatial_transformer_is_identity_at_init_and_reads_context():
     assert a.shape == x.shape and float(jnp.abs(a - b).max()) > 1e-4
 
 
-@pytest.mark.parametrize("mode", ["class", "crossattn"])
-def test_conditional_smoke_run_samples_every_label(tmp_path, mode):
-    c = configs.get_config("pixel", "smoke")
+@pytest.mark.parametrize("stage,mode", [("ldm", "class"), ("pixel", "crossattn")])
+def test_conditional_smoke_run_samples_every_label(smoke_workdir, tmp_path, stage, mode):
+    if stage == "ldm":  # the latent model trains on the smoke workdir's VAE
+        shutil.copytree(os.path.join(smoke_workdir, "vae"), tmp_path / "vae")
+    c = configs.get_config(stage, "smoke")
     c.model.conditioning = mode
     train.train_and_evaluate(c, str(tmp_path))
-    gen = sample.load_generator(str(tmp_path), "pixel")
+    gen = sample.load_generator(str(tmp_path), stage)
     labels = np.arange(10, dtype=np.int32)
     images = sample.generate(gen, 10, jax.random.key(0), "ddim", 3, labels=labels, guidance=2.0,
                              progress=False)
@@ -89,6 +95,8 @@ def test_conditional_smoke_run_samples_every_label(tmp_path, mode):
     run = sample.sample_fn(gen, 10, "ddim", 3)
     cond = run(jax.random.key(5), labels, 0.0)
     eps_fn = lambda x, t: gen.unet.apply({"params": gen.params}, x, t, jnp.asarray(labels))
-    plain = diffusion.ddim_sample(eps_fn, gen.sched, jax.random.key(5), (10, 28, 28, 1), 3, 0.0,
-                                  True)
+    plain = diffusion.ddim_sample(eps_fn, gen.sched, jax.random.key(5), (10, *gen.shape), 3, 0.0,
+                                  bool(gen.config["diffusion"]["clip_x0"]))
+    if gen.vae is not None:
+        plain = gen.vae.apply(gen.vae_vars, plain / gen.scale_factor, method=nets.VAE.decode)
     np.testing.assert_allclose(cond, jnp.clip(plain, -1, 1), atol=1e-5)

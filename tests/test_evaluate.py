@@ -53,8 +53,19 @@ def test_classifier_npz_round_trip(tmp_path):
     assert meta2 == meta
 
 
+def test_benchmark_cli_measures_training_and_generation(smoke_workdir):
+    """The cost half of evaluate (each measurement is a subprocess of its own there)."""
+    tr = evaluate.run_benchmark(smoke_workdir, "ldm", "train", "smoke")
+    assert tr["train_s_per_iter"] > 0 and tr["batch_size"] == 16 and tr["params"] > 0
+    assert tr["max_rss_mib"] > 0 and tr["train_compile_s"] > 0
+    ge = evaluate.run_benchmark(smoke_workdir, "pixel", "generate", "smoke")
+    assert ge["timesteps"] == 50 and ge["gen_batch"] == 8
+    assert all(ge[f"{n}_images_per_s"] > 0 for n in ("ddim10", "ddim50", "ddpm"))
+
+
 def test_evaluate_smoke_writes_report_with_floor(smoke_workdir):
-    r = run_module("evaluate", f"--workdir={smoke_workdir}", "--preset=smoke", "--num=64")
+    r = run_module("evaluate", f"--workdir={smoke_workdir}", "--preset=smoke", "--num=64",
+                   "--nocost")
     assert r.returncode == 0, r.stderr[-2000:]
     out = os.path.join(smoke_workdir, "eval")
     result = json.load(open(os.path.join(out, "metrics.json")))
@@ -66,18 +77,19 @@ def test_evaluate_smoke_writes_report_with_floor(smoke_workdir):
     # Six smoke steps make noise: far from MNIST, and much worse than real digits.
     assert result["quality"]["pixel"]["fid"] > 5 * floor["fid"]
     assert floor["precision"] > 0.5 and floor["recall"] > 0.5
-    for stage in ("ldm", "pixel"):
-        c = result["cost"][stage]
-        assert c["train_s_per_iter"] > 0 and c["ddpm_images_per_s"] > 0 and c["params"] > 0
-        assert c["batch_size"] == 16
-    for name in ("report.md", "samples.png", "cost.png", "ldm_samples.npz"):
+    ae = result["autoencoder"]  # the smoke VAE's reconstructions of the test set
+    assert ae["reg"] == "kl" and ae["latent_shape"] == [7, 7, 4] and ae["mse"] > 0
+    assert ae["psnr"] == pytest.approx(10 * np.log10(4 / ae["mse"])) and ae["rfid"] > 0
+    assert result["cost"] == {}
+    for name in ("report.md", "samples.png", "reconstructions.png", "ldm_samples.npz"):
         assert os.path.getsize(os.path.join(out, name)) > 0
-    assert "| ldm |" in open(os.path.join(out, "report.md")).read()
+    report = open(os.path.join(out, "report.md")).read()
+    assert "| ldm |" in report and "| kl | 7×7×4 |" in report and "cost.png" not in report
 
 
 def test_evaluate_without_models_exits_2(tmp_path):
     r = run_module("evaluate", f"--workdir={tmp_path}", "--preset=smoke")
-    assert r.returncode == 2 and "no trained ldm or pixel model" in r.stderr
+    assert r.returncode == 2 and "no trained vae, ldm or pixel model" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "eval").exists()
 
 
@@ -88,6 +100,11 @@ def test_report_without_cost_links_only_what_exists(tmp_path):
     result = dict(workdir="w", command="c", num=100, ddim_steps=5, device="cpu", date="d",
                   quality={"ldm": q}, inception=None, cost={},
                   guidance={"ldm": {"0.0": dict(q, accuracy=0.5), "2.0": dict(q, accuracy=0.9)}})
+    cost = {"ldm": {"train_s_per_iter": 0.5, "ddim10_images_per_s": 70.0,
+                    "ddim50_images_per_s": 15.0, "ddpm_images_per_s": 0.7}}
+    evaluate.save_cost_plot(cost, str(tmp_path))  # the plot evaluate makes when it has costs
+    assert (tmp_path / "cost.png").stat().st_size > 0
+    (tmp_path / "cost.png").unlink()
     evaluate.save_figures(imgs, imgs["ldm"], {}, str(tmp_path))
     evaluate.save_guidance_plot(result["guidance"], str(tmp_path))
     report = open(evaluate.write_report(result, str(tmp_path))).read()

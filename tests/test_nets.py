@@ -48,16 +48,24 @@ def test_unet_shapes_and_zero_init_output(stage, shape):
 
 
 def test_parameter_counts():
-    """Pinned counts of the cpu-quick presets: a changed architecture must be deliberate."""
+    """Pinned counts of the cpu-quick presets: a changed architecture must be deliberate.
+    (jax.eval_shape: shapes only, nothing is compiled or run.)"""
     counts = {}
+    key, t = jax.random.key(0), jnp.zeros((1,), jnp.int32)
     for stage, shape in (("ldm", (1, 7, 7, 4)), ("pixel", (1, 28, 28, 1))):
         unet = train.build_unet(configs.get_config(stage, "cpu-quick").model)
-        counts[stage] = n_params(unet.init(jax.random.key(0), jnp.zeros(shape), jnp.zeros((1,), jnp.int32)))
-    vae = train.build_vae(configs.get_config("vae", "cpu-quick"))
+        counts[stage] = n_params(jax.eval_shape(unet.init, key, jnp.zeros(shape), t)["params"])
     x = jnp.zeros((1, 28, 28, 1))
-    counts["vae"] = n_params(vae.init(jax.random.key(0), x, jax.random.key(0)))
-    counts["classifier"] = n_params(nets.Classifier().init(jax.random.key(0), x))
-    assert counts == {"ldm": 2_730_436, "pixel": 1_096_033, "vae": 59_929, "classifier": 467_818}
+    for reg in ("kl", "vq"):
+        c = configs.get_config("vae", "cpu-quick")
+        c.autoencoder.reg = reg
+        variables = jax.eval_shape(train.build_vae(c).init, key, x, key)
+        counts[f"vae-{reg}"] = n_params(variables["params"])
+        if reg == "vq":
+            counts["vq-codebook"] = n_params(variables["vq"]["quantizer"]["codebook"])
+    counts["classifier"] = n_params(jax.eval_shape(nets.Classifier().init, key, x)["params"])
+    assert counts == {"ldm": 2_730_436, "pixel": 1_096_033, "vae-kl": 59_929,
+                      "vae-vq": 59_797, "vq-codebook": 256 * 4, "classifier": 467_818}
 
 
 def test_timestep_embedding():

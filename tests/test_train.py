@@ -1,6 +1,7 @@
 """The train loop: loss goes down, one compilation, resume == uninterrupted,
 4 devices == 1 device, and bad input stops before anything is written."""
 
+import functools
 import json
 import os
 
@@ -15,15 +16,19 @@ from ldm_jax import configs, train
 
 
 
-@pytest.mark.parametrize("stage", ["vae", "pixel", "classifier"])
-def test_steps_lower_the_loss_on_a_fixed_batch(stage):
+@pytest.mark.parametrize("stage,overrides", [
+    ("vae", {}), ("vae", {"autoencoder.reg": "vq", "loss.perceptual_weight": 1.0}),
+    ("vae", {"loss.perceptual_weight": 1.0}), ("pixel", {}), ("classifier", {})])
+def test_steps_lower_the_loss_on_a_fixed_batch(stage, overrides):
     c = configs.get_config(stage, "smoke")
+    configs.apply_overrides(c, overrides)
     c.optim.lr = 1e-3
     task = train.TASKS[stage](c, workdir=None)
-    params, _ = task.init(jax.random.key(0))
+    params, model_state = task.init(jax.random.key(0))
     tx = train.make_optimizer(c.optim, 100)
     state = train.TrainState.create(apply_fn=None, params=params, tx=tx,
-                                    ema_params=jax.tree.map(jnp.copy, params))
+                                    ema_params=jax.tree.map(jnp.copy, params),
+                                    model_state=model_state)
     step = jax.jit(chex.assert_max_traces(
         lambda s, b, k: train.train_step(s, b, k, loss_fn=task.loss_fn, ema_decay=0.9), n=1))
     batch, key = task.get_batch(0), jax.random.key(1)
@@ -56,7 +61,8 @@ def test_nonfinite_step_is_skipped_not_applied():
     batch = task.get_batch(0)
     batch["image"] = batch["image"].at[0, 0, 0, 0].set(jnp.nan) if hasattr(batch["image"], "at") \
         else np.where(np.arange(batch["image"].size).reshape(batch["image"].shape) == 0, np.nan, batch["image"])
-    new, m = train.train_step(state, batch, jax.random.key(0), loss_fn=task.loss_fn, ema_decay=0.9)
+    step = jax.jit(functools.partial(train.train_step, loss_fn=task.loss_fn, ema_decay=0.9))
+    new, m = step(state, batch, jax.random.key(0))
     assert not bool(m["finite"]) and int(new.step) == 1
     chex.assert_trees_all_equal(new.params, state.params)
 
