@@ -20,13 +20,13 @@ import sys
 import time
 from typing import Any, Callable
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-import flax
 from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
@@ -107,9 +107,13 @@ class Task:
 def stateless(loss_fn, init_params):
     """Adapts a (params, batch, key) -> (loss, metrics) loss and a key -> params init to
     a Task's signatures, for stages with no model state."""
-    return (lambda key: (init_params(key), {}),
-            lambda params, model_state, batch, key: (
-                lambda out: (out[0], (out[1], model_state)))(loss_fn(params, batch, key)))
+    def init(key):
+        return init_params(key), {}
+
+    def loss(params, model_state, batch, key):
+        value, metrics = loss_fn(params, batch, key)
+        return value, (metrics, model_state)
+    return init, loss
 
 
 def build_vae(cfg) -> nets.VAE:

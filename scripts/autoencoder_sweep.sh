@@ -5,7 +5,9 @@
 #
 #   bash scripts/autoencoder_sweep.sh [ROOT=runs/ae] [AE_STEPS=500] [LDM_STEPS=500] [NUM=500]
 #
-# Each run resumes if rerun (the train CLI resumes; evaluate reuses its saved samples).
+# LDM_STEPS=0 trains and evaluates the first stages only; LDM_ONLY="kl_7x7x4_p0 ..." trains
+# LDMs for those runs only. Each run resumes if rerun (the train CLI resumes or says the
+# stage is already trained; evaluate reuses its saved samples).
 set -euo pipefail
 ROOT=${1:-runs/ae}
 AE_STEPS=${2:-500}
@@ -32,8 +34,10 @@ for latent in ${LATENTS:-7x7x4 7x7x2 4x4x4}; do
       python -m ldm_jax.train --stage=vae --preset=cpu-quick --workdir="$w" \
         --config.autoencoder.reg="$reg" --config.loss.perceptual_weight="$perc" \
         --config.train.steps="$AE_STEPS" $(latent_flags "$latent")
-      python -m ldm_jax.train --stage=ldm --preset=cpu-quick --workdir="$w" \
-        --config.train.steps="$LDM_STEPS"
+      if [ "$LDM_STEPS" -gt 0 ] && { [ -z "${LDM_ONLY:-}" ] || [[ " $LDM_ONLY " == *" $name "* ]]; }; then
+        python -m ldm_jax.train --stage=ldm --preset=cpu-quick --workdir="$w" \
+          --config.train.steps="$LDM_STEPS"
+      fi
       python -m ldm_jax.evaluate --workdir="$w" --preset=cpu-quick --num="$NUM" --nocost
     done
   done

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import run_module
-from ldm_jax import data, evaluate, features, sample
+from ldm_jax import benchmark, data, evaluate, features, sample
 
 
 @pytest.mark.parametrize("stage,sampler", [("ldm", "ddim"), ("pixel", "ddpm")])
@@ -53,14 +53,16 @@ def test_classifier_npz_round_trip(tmp_path):
     assert meta2 == meta
 
 
-def test_benchmark_cli_measures_training_and_generation(smoke_workdir):
-    """The cost half of evaluate (each measurement is a subprocess of its own there)."""
-    tr = evaluate.run_benchmark(smoke_workdir, "ldm", "train", "smoke")
+def test_benchmark_measures_training_and_generation(smoke_workdir):
+    """The cost half of evaluate (which runs each of these in a subprocess of its own)."""
+    tr = benchmark.bench_train(smoke_workdir, "ldm", steps=2)
     assert tr["train_s_per_iter"] > 0 and tr["batch_size"] == 16 and tr["params"] > 0
     assert tr["max_rss_mib"] > 0 and tr["train_compile_s"] > 0
-    ge = evaluate.run_benchmark(smoke_workdir, "pixel", "generate", "smoke")
-    assert ge["timesteps"] == 50 and ge["gen_batch"] == 8
+    ge = benchmark.bench_generate(smoke_workdir, "ldm", batch=4, ddim_repeats=1, ddpm_repeats=1)
+    assert ge["timesteps"] == 50 and ge["gen_batch"] == 4 and ge["params"] == tr["params"]
     assert all(ge[f"{n}_images_per_s"] > 0 for n in ("ddim10", "ddim50", "ddpm"))
+    r = run_module("benchmark", f"--workdir={smoke_workdir}", "--stage=gan")
+    assert r.returncode == 2 and "--stage must be ldm or pixel" in r.stderr
 
 
 def test_evaluate_smoke_writes_report_with_floor(smoke_workdir):
