@@ -98,14 +98,15 @@ def guidance_sweep(gen, num: int, steps: int, feat_fn, pred_fn, real_all, real_n
     return rows
 
 
-def autoencoder_quality(workdir: str, feat_fn, real_all: np.ndarray, batch: int = 500) -> dict:
-    """Reconstructions of the 10,000 test images through the first stage in workdir/vae
+def autoencoder_quality(workdir: str, test_images: np.ndarray, feat_fn, real_all: np.ndarray,
+                        batch: int = 500) -> tuple[dict, np.ndarray]:
+    """Reconstructions of test_images (uint8 [N, 28, 28]) through the first stage in workdir/vae
     (posterior mean, quantised for vq, EMA parameters): MSE and PSNR on the [-1, 1] scale
     (peak-to-peak 2), reconstruction FID against the test set, and for vq the codebook's
-    perplexity and share of codes used over the test set."""
+    perplexity and share of codes used over the test set. Returns (metrics, uint8
+    reconstructions [N, 28, 28])."""
     vae, variables, cfg, meta = train.load_vae(workdir)
     recon_fn = jax.jit(lambda v, x: vae.apply(v, x, method=nets.VAE.reconstruct))
-    test_images, _ = data.load("package", "test")
     x = data.to_float(test_images)
     sq_err, recons, codes = [], [], []
     for i in range(0, len(x), batch):
@@ -176,14 +177,6 @@ def save_figures(samples: dict[str, np.ndarray], real: np.ndarray, cost: dict, o
     plt.close(fig)
     if cost:
         save_cost_plot(cost, out_dir)
-
-
-def save_reconstructions(real: np.ndarray, recon: np.ndarray, out_dir: str) -> None:
-    """Test digits (top row) over their reconstructions (bottom row), uint8 [n, 28, 28] each."""
-    from PIL import Image  # pylint: disable=import-outside-toplevel
-    grid = np.concatenate([np.concatenate(list(real), 1), np.concatenate(list(recon), 1)], 0)
-    Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(
-        os.path.join(out_dir, "reconstructions.png"))
 
 
 def save_cost_plot(cost: dict, out_dir: str) -> None:
@@ -339,8 +332,10 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
     q["real (train vs test)"] = quality(real_all, real_n, feat_fn(train_n))
     autoencoder = None
     if has_vae:
-        autoencoder, recons = autoencoder_quality(workdir, feat_fn, real_all)
-        save_reconstructions(test_images[:10], recons[:10], out_dir)
+        autoencoder, recons = autoencoder_quality(workdir, test_images, feat_fn, real_all)
+        # Top row: test digits; bottom row: their reconstructions.
+        sample.save_grid(np.concatenate([test_images[:10], recons[:10]]),
+                         os.path.join(out_dir, "reconstructions.png"), ncol=10)
 
     guidance = {}
     for s, gen in gens.items():
