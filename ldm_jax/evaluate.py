@@ -98,14 +98,15 @@ def guidance_sweep(gen, num: int, steps: int, feat_fn, pred_fn, real_all, real_n
     return rows
 
 
-def autoencoder_quality(workdir: str, test_images: np.ndarray, feat_fn, real_all: np.ndarray,
+def autoencoder_quality(first_stage: tuple, test_images: np.ndarray, feat_fn, real_all: np.ndarray,
                         batch: int = 500) -> tuple[dict, np.ndarray]:
-    """Reconstructions of test_images (uint8 [N, 28, 28]) through the first stage in workdir/vae
+    """Reconstructions of test_images (uint8 [N, 28, 28]) through first_stage, the
+    (model, variables, config, meta) of train.load_vae
     (posterior mean, quantised for vq, EMA parameters): MSE and PSNR on the [-1, 1] scale
     (peak-to-peak 2), reconstruction FID against the test set, and for vq the codebook's
     perplexity and share of codes used over the test set. Returns (metrics, uint8
     reconstructions [N, 28, 28])."""
-    vae, variables, cfg, meta = train.load_vae(workdir)
+    vae, variables, cfg, meta = first_stage  # as train.load_vae returns it
     recon_fn = jax.jit(lambda v, x: vae.apply(v, x, method=nets.VAE.reconstruct))
     x = data.to_float(test_images)
     sq_err, recons, codes = [], [], []
@@ -300,8 +301,8 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
     if not stages and not has_vae:
         raise configs.ConfigError(f"no trained vae, ldm or pixel model in {workdir}; train one "
                                   f"with `python -m ldm_jax.train --stage=vae --workdir={workdir}`")
-    if has_vae:
-        train.load_vae(workdir)  # an unfinished or foreign VAE fails here, before writing
+    # An unfinished or foreign VAE fails here, before anything is written.
+    first_stage = train.load_vae(workdir) if has_vae else None
     n_default, steps_default = PLAN[preset]
     num = num or n_default
     gens = {s: sample.load_generator(workdir, s) for s in stages}  # fails before writing
@@ -332,7 +333,7 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
     q["real (train vs test)"] = quality(real_all, real_n, feat_fn(train_n))
     autoencoder = None
     if has_vae:
-        autoencoder, recons = autoencoder_quality(workdir, test_images, feat_fn, real_all)
+        autoencoder, recons = autoencoder_quality(first_stage, test_images, feat_fn, real_all)
         # Top row: test digits; bottom row: their reconstructions.
         sample.save_grid(np.concatenate([test_images[:10], recons[:10]]),
                          os.path.join(out_dir, "reconstructions.png"), ncol=10)
