@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax import cli, configs, data, sample, train
+from ldm_jax import checkpoints, cli, configs, data, sample, stages, train
 
 # Per preset: (train steps timed, generation batch, DDIM repeats, DDPM repeats).
 PLAN = {"smoke": (3, 8, 1, 1), "cpu-quick": (20, 64, 3, 1), "full": (50, 256, 5, 2)}
@@ -52,13 +52,13 @@ def count_params(params) -> int:
 
 def bench_train(workdir: str, stage: str, steps: int) -> dict:
     """Median seconds per optimizer step of this stage's stored config (fresh parameters)."""
-    restored = train.load_checkpoint(os.path.join(workdir, stage))
+    restored = checkpoints.load_checkpoint(os.path.join(workdir, stage))
     if restored is None:
         raise configs.ConfigError(f"no trained {stage} model in {workdir}/{stage}")
     _, cfg, _ = restored
-    c = train.config_from_stored(cfg)
+    c = checkpoints.config_from_stored(cfg)
     c.data.max_examples = max(4 * c.data.batch_size, 1024)  # timing does not need all data
-    task = train.TASKS[stage](c, workdir)
+    task = stages.TASKS[stage](c, workdir)
     params, model_state = task.init(jax.random.key(0))
     state = train.TrainState.create(apply_fn=None, params=params,
                                     tx=train.make_optimizer(c.optim, c.train.steps),
@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     fv = cli.parse_flags(prog, argv or sys.argv, define_flags)
     try:
         cli.require(fv, "workdir", "stage")
+        cli.check_workdir(fv.workdir, must_exist=True, writable=False)
         if fv.stage not in configs.DIFFUSION_STAGES:
             raise cli.UsageError(f"--stage must be ldm or pixel, got {fv.stage!r}")
         if fv.what not in ("train", "generate"):

@@ -1,5 +1,6 @@
 """What every entry point shares: flag parsing into a private FlagValues, config building
-from --stage/--preset/--config.* , one-line errors with exit status 2, JAX start-up."""
+from --stage/--preset/--config.* , checks of paths and seeds the user typed, one-line
+errors with exit status 2, JAX start-up."""
 
 from __future__ import annotations
 
@@ -31,12 +32,12 @@ def parse_flags(prog: str, argv: list[str], define: Callable[[flags.FlagValues],
     flags.DEFINE_bool("help", False, "Show this help and exit.", flag_values=fv, short_name="h")
     define(fv)
     try:
-        if with_config:  # config_flags reads the --config.* overrides from sys.argv here
+        if with_config:  # config_flags defines a flag per --config.* override in argv here
             config_flags.DEFINE_config_dict(
                 "config", configs.union_config(),
                 "Override any config field: --config.optim.lr=3e-4 (see ldm_jax/configs.py).",
-                flag_values=fv, lock_config=True)
-        fv(argv)
+                flag_values=fv, lock_config=True, sys_argv=list(argv))
+        leftover = fv(argv)[1:]
     except (AttributeError, KeyError) as e:
         fail(prog, f"unknown config key: {str(e).strip(chr(34) + chr(39))}")
     except flags.Error as e:
@@ -45,6 +46,11 @@ def parse_flags(prog: str, argv: list[str], define: Callable[[flags.FlagValues],
         print((sys.modules["__main__"].__doc__ or prog).strip() + "\n")
         print(fv.get_help())
         sys.exit(0)
+    if leftover:  # absl returns what is not a flag; none of our commands takes positionals
+        arg = leftover[0]
+        hint = (f"did you mean --{arg.lstrip('-')}?" if "=" in arg
+                else "this command takes only --flags")
+        fail(prog, f"unexpected argument {arg!r}; {hint}")
     return fv
 
 
@@ -60,6 +66,55 @@ def require(fv: flags.FlagValues, *names: str) -> None:
     for name in names:
         if fv[name].value in (None, ""):
             raise UsageError(f"--{name} is required")
+
+
+def check_workdir(path: str, must_exist: bool = False, writable: bool = True) -> None:
+    """A workdir must be a directory (or not exist yet, unless must_exist) and, when
+    writable, be writable, or be creatable: its nearest existing parent a writable
+    directory. Raises UsageError (one line). os.access: root passes the permission test
+    on any directory, as it can write there."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"workdir {path} is a file, not a directory")
+    if not os.path.exists(path):
+        if must_exist:
+            raise UsageError(f"workdir {path} does not exist")
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise UsageError(f"workdir {path} cannot be created: {parent} is a file")
+        if writable and not os.access(parent, os.W_OK | os.X_OK):
+            raise UsageError(f"workdir {path} cannot be created: {parent} is not writable")
+    elif writable and not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"workdir {path} is not writable")
+
+
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+
+
+def check_seed(value: int | None, name: str = "--seed") -> None:
+    """A seed must fit an int64 (what jax.random.key takes); None (unset) passes."""
+    if value is not None and not INT64_MIN <= value <= INT64_MAX:
+        raise UsageError(f"{name} must be within the int64 range [-2**63, 2**63 - 1], got {value}")
+
+
+def check_out_path(path: str, suffix: str = ".png", siblings: tuple[str, ...] = (".npz",)) -> None:
+    """An output file the command will write at `path` and, for each suffix in siblings,
+    at path with its extension replaced by it (grid.png -> grid.npz): the parent directory
+    exists and is writable, neither path is an existing directory, path ends in suffix."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"output directory {parent} does not exist")
+    if os.path.isdir(path):
+        raise UsageError(f"--out {path} is a directory; give a file name ending in {suffix}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"output directory {parent} is not writable")
+    if not path.endswith(suffix):
+        raise UsageError(f"--out must end in {suffix}, got {path}")
+    for sib in siblings:
+        other = os.path.splitext(path)[0] + sib
+        if os.path.isdir(other):
+            raise UsageError(f"{other}, written beside --out, is a directory")
 
 
 def setup_jax() -> None:

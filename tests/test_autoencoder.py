@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax import configs, data, features, nets, sample, train
+from ldm_jax import configs, data, features, nets, sample, stages, train
 
 
 def _vq_state(codebook, sizes):
@@ -28,7 +28,7 @@ def test_straight_through_gradient_is_the_identity_and_reaches_the_encoder():
 
     c = configs.get_config("vae", "smoke")
     c.autoencoder.reg, c.autoencoder.commitment_weight = "vq", 0.0  # reconstruction only
-    task = train.TASKS["vae"](c, workdir=None)
+    task = stages.TASKS["vae"](c, workdir=None)
     params, state = task.init(jax.random.key(0))
     grads = jax.jit(jax.grad(lambda p: task.loss_fn(p, state, task.get_batch(0),
                                                     jax.random.key(3))[0]))(params)

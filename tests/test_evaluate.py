@@ -81,12 +81,39 @@ def test_evaluate_smoke_writes_report_with_floor(smoke_workdir):
     assert floor["precision"] > 0.5 and floor["recall"] > 0.5
     ae = result["autoencoder"]  # the smoke VAE's reconstructions of the test set
     assert ae["reg"] == "kl" and ae["latent_shape"] == [7, 7, 4] and ae["mse"] > 0
-    assert ae["psnr"] == pytest.approx(10 * np.log10(4 / ae["mse"])) and ae["rfid"] > 0
+    # PSNR and rFID against hand values: test_autoencoder_quality_against_hand_values.
+    assert np.isfinite(ae["psnr"]) and ae["psnr"] > 0 and ae["rfid"] > 0
     assert result["cost"] == {}
     for name in ("report.md", "samples.png", "reconstructions.png", "ldm_samples.npz"):
         assert os.path.getsize(os.path.join(out, name)) > 0
     report = open(os.path.join(out, "report.md")).read()
     assert "| ldm |" in report and "| kl | 7×7×4 |" in report and "cost.png" not in report
+
+
+class _ShiftingFirstStage:
+    """A stand-in first stage whose reconstruction is the input plus 0.4 (51 of 255 levels)."""
+
+    def apply(self, variables, x, method=None):
+        return x + 0.4, {}
+
+
+def test_autoencoder_quality_against_hand_values():
+    """Reconstructions off by exactly 0.4 everywhere on the [-1, 1] scale: MSE = 0.16, PSNR =
+    20 log10(peak-to-peak 2 / 0.4) = 20 log10 5 = 13.9794 dB; with the first 3 pixels as the
+    features, the reconstructions' features are the test set's shifted by 51 levels, so
+    rFID = 3 * 51^2 = 7803 (equal covariances)."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 204, (50, 28, 28), dtype=np.uint8)  # + 51 levels stays <= 255
+    feat_fn = lambda imgs: np.asarray(imgs).reshape(len(imgs), -1)[:, :3].astype(np.float32)
+    first_stage = (_ShiftingFirstStage(), {}, {"autoencoder": {"reg": "kl"}, "loss": {}},
+                   {"latent_shape": [7, 7, 4], "step": 3})
+    out, recons = evaluate.autoencoder_quality(first_stage, images, feat_fn, feat_fn(images),
+                                               batch=20)  # two full batches and a part one
+    np.testing.assert_array_equal(recons, images.astype(np.int32) + 51)
+    assert out["mse"] == pytest.approx(0.16, rel=1e-5)
+    assert out["psnr"] == pytest.approx(13.979400086720377, abs=1e-4)
+    assert out["rfid"] == pytest.approx(7803.0, rel=1e-6)
+    assert out["reg"] == "kl" and out["latent_shape"] == [7, 7, 4] and out["steps"] == 3
 
 
 def test_evaluate_without_models_exits_2(tmp_path):

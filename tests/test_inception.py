@@ -23,10 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import scipy.linalg
 from flax import traverse_util
 
-from ldm_jax import convert_inception, inception
+from ldm_jax import convert_inception, inception, metrics
 
 MNIST_TEST_IMAGES = Path("/work/shared/data/mnist/t10k-images-idx3-ubyte.gz")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -149,14 +148,39 @@ def test_load_params_missing_file_says_how_to_make_it(tmp_path):
     assert "python -m ldm_jax.convert_inception" in message and str(missing) in message
 
 
-def test_frechet_distance_matches_scipy_sqrtm():
+def with_moments(z: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    """z [n, d] recoloured so its sample mean is exactly `mean` and its (n - 1) sample
+    covariance exactly `cov`."""
+    zc = z - z.mean(0)
+    white = zc @ np.linalg.inv(np.linalg.cholesky(np.cov(zc, rowvar=False))).T
+    return mean + white @ np.linalg.cholesky(cov).T
+
+
+def test_frechet_distance_closed_forms():
+    """The FID of the slow test's helper and of ldm_jax.metrics against hand-computed values.
+
+    2-D, non-commuting covariances: a 2x2 matrix M with positive eigenvalues has
+    tr sqrt(M) = sqrt(tr M + 2 sqrt(det M)), so with S1 = [[2, 1], [1, 2]], S2 = diag(1, 4)
+    (tr S1 S2 = 10, det S1 det S2 = 12) and means 0 and (1, 2):
+    FID = 5 + (4 + 5) - 2 sqrt(10 + 4 sqrt 3).
+    Fewer samples than dimensions, on orthogonal subspaces: S1 S2 = 0, so the trace term
+    vanishes and FID = |mu1 - mu2|^2 + tr S1 + tr S2.
+    """
     rng = np.random.default_rng(5)
-    a = rng.normal(size=(200, 8))
-    b = rng.normal(size=(300, 8)) @ rng.normal(size=(8, 8)) * 0.5 + 0.3
-    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    diff = a.mean(0) - b.mean(0)
-    expected = diff @ diff + np.trace(s_a + s_b) - 2 * np.trace(scipy.linalg.sqrtm(s_a @ s_b).real)
-    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-8)
+    a = with_moments(rng.normal(size=(200, 2)), np.zeros(2), np.array([[2.0, 1.0], [1.0, 2.0]]))
+    b = with_moments(rng.normal(size=(300, 2)), np.array([1.0, 2.0]), np.diag([1.0, 4.0]))
+    expected = 14.0 - 2.0 * np.sqrt(10.0 + 4.0 * np.sqrt(3.0))  # 5.771...
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+    assert metrics.fid_from_features(a, b) == pytest.approx(expected, rel=1e-9)
+
+    a, b = np.zeros((5, 16)), np.zeros((6, 16))
+    a[:, :3] = rng.normal(size=(5, 3))
+    b[:, 13:] = rng.normal(size=(6, 3)) + 0.5
+    expected = (np.sum((a.mean(0) - b.mean(0)) ** 2) + np.sum(a.var(0, ddof=1))
+                + np.sum(b.var(0, ddof=1)))
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+    assert metrics.fid_from_features(a, b) == pytest.approx(expected, rel=1e-6)
+    assert abs(frechet_distance(a, a)) < 1e-9
 
 
 # ----------------------------------------------------------------------------- slow tests

@@ -1,6 +1,7 @@
 """Training killed with SIGKILL (between steps and in the middle of a checkpoint write)
 resumes from the latest complete checkpoint and ends where an uninterrupted run ends."""
 
+import json
 import os
 import signal
 import subprocess
@@ -11,7 +12,7 @@ import chex
 import pytest
 
 from conftest import ROOT
-from ldm_jax import configs, train
+from ldm_jax import checkpoints, configs, train
 
 ARGS = ["--stage=vae", "--preset=smoke", "--config.train.steps=12", "--config.train.ckpt_every=2"]
 
@@ -55,24 +56,29 @@ def test_sigkill_at_several_points_then_resume_matches_uninterrupted(tmp_path):
     # 1. In the middle of writing the very first checkpoint: nothing complete to load.
     names = _kill_when(_start(workdir), ckpt_dir, lambda n: any("tmp" in x for x in n))
     assert not _complete_steps(names)
-    assert train.load_checkpoint(str(workdir / "vae")) is None
+    assert checkpoints.load_checkpoint(str(workdir / "vae")) is None
 
     # 2. Between steps, right after a checkpoint completed.
     names = _kill_when(_start(workdir), ckpt_dir, lambda n: 6 in _complete_steps(n))
-    _, _, meta = train.load_checkpoint(str(workdir / "vae"))
+    _, _, meta = checkpoints.load_checkpoint(str(workdir / "vae"))
     assert meta["step"] >= 6 and not meta["finished"]
 
     # 3. In the middle of a later write: the half-written step is never loaded.
     names = _kill_when(_start(workdir), ckpt_dir,
                        lambda n: any(x.startswith(("8.", "10.")) and "tmp" in x for x in n))
     latest = max(_complete_steps(names))
-    _, _, meta = train.load_checkpoint(str(workdir / "vae"))
+    _, _, meta = checkpoints.load_checkpoint(str(workdir / "vae"))
     assert meta["step"] == latest and latest in (6, 8)
 
     # 4. The same command again finishes the run.
     r = subprocess.run([sys.executable, "-m", "ldm_jax.train", f"--workdir={workdir}", *ARGS],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-1500:]
-    params, _, meta = train.load_checkpoint(str(workdir / "vae"))
+    params, _, meta = checkpoints.load_checkpoint(str(workdir / "vae"))
     assert meta["step"] == 12 and meta["finished"]
     chex.assert_trees_all_close(params, reference.ema_params, atol=1e-6, rtol=1e-6)
+    # The log holds each step once, whatever the kills redid, and its time only grows.
+    rows = [json.loads(line) for line in open(workdir / "vae" / "metrics.jsonl")]
+    steps = [row["step"] for row in rows]
+    assert steps == sorted(set(steps)) and steps[-1] == 12, steps
+    assert [row["time"] for row in rows] == sorted(row["time"] for row in rows)

@@ -11,7 +11,7 @@ import chex
 import numpy as np
 
 from conftest import ROOT
-from ldm_jax import train
+from ldm_jax import checkpoints
 
 ARGS = ["-m", "ldm_jax.train", "--stage=vae", "--preset=smoke"]
 
@@ -42,7 +42,7 @@ def test_two_processes_match_one(tmp_path):
     assert "Rank 0 is connected to 1 peer" in "".join(errs)  # really two processes over gloo
 
     np.testing.assert_allclose(_losses(tmp_path / "two"), _losses(tmp_path / "one"), rtol=1e-5)
-    a, _, meta_a = train.load_checkpoint(str(tmp_path / "one" / "vae"))
-    b, _, meta_b = train.load_checkpoint(str(tmp_path / "two" / "vae"))
+    a, _, meta_a = checkpoints.load_checkpoint(str(tmp_path / "one" / "vae"))
+    b, _, meta_b = checkpoints.load_checkpoint(str(tmp_path / "two" / "vae"))
     assert meta_a["step"] == meta_b["step"] == 6 and meta_b["finished"]
     chex.assert_trees_all_close(a, b, atol=1e-5, rtol=1e-5)

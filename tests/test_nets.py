@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax import configs, nets, train
+from ldm_jax import configs, models, nets
 
 
 def n_params(p):
@@ -38,7 +38,7 @@ def test_vae_shapes(channels, side, reg):
                                          ("ldm", (2, 4, 4, 4))])
 def test_unet_shapes_and_zero_init_output(stage, shape):
     c = configs.get_config(stage, "smoke")
-    unet = train.build_unet(c.model)
+    unet = models.build_unet(c.model)
     x = jax.random.normal(jax.random.key(1), shape)
     t = jnp.array([0, 999])
     params = unet.init(jax.random.key(0), x, t)["params"]
@@ -53,13 +53,13 @@ def test_parameter_counts():
     counts = {}
     key, t = jax.random.key(0), jnp.zeros((1,), jnp.int32)
     for stage, shape in (("ldm", (1, 7, 7, 4)), ("pixel", (1, 28, 28, 1))):
-        unet = train.build_unet(configs.get_config(stage, "cpu-quick").model)
+        unet = models.build_unet(configs.get_config(stage, "cpu-quick").model)
         counts[stage] = n_params(jax.eval_shape(unet.init, key, jnp.zeros(shape), t)["params"])
     x = jnp.zeros((1, 28, 28, 1))
     for reg in ("kl", "vq"):
         c = configs.get_config("vae", "cpu-quick")
         c.autoencoder.reg = reg
-        variables = jax.eval_shape(train.build_vae(c).init, key, x, key)
+        variables = jax.eval_shape(models.build_vae(c).init, key, x, key)
         counts[f"vae-{reg}"] = n_params(variables["params"])
         if reg == "vq":
             counts["vq-codebook"] = n_params(variables["vq"]["quantizer"]["codebook"])

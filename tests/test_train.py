@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_module
-from ldm_jax import configs, train
+from conftest import run_module
+from ldm_jax import checkpoints, configs, stages, train
 
 
 
@@ -23,7 +23,7 @@ def test_steps_lower_the_loss_on_a_fixed_batch(stage, overrides):
     c = configs.get_config(stage, "smoke")
     configs.apply_overrides(c, overrides)
     c.optim.lr = 1e-3
-    task = train.TASKS[stage](c, workdir=None)
+    task = stages.TASKS[stage](c, workdir=None)
     params, model_state = task.init(jax.random.key(0))
     tx = train.make_optimizer(c.optim, 100)
     state = train.TrainState.create(apply_fn=None, params=params, tx=tx,
@@ -44,8 +44,8 @@ def test_steps_lower_the_loss_on_a_fixed_batch(stage, overrides):
 def test_ldm_stage_trains_on_vae_latents(smoke_workdir):
     lines = [json.loads(l) for l in open(os.path.join(smoke_workdir, "ldm", "metrics.jsonl"))]
     assert lines[-1]["step"] == 6 and all(np.isfinite(l["loss"]) for l in lines)
-    _, cfg, meta = train.load_checkpoint(os.path.join(smoke_workdir, "ldm"))
-    _, _, vae_meta = train.load_checkpoint(os.path.join(smoke_workdir, "vae"))
+    _, cfg, meta = checkpoints.load_checkpoint(os.path.join(smoke_workdir, "ldm"))
+    _, _, vae_meta = checkpoints.load_checkpoint(os.path.join(smoke_workdir, "vae"))
     assert meta["latent_shape"] == vae_meta["latent_shape"] == [7, 7, 4]
     assert meta["scale_factor"] == pytest.approx(1 / vae_meta["latent_std_sample"])
     assert meta["finished"] and cfg["stage"] == "ldm"
@@ -53,7 +53,7 @@ def test_ldm_stage_trains_on_vae_latents(smoke_workdir):
 
 def test_nonfinite_step_is_skipped_not_applied():
     c = configs.get_config("vae", "smoke")
-    task = train.TASKS["vae"](c, workdir=None)
+    task = stages.TASKS["vae"](c, workdir=None)
     params, _ = task.init(jax.random.key(0))
     state = train.TrainState.create(apply_fn=None, params=params,
                                     tx=train.make_optimizer(c.optim, 10),
@@ -68,7 +68,7 @@ def test_nonfinite_step_is_skipped_not_applied():
 
 
 def _final_params(workdir, stage="vae"):
-    params, _, meta = train.load_checkpoint(os.path.join(workdir, stage))
+    params, _, meta = checkpoints.load_checkpoint(os.path.join(workdir, stage))
     return params, meta
 
 
@@ -137,7 +137,7 @@ def test_config_from_stored_fills_fields_added_later():
     old = configs.get_config("ldm", "cpu-quick").to_dict()
     del old["model"]["conditioning"], old["model"]["label_dropout"]
     old["optim"]["lr"] = 3e-4
-    c = train.config_from_stored(old)
+    c = checkpoints.config_from_stored(old)
     assert c.model.conditioning == "none" and c.model.label_dropout == 0.1
     assert c.optim.lr == 3e-4 and tuple(c.model.ch_mult) == (1, 2)
     configs.validate(c)

@@ -1,0 +1,353 @@
+"""Checkpoint I/O: the Orbax manager, what a checkpoint holds, resuming and loading.
+
+A stage directory workdir/<stage>/ holds checkpoints/<step>/{state, config, meta}: the
+whole TrainState (Orbax PyTree), the config it was trained with and a JSON `meta` (step,
+whether training finished, and what the stage adds: latent statistics, the VAE step an
+LDM was trained on, ...). Readers (sample, evaluate, benchmark, features) restore only
+the EMA parameters, onto one device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import ml_collections
+import orbax.checkpoint as ocp
+
+from ldm_jax import configs, models
+
+# Config fields that may change between a run and its resumption.
+RESUMABLE_FIELDS = ("preset", "train.steps", "train.max_minutes", "train.log_every",
+                    "train.ckpt_every", "train.keep_checkpoints", "train.skip_nonfinite")
+
+
+def checkpoint_manager(stage_dir: str, keep: int = 3, create: bool = True,
+                       partial: bool = False) -> ocp.CheckpointManager:
+    """Checkpoints of state (Orbax PyTree), config and meta (JSON) under stage_dir/checkpoints.
+
+    partial=True opens them read-only for restoring a subtree (the EMA parameters)."""
+    state = ocp.PyTreeCheckpointHandler() if partial else ocp.StandardCheckpointHandler()
+    return ocp.CheckpointManager(
+        os.path.join(os.path.abspath(stage_dir), "checkpoints"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create),
+        item_handlers=dict(state=state, config=ocp.JsonCheckpointHandler(),
+                           meta=ocp.JsonCheckpointHandler()))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+class CheckpointError(configs.ConfigError):
+    """A checkpoint that is damaged, incomplete or unreadable; the message is one line."""
+
+
+def step_dirs(stage_dir: str) -> list[int]:
+    """Steps with a directory under stage_dir/checkpoints, complete or not, ascending."""
+    ckpt_dir = os.path.join(stage_dir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
+
+
+def _step_dir(stage_dir: str, step: int) -> str:
+    return os.path.join(stage_dir, "checkpoints", str(step))
+
+
+def _read_json_items(stage_dir: str, step: int) -> dict:
+    """{'config': ..., 'meta': ...} of one checkpoint, after the cheap completeness checks
+    (commit marker, Orbax metadata, state directory); CheckpointError otherwise."""
+    d = _step_dir(stage_dir, step)
+    where = f"checkpoint step {step} in {stage_dir}"
+    if not os.path.isfile(os.path.join(d, "commit_success.txt")):
+        raise CheckpointError(f"{where} is incomplete (no commit_success.txt)")
+    if not os.path.isdir(os.path.join(d, "state")):
+        raise CheckpointError(f"{where} has no state/ directory")
+    out = {}
+    for name, path in (("orbax", "_CHECKPOINT_METADATA"), ("config", "config/metadata"),
+                       ("meta", "meta/metadata")):
+        try:
+            with open(os.path.join(d, path)) as fh:
+                out[name] = json.load(fh)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{where}: {path} is unreadable ({type(e).__name__})") from None
+        if not isinstance(out[name], dict):
+            raise CheckpointError(f"{where}: {path} is not a JSON object")
+    return out
+
+
+def _stored_json(stage_dir: str, item: str, step: int | None = None) -> dict | None:
+    """One JSON item of a checkpoint; by default of the newest one that reads."""
+    if step is not None:
+        return _read_json_items(stage_dir, step)[item]
+    for s in reversed(step_dirs(stage_dir)):
+        try:
+            return _read_json_items(stage_dir, s)[item]
+        except CheckpointError:
+            continue
+    return None
+
+
+def stored_config(stage_dir: str, step: int | None = None) -> dict | None:
+    """The config JSON of a checkpoint (default: the newest readable) in stage_dir, or None."""
+    return _stored_json(stage_dir, "config", step)
+
+
+def stored_meta(stage_dir: str, step: int | None = None) -> dict | None:
+    """The meta JSON of a checkpoint (default: the newest readable) in stage_dir, or None."""
+    return _stored_json(stage_dir, "meta", step)
+
+
+# ----------------------------------------------------------------------------- Digests
+
+
+def leaf_digests(tree) -> dict[str, str]:
+    """{'a/b/c': SHA-256 (128 bits, hex) of that leaf's dtype, shape and raw bytes}. Paths
+    are written the same for a TrainState and for the nested dicts a reader restores."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            leaf = leaf.addressable_data(0)  # replicated over processes: any copy will do
+        arr = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+        h = hashlib.sha256(f"{arr.dtype.str}|{arr.shape}|".encode())
+        h.update(arr.tobytes())
+        out[jax.tree_util.keystr(path, simple=True, separator="/")] = h.hexdigest()[:32]
+    return out
+
+
+def tree_digest(tree) -> str:
+    """One SHA-256 over a pytree's leaf digests: the identity of a set of weights."""
+    h = hashlib.sha256()
+    for key, value in sorted(leaf_digests(tree).items()):
+        h.update(f"{key}={value}\n".encode())
+    return h.hexdigest()
+
+
+def state_digests(state) -> dict:
+    """What a checkpoint's meta stores: every leaf's digest and one over the whole tree."""
+    leaves = leaf_digests(state)
+    h = hashlib.sha256()
+    for key, value in sorted(leaves.items()):
+        h.update(f"{key}={value}\n".encode())
+    return dict(leaves=leaves, tree=h.hexdigest())
+
+
+_UNVERIFIED_NOTED: set = set()
+
+
+def verify(tree: dict, meta: dict, where: str, whole: bool = False) -> None:
+    """Recomputes the digests of `tree` (a TrainState, or {'ema_params': ..., 'model_state':
+    ...} as readers restore it) and compares them with those saved in `meta`; whole=True
+    also requires the same set of leaves. Checkpoints written before digests existed pass
+    with a one-line note."""
+    saved = (meta.get("digests") or {}).get("leaves")
+    if saved is None:
+        if where not in _UNVERIFIED_NOTED:
+            _UNVERIFIED_NOTED.add(where)
+            print(f"note: {where} was written without digests and cannot be verified",
+                  file=sys.stderr)
+        return
+    got = leaf_digests(tree)
+    bad = sorted(k for k in got if saved.get(k) != got[k])
+    if whole:
+        bad += sorted(set(saved) - set(got))
+    if bad:
+        raise CheckpointError(f"{where} is damaged: {len(bad)} array(s) differ from the "
+                              f"digests saved with them (first: {bad[0]})")
+
+
+def config_from_stored(stored: dict) -> ml_collections.ConfigDict:
+    """A checkpoint's config dict as a ConfigDict, with fields added since it was written
+    set to their defaults."""
+    c = configs.get_config(stored["stage"], stored.get("preset", "full"))
+    flat = _flatten(stored)
+    c.update_from_flattened_dict({k: tuple(v) if isinstance(v, list) else v
+                                  for k, v in flat.items() if k in _flatten(c.to_dict())})
+    return c
+
+
+def check_resumable(c, stage_dir: str) -> None:
+    """A checkpoint in stage_dir must come from the same stage and a compatible config."""
+    old = stored_config(stage_dir)
+    if old is None:
+        return
+    if old.get("stage") != c.stage:
+        raise configs.ConfigError(f"{stage_dir} holds a {old.get('stage')!r} checkpoint, "
+                                  f"not {c.stage!r}; use another workdir")
+    # Fields added since the checkpoint was written count as their defaults.
+    defaults = configs.get_config(c.stage, old.get("preset", c.preset)).to_dict()
+    old_flat, new_flat = {**_flatten(defaults), **_flatten(old)}, _flatten(c.to_dict())
+    diff = sorted(k for k in set(old_flat) | set(new_flat)
+                  if k not in RESUMABLE_FIELDS and old_flat.get(k) != new_flat.get(k))
+    if diff:
+        k = diff[0]
+        raise configs.ConfigError(
+            f"{stage_dir} was trained with {k}={old_flat.get(k)!r}, not {new_flat.get(k)!r} "
+            f"({len(diff)} field(s) differ); use another workdir to train a new model")
+
+
+def _restore_readers_view(stage_dir: str, step: int, with_state: bool):
+    """(ema_params, model_state, config, meta) of one checkpoint, verified against its
+    digests; CheckpointError if it is incomplete, unreadable or damaged."""
+    items = _read_json_items(stage_dir, step)
+    where = f"checkpoint step {step} in {stage_dir}"
+    try:
+        mgr = checkpoint_manager(stage_dir, create=False, partial=True)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        # The whole state is read and checked (a damaged optimizer moment means a damaged
+        # checkpoint), though only the EMA parameters and model state are returned.
+        stored = mgr.item_metadata(step)["state"]
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              dict(stored), is_leaf=lambda m: hasattr(m, "shape"))
+        restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            target, ocp.checkpoint_utils.construct_restore_args(target))))
+        mgr.close()
+    except Exception as e:  # tensorstore, Orbax and JSON errors alike: the file is damaged
+        raise CheckpointError(f"{where} is unreadable ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    state = restored["state"]
+    verify(state, items["meta"], where, whole=True)
+    model_state = (state.get("model_state") or {}) if with_state else {}
+    return state["ema_params"], model_state, items["config"], items["meta"]
+
+
+def newest_intact_step(stage_dir: str, below: int | None = None) -> int | None:
+    """The newest step (below `below`) whose checkpoint reads and matches its digests."""
+    for step in reversed(step_dirs(stage_dir)):
+        if below is not None and step >= below:
+            continue
+        try:
+            _restore_readers_view(stage_dir, step, with_state=True)
+            return step
+        except CheckpointError:
+            continue
+    return None
+
+
+def load_checkpoint(stage_dir: str, step: int | None = None, with_state: bool = False):
+    """(ema_params, config dict, meta) of a checkpoint (default: the newest), or None if
+    stage_dir has none; with_state=True: (ema_params, model_state, config dict, meta).
+
+    Restores only the EMA parameters (and the model state), onto this process's first
+    device, whatever mesh the checkpoint was written from, and checks them against the
+    digests saved with them. A damaged, incomplete or unreadable checkpoint raises
+    CheckpointError, whose one line names the newest intact step and how to use it.
+    """
+    steps = step_dirs(stage_dir)
+    if not steps:
+        return None
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise CheckpointError(f"{stage_dir} has no checkpoint step {step}; it has steps "
+                              f"{', '.join(map(str, steps))}")
+    try:
+        ema, model_state, cfg, meta = _restore_readers_view(stage_dir, step, with_state)
+    except CheckpointError as e:
+        intact = newest_intact_step(stage_dir, below=step)
+        raise CheckpointError(f"{e}; " + (f"the newest intact checkpoint is step {intact}: "
+                                          f"pass --step={intact} to use it" if intact is not None
+                                          else "no older checkpoint is intact")) from None
+    if with_state:
+        return ema, model_state, cfg, meta
+    return ema, cfg, meta
+
+
+def restore_for_training(stage_dir: str, target, quarantine: bool = True):
+    """(state, meta) of the newest checkpoint that restores into `target` and matches its
+    digests, or (None, None) if there is none. Each newer damaged one is moved aside to
+    checkpoints/corrupt-<step>/ (never deleted), with one line saying so."""
+    for step in reversed(step_dirs(stage_dir)):
+        where = f"checkpoint step {step} in {stage_dir}"
+        try:
+            items = _read_json_items(stage_dir, step)
+            mgr = checkpoint_manager(stage_dir, create=False)
+            try:
+                mgr.item_metadata(step)["state"]  # what readers parse (_sharding, _METADATA)
+                state = mgr.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target)))["state"]
+            except Exception as e:  # pylint: disable=broad-except
+                raise CheckpointError(f"{where} is unreadable ({type(e).__name__})") from None
+            finally:
+                mgr.close()
+            verify(state, items["meta"], where, whole=True)
+            return state, items["meta"]
+        except CheckpointError as e:
+            if quarantine and jax.process_index() == 0:
+                aside = _step_dir(stage_dir, step).replace(f"{os.sep}{step}", f"{os.sep}corrupt-{step}")
+                n = 1
+                while os.path.exists(aside if n == 1 else f"{aside}.{n}"):
+                    n += 1
+                aside = aside if n == 1 else f"{aside}.{n}"
+                os.replace(_step_dir(stage_dir, step), aside)
+                print(f"{e}; moved it to {aside} and resuming from an older one",
+                      file=sys.stderr)
+            _sync(f"quarantine-{step}")
+    return None, None
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        multihost_utils.sync_global_devices(name)
+
+
+@contextlib.contextmanager
+def stage_lock(stage_dir: str):
+    """One trainer per stage directory: an exclusive flock on stage_dir/.lock, held for
+    the run (process 0 of a jax.distributed run holds it for all). The kernel drops it
+    when the process dies, so a SIGKILLed run never blocks the next one."""
+    if jax.process_index() != 0:
+        yield
+        return
+    os.makedirs(stage_dir, exist_ok=True)
+    fd = os.open(os.path.join(stage_dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise configs.ConfigError(f"another trainer is running in {stage_dir}; wait for it "
+                                      "or use another workdir") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def load_vae(workdir: str, step: int | None = None):
+    """(model, variables, config dict, meta) of the finished VAE in workdir/vae at `step`
+    (default: its latest); variables is {'params': EMA parameters, **model state (the VQ
+    codebook)}. An LDM passes the VAE step it was trained on."""
+    vae_dir = os.path.join(workdir, "vae")
+    if step is not None and step not in step_dirs(vae_dir):
+        raise configs.ConfigError(f"{vae_dir} no longer holds step {step}, the VAE this model "
+                                  "was trained on; retrain the model in a new workdir")
+    try:
+        restored = load_checkpoint(vae_dir, step, with_state=True)
+    except CheckpointError as e:
+        if step is None:
+            raise
+        raise CheckpointError(f"the VAE this model was trained on is damaged: "
+                              f"{str(e).split('; ')[0]}; retrain both in a new workdir") from None
+    if restored is None:
+        raise configs.ConfigError(f"no trained VAE in {vae_dir}; run "
+                                  f"`python -m ldm_jax.train --stage=vae --workdir={workdir}` first")
+    params, model_state, cfg, meta = restored
+    if cfg["stage"] != "vae":
+        raise configs.ConfigError(f"{vae_dir} holds a {cfg['stage']!r} checkpoint, not a VAE")
+    if not meta.get("finished"):
+        raise configs.ConfigError(f"the VAE in {vae_dir} stopped at step {meta['step']} of "
+                                  f"{cfg['train']['steps']}; rerun --stage=vae to finish it")
+    return models.build_vae(cfg), {"params": params, **model_state}, cfg, meta

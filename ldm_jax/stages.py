@@ -1,0 +1,215 @@
+"""What each stage trains: its model init, its loss and its data (one Task per stage).
+
+vae: the first stage (KL or VQ autoencoder). ldm: diffusion on the VAE's latents, which it
+encodes once at start-up. pixel: the same diffusion on 28x28 pixels. classifier: the MNIST
+feature network behind FID. The loop in `ldm_jax.train` runs any Task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ldm_jax import checkpoints, configs, data, diffusion, features, models, nets
+
+Array = jax.Array
+PyTree = Any
+# (params, model_state, batch, key) -> (loss, (metrics, new model_state))
+LossFn = Callable[[PyTree, PyTree, dict, Array], tuple[Array, tuple[dict, PyTree]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What a stage brings to the shared loop."""
+    init: Callable[[Array], tuple[PyTree, PyTree]]  # key -> (params, model_state)
+    loss_fn: LossFn  # (params, model_state, batch, key) -> (loss, (metrics, model_state))
+    get_batch: Callable[[int], dict]  # step -> this process's share of the global batch
+    # {'params': ema_params, **model_state} -> JSON saved beside each checkpoint
+    meta: Callable[[dict], dict] = lambda variables: {}
+
+
+def stateless(loss_fn, init_params):
+    """Adapts a (params, batch, key) -> (loss, metrics) loss and a key -> params init to
+    a Task's signatures, for stages with no model state."""
+    def init(key):
+        return init_params(key), {}
+
+    def loss(params, model_state, batch, key):
+        value, metrics = loss_fn(params, batch, key)
+        return value, (metrics, model_state)
+    return init, loss
+
+
+def kl_divergence(mean: Array, logvar: Array) -> Array:
+    """KL(N(mean, exp(logvar)) || N(0, I)) per example: [B, s, s, c] -> [B]."""
+    return 0.5 * jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3))
+
+
+def vae_loss(model: nets.VAE, c, perceptual, params, model_state, batch, key):
+    """First-stage loss, per image, averaged over the batch:
+    1. reconstruction: sum of squares over pixels;
+    2. perceptual (if perceptual_weight > 0): classifier-feature distance to the input;
+    3. regulariser: kl_weight * KL(q(z|x) || N(0, I)) for kl, commitment_weight *
+       ||z_e - sg(q)||^2 for vq (whose codebook takes its EMA step in model_state)."""
+    x = batch["image"]  # [B, 28, 28, 1]
+    z_key, vq_key = jax.random.split(key)
+    (recon, info), new_state = model.apply({"params": params, **model_state}, x, z_key,
+                                           rngs={"vq": vq_key}, mutable=list(model_state))
+    rec = jnp.mean(jnp.sum(jnp.square(recon - x), axis=(1, 2, 3)))
+    metrics = dict(recon=rec)
+    loss = rec
+    if c.loss.perceptual_weight > 0:
+        metrics["perceptual"] = jnp.mean(perceptual(recon, x))
+        loss = loss + c.loss.perceptual_weight * metrics["perceptual"]
+    if model.reg == "kl":
+        metrics["kl"] = jnp.mean(kl_divergence(info["mean"], info["logvar"]))
+        loss = loss + c.loss.kl_weight * metrics["kl"]
+    else:
+        metrics.update({k: info[k] for k in ("commit", "perplexity", "codes_used", "restarted")})
+        loss = loss + c.autoencoder.commitment_weight * info["commit"]
+    return loss, (metrics, new_state)
+
+
+def encode_dataset(vae: nets.VAE, variables: dict, images: np.ndarray, batch: int = 1000):
+    """float images [N, 28, 28, 1] -> posterior (mean, std), each [N, s, s, c] numpy
+    (for vq: the pre-quantisation latent and std 0)."""
+    encode = jax.jit(lambda v, x: vae.apply(v, x, method=nets.VAE.encode))
+    means, stds = [], []
+    for i in range(0, len(images), batch):
+        mean, logvar = encode(variables, images[i:i + batch])
+        means.append(np.asarray(mean))
+        stds.append(np.asarray(jnp.exp(0.5 * logvar)))
+    return np.concatenate(means), np.concatenate(stds)
+
+
+def latent_stats(vae: nets.VAE, variables: dict, images: np.ndarray, seed: int = 0) -> dict:
+    """Std of posterior means and of posterior samples over `images` (Rombach et al. 2022,
+    Sec. 4.3.2: latents are rescaled by 1/std to unit variance before diffusion)."""
+    mean, std = encode_dataset(vae, variables, images)
+    sample = mean + std * np.random.default_rng(seed).standard_normal(mean.shape, np.float32)
+    return dict(latent_std_mean=float(mean.std()), latent_std_sample=float(sample.std()),
+                latent_shape=list(mean.shape[1:]))
+
+
+def _train_images(c) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = data.load(c.data.source, "train", c.data.dir or None)
+    n = c.data.max_examples or len(images)
+    return data.to_float(images[:n]), labels[:n].astype(np.int32)
+
+
+def _batcher(c, arrays: dict[str, np.ndarray]) -> Callable[[int], dict]:
+    n = len(next(iter(arrays.values())))
+
+    def get_batch(step: int) -> dict:
+        idx = data.batch_indices(n, c.data.batch_size, c.seed, step)
+        idx = data.process_slice(idx, jax.process_index(), jax.process_count())
+        return {k: v[idx] for k, v in arrays.items()}
+    return get_batch
+
+
+def vae_task(c, workdir: str) -> Task:
+    images, _ = _train_images(c)
+    model = models.build_vae(c)
+    stats_images = images[:10_000]
+    perceptual = None
+    if c.loss.perceptual_weight > 0:
+        perceptual = features.perceptual_loss_fn()
+
+    def init(key):
+        variables = model.init(key, images[:1], key)
+        return variables["params"], {k: v for k, v in variables.items() if k != "params"}
+    return Task(
+        init=init, loss_fn=functools.partial(vae_loss, model, c, perceptual),
+        get_batch=_batcher(c, {"image": images}),
+        meta=lambda variables: latent_stats(model, variables, stats_images, c.seed))
+
+
+def diffusion_task(c, workdir: str) -> Task:
+    images, labels = _train_images(c)
+    conditional = c.model.conditioning != "none"
+    sched = models.build_schedule(c.diffusion)
+    unet = models.build_unet(c.model)
+    if c.stage == "ldm":
+        # An LDM is bound to one VAE: its first checkpoint records the VAE step, digest and
+        # latent scale, and every resume (and benchmark) uses exactly those, never whatever
+        # workdir/vae holds now.
+        bound = checkpoints.stored_meta(os.path.join(workdir, "ldm"))
+        vae, vae_vars, _, vae_meta = checkpoints.load_vae(workdir, bound and bound["vae_step"])
+        vae_digest = checkpoints.tree_digest(vae_vars)
+        if bound and bound.get("vae_digest", vae_digest) != vae_digest:
+            raise configs.ConfigError(f"{workdir}/vae step {bound['vae_step']} is not the VAE "
+                                      f"the LDM in {workdir}/ldm was trained on (digest differs)")
+        mean, std = encode_dataset(vae, vae_vars, images)
+        scale = (bound["scale_factor"] if bound
+                 else 1.0 / vae_meta[f"latent_std_{c.latent.posterior}"])
+        arrays = {"mean": mean, "std": std} if c.latent.posterior == "sample" else {"mean": mean}
+        meta = dict(scale_factor=scale, vae_step=vae_meta["step"], vae_digest=vae_digest,
+                    latent_shape=list(mean.shape[1:]))
+    else:
+        arrays, meta, scale = {"image": images}, {}, 1.0
+    example = next(iter(arrays.values()))[:1]
+    configs.check_unet_input(c, example.shape[1], example.shape[3])
+    if conditional:
+        arrays["label"] = labels
+
+    def loss_fn(params, batch, key):
+        z_key, d_key, y_key = jax.random.split(key, 3)
+        x0 = batch["image"] if "image" in batch else batch["mean"]
+        if "std" in batch:  # a posterior sample z = mean + std * eps
+            x0 = x0 + batch["std"] * jax.random.normal(z_key, x0.shape)
+        if conditional:  # classifier-free guidance: some labels become the null label
+            y = diffusion.drop_labels(y_key, batch["label"], c.model.label_dropout,
+                                      c.model.num_classes)
+            eps_fn = lambda x, t: unet.apply({"params": params}, x, t, y)
+        else:
+            eps_fn = lambda x, t: unet.apply({"params": params}, x, t)
+        loss = jnp.mean(diffusion.training_losses(eps_fn, sched, x0 * scale, d_key))
+        return loss, {}
+
+    init_y = jnp.zeros((1,), jnp.int32) if conditional else None
+    init, loss_fn = stateless(loss_fn, lambda key: unet.init(
+        key, example, jnp.zeros((1,), jnp.int32), init_y)["params"])
+    return Task(init=init, loss_fn=loss_fn, get_batch=_batcher(c, arrays),
+                meta=lambda variables: meta)
+
+
+def classifier_accuracy(params, images: np.ndarray, labels: np.ndarray, feature_dim: int = 128,
+                        batch: int = 1000) -> float:
+    model = nets.Classifier(feature_dim=feature_dim)
+    logits_fn = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    preds = [np.asarray(jnp.argmax(logits_fn(params, images[i:i + batch]), -1))
+             for i in range(0, len(images), batch)]
+    return float(np.mean(np.concatenate(preds) == labels))
+
+
+def classifier_task(c, workdir: str) -> Task:
+    images, labels = _train_images(c)
+    test_images, test_labels = data.load(c.data.source, "test", c.data.dir or None)
+    test_images = data.to_float(test_images)
+    model = nets.Classifier(feature_dim=c.model.feature_dim)
+
+    def loss_fn(params, batch, key):
+        x = batch["image"]
+        # Random shifts of up to 2 pixels: the only augmentation, enough for >99.3%.
+        shift = jax.random.randint(key, (2,), -2, 3)
+        x = jnp.roll(x, (shift[0], shift[1]), axis=(1, 2))
+        logits = model.apply({"params": params}, x)
+        loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]))
+        return loss, dict(accuracy=jnp.mean(jnp.argmax(logits, -1) == batch["label"]))
+
+    init, loss_fn = stateless(loss_fn, lambda key: model.init(key, images[:1])["params"])
+    return Task(
+        init=init, loss_fn=loss_fn, get_batch=_batcher(c, {"image": images, "label": labels}),
+        meta=lambda variables: dict(test_accuracy=classifier_accuracy(
+            variables["params"], test_images, test_labels, c.model.feature_dim)))
+
+
+TASKS = {"vae": vae_task, "ldm": diffusion_task, "pixel": diffusion_task,
+         "classifier": classifier_task}

@@ -1,0 +1,52 @@
+"""The jitted train step against float64 numpy references: the EMA parameters after k steps."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from ldm_jax import train
+
+K = 5  # optimizer steps
+
+
+def quadratic_loss(params, model_state, batch, key):
+    """0.5 ||w - target||^2, in the (params, model_state, batch, key) -> (loss, (metrics,
+    model_state)) form the train step takes."""
+    del key
+    loss = 0.5 * jnp.sum(jnp.square(params["w"] - batch["target"]))
+    return loss, ({"half_sq_err": loss}, model_state)
+
+
+def ema_reference(params_by_step: list[np.ndarray], decay: float) -> np.ndarray:
+    """ema_0 = params_0; ema_{s+1} = d_s ema_s + (1 - d_s) params_{s+1} with
+    d_s = min(decay, (1 + s) / (10 + s)), s the step before the update; float64."""
+    ema = np.asarray(params_by_step[0], np.float64)
+    for s, p in enumerate(params_by_step[1:]):
+        d = min(decay, (1.0 + s) / (10.0 + s))
+        ema = d * ema + (1.0 - d) * np.asarray(p, np.float64)
+    return ema
+
+
+# 0.2 caps the warm-up (1 + s) / (10 + s) from s = 2 on; 0.999 never does within K steps.
+@pytest.mark.parametrize("decay", [0.2, 0.999])
+def test_ema_after_k_steps_matches_numpy(decay):
+    optim = ml_collections.ConfigDict(dict(lr=0.1, warmup_steps=1, final_lr_frac=0.1, b1=0.9,
+                                           b2=0.99, weight_decay=0.0, grad_clip=0.0))
+    params = {"w": jnp.array([1.0, -2.0, 0.5], jnp.float32)}
+    state = train.TrainState.create(apply_fn=None, params=params, ema_params=params,
+                                    tx=train.make_optimizer(optim, K))
+    step = jax.jit(functools.partial(train.train_step, loss_fn=quadratic_loss, ema_decay=decay))
+    batch = {"target": jnp.array([0.3, 0.7, -1.1], jnp.float32)}
+    history = [np.asarray(state.params["w"])]
+    for s in range(K):
+        state, metrics = step(state, batch, jax.random.key(s))
+        assert bool(metrics["finite"]) and int(state.step) == s + 1
+        history.append(np.asarray(state.params["w"]))
+    assert np.abs(history[-1] - history[1]).min() > 1e-2  # the parameters did move
+    want = ema_reference(history, decay)
+    np.testing.assert_allclose(np.asarray(state.ema_params["w"], np.float64), want, rtol=1e-6, atol=1e-7)
+    assert np.abs(want - history[-1]).min() > 1e-3  # the EMA lags: equal to params would fail

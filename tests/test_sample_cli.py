@@ -1,0 +1,63 @@
+"""`ldm_jax.sample` refuses bad input in one line (exit 2, nothing written) and writes
+what it was asked for."""
+
+import os
+
+import numpy as np
+import pytest
+
+from conftest import run_module
+
+
+def _one_line_exit_2(r, message):
+    assert r.returncode == 2, (r.returncode, r.stderr[-1500:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--seed=99999999999999999999"], "--seed must be"),
+    (["--seed=-99999999999999999999"], "--seed must be"),
+    (["--eta=nan"], "--eta must be in [0, 1], got nan"),
+    (["--eta=1.5"], "--eta must be in [0, 1], got 1.5"),
+    (["--eta=-0.1"], "--eta must be in [0, 1]"),
+    (["--guidance=nan"], "--guidance must be a finite number >= 0, got nan"),
+    (["--guidance=inf"], "--guidance must be a finite number >= 0"),
+    (["--guidance=2"], "is unconditional; drop --guidance"),
+    (["--label=\u00b2"], "--label must be a digit 0-9 or 'all'"),
+    (["--label=\u0663"], "--label must be a digit 0-9 or 'all'"),
+    (["--label=all", "--num=3"], "--num must be a multiple of 10, got 3"),
+    (["--sampler=euler"], "--sampler must be ddpm or ddim"),
+    (["out=x.png"], "out=x.png"),
+])
+def test_sample_refuses(smoke_workdir, tmp_path, args, message):
+    r = run_module("sample", f"--workdir={smoke_workdir}", f"--out={tmp_path / 'g.png'}", *args,
+                   cwd=str(tmp_path))
+    _one_line_exit_2(r, message)
+    assert not os.listdir(tmp_path)
+
+
+def test_sample_refuses_bad_places(smoke_workdir, tmp_path):
+    (tmp_path / "adir.png").mkdir()
+    r = run_module("sample", f"--workdir={smoke_workdir}", f"--out={tmp_path / 'adir.png'}")
+    _one_line_exit_2(r, "adir.png")
+    (tmp_path / "g.npz").mkdir()  # the .npz sibling of --out=g.png is a directory
+    r = run_module("sample", f"--workdir={smoke_workdir}", f"--out={tmp_path / 'g.png'}")
+    _one_line_exit_2(r, "g.npz")
+    assert sorted(os.listdir(tmp_path)) == ["adir.png", "g.npz"]
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    r = run_module("sample", f"--workdir={afile}", f"--out={tmp_path / 'h.png'}")
+    _one_line_exit_2(r, "afile")
+    assert "train" not in r.stderr  # a file is not an untrained workdir
+
+
+def test_sample_uses_the_config_sampler_and_writes_both_files(smoke_workdir, tmp_path):
+    out = tmp_path / "g.png"
+    r = run_module("sample", f"--workdir={smoke_workdir}", "--stage=pixel", f"--out={out}",
+                   "--num=4")
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert "ddim" in r.stderr  # the smoke config's sample.sampler
+    with np.load(tmp_path / "g.npz", allow_pickle=False) as z:
+        assert z["images"].shape == (4, 28, 28) and z["images"].dtype == np.uint8
+    assert out.stat().st_size > 0 and sorted(os.listdir(tmp_path)) == ["g.npz", "g.png"]
