@@ -78,10 +78,14 @@ def bench_train(workdir: str, stage: str, steps: int) -> dict:
         state, m = compiled(state, b, jax.random.fold_in(key, i))
         jax.block_until_ready(m["loss"])
         times.append(time.perf_counter() - t)
+    # What checkpoint integrity costs: the digests computed at every save and verified at
+    # every load cover the whole TrainState (parameters, EMA, Adam moments).
+    digest_s = _timed(checkpoints.state_digests, state, repeats=3)
+    state_mb = sum(x.nbytes for x in jax.tree.leaves(state)) / 2**20
     return dict(stage=stage, what="train", batch_size=c.data.batch_size,
                 params=count_params(params), train_compile_s=compile_s,
                 train_s_per_iter=float(np.median(times)), train_steps_timed=steps,
-                **peak_memory())
+                state_mb=state_mb, digest_s=float(np.median(digest_s)), **peak_memory())
 
 
 def bench_generate(workdir: str, stage: str, batch: int, ddim_repeats: int,

@@ -26,17 +26,20 @@ def fail(prog: str, msg: object) -> NoReturn:
 
 
 def parse_flags(prog: str, argv: list[str], define: Callable[[flags.FlagValues], None],
-                with_config: bool = False) -> flags.FlagValues:
-    """Defines flags on a fresh FlagValues (no global state), parses argv, handles --help."""
+                with_config: bool = False, config_schema=None,
+                config_help: str = "Override any config field: --config.optim.lr=3e-4 "
+                                   "(see ldm_jax/configs.py).") -> flags.FlagValues:
+    """Defines flags on a fresh FlagValues (no global state), parses argv, handles --help.
+    with_config adds --config.* overrides of `config_schema` (default: every stage's
+    fields, configs.union_config())."""
     fv = flags.FlagValues()
     flags.DEFINE_bool("help", False, "Show this help and exit.", flag_values=fv, short_name="h")
     define(fv)
     try:
         if with_config:  # config_flags defines a flag per --config.* override in argv here
             config_flags.DEFINE_config_dict(
-                "config", configs.union_config(),
-                "Override any config field: --config.optim.lr=3e-4 (see ldm_jax/configs.py).",
-                flag_values=fv, lock_config=True, sys_argv=list(argv))
+                "config", config_schema if config_schema is not None else configs.union_config(),
+                config_help, flag_values=fv, lock_config=True, sys_argv=list(argv))
         leftover = fv(argv)[1:]
     except (AttributeError, KeyError) as e:
         fail(prog, f"unknown config key: {str(e).strip(chr(34) + chr(39))}")

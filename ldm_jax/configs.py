@@ -18,6 +18,7 @@ from ldm_jax import diffusion
 STAGES = ("vae", "ldm", "pixel", "classifier")
 PRESETS = ("smoke", "cpu-quick", "full")
 DIFFUSION_STAGES = ("ldm", "pixel")
+SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
 MNIST_TRAIN_IMAGES = 60_000
 
 
@@ -65,6 +66,11 @@ def _diffusion(c: ml_collections.ConfigDict, preset: str) -> None:
     c.diffusion.beta_end = 0.02  # beta_T (linear, quadratic)
     c.diffusion.var_type = "fixed_small"  # DDPM sampling variance: fixed_small (beta~) | fixed_large (beta)
     c.diffusion.clip_x0 = c.stage == "pixel"  # clip predicted x_0 to [-1, 1] (pixels only)
+    # The recipe (issue 10; docs/results.md has the ablation that chose the defaults):
+    c.diffusion.prediction = "eps"  # what the U-Net predicts: eps | v (Salimans & Ho 2022) | x0
+    c.diffusion.loss_weighting = "uniform"  # uniform | min_snr (Min-SNR-gamma, Hang et al. 2023)
+    c.diffusion.min_snr_gamma = 5.0  # gamma of min_snr
+    c.diffusion.zero_terminal_snr = False  # rescale betas so alpha_bar_T = 0 (Lin et al. 2024; v or x0)
 
     c.model = ml_collections.ConfigDict()
     c.model.ch = 64  # base channels of the U-Net
@@ -79,8 +85,8 @@ def _diffusion(c: ml_collections.ConfigDict, preset: str) -> None:
     c.model.context_dim = 64  # crossattn: width of each token
 
     c.sample = ml_collections.ConfigDict()
-    c.sample.sampler = "ddim"  # sampler used for previews: ddpm | ddim
-    c.sample.steps = 100  # DDIM steps
+    c.sample.sampler = "ddim"  # default sampler of sample/pipeline: ddpm | ddim | dpmpp2m
+    c.sample.steps = 100  # DDIM / DPM-Solver++ steps
     c.sample.eta = 0.0  # DDIM eta in [0, 1] (0 = deterministic, 1 = DDPM-like)
 
     if c.stage == "ldm":
@@ -292,12 +298,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"diffusion.var_type must be fixed_small|fixed_large, got {d.var_type!r}")
         if d.timesteps < 2 or not 0 < d.beta_start < d.beta_end < 1:
             raise ConfigError("diffusion needs timesteps >= 2 and 0 < beta_start < beta_end < 1")
-        check_schedule = getattr(diffusion, "check_schedule", None)
-        if check_schedule is not None:
-            try:
-                check_schedule(d.schedule, d.timesteps, d.beta_start, d.beta_end)
-            except ValueError as e:
-                raise ConfigError(f"diffusion: {str(e).strip().splitlines()[0]}") from None
+        try:
+            diffusion.check_recipe(d.prediction, d.zero_terminal_snr, d.loss_weighting,
+                                   d.min_snr_gamma)
+            diffusion.check_schedule(d.schedule, d.timesteps, d.beta_start, d.beta_end,
+                                     zero_terminal_snr=d.zero_terminal_snr)
+        except ValueError as e:
+            raise ConfigError(f"diffusion: {str(e).strip().splitlines()[0]}") from None
         m = c.model
         _check_at_least({"model.ch": m.ch, "model.heads": m.heads,
                          "model.context_tokens": m.context_tokens,
@@ -313,8 +320,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
             if width % m.heads:
                 raise ConfigError(f"attention width {width} is not divisible by "
                                   f"model.heads={m.heads}")
-        if c.sample.sampler not in ("ddpm", "ddim") or not 1 <= c.sample.steps <= d.timesteps:
-            raise ConfigError("sample.sampler must be ddpm|ddim and 1 <= sample.steps <= timesteps")
+        if c.sample.sampler not in SAMPLERS or not 1 <= c.sample.steps <= d.timesteps:
+            raise ConfigError(f"sample.sampler must be {'|'.join(SAMPLERS)} and "
+                              "1 <= sample.steps <= timesteps")
         if not 0.0 <= c.sample.eta <= 1.0:
             raise ConfigError(f"sample.eta must be in [0, 1], got {c.sample.eta}")
         if c.model.conditioning not in ("none", "class", "crossattn"):

@@ -12,6 +12,7 @@ its own contiguous slice of every global batch.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import os
@@ -125,8 +126,16 @@ def batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> n
     if per_epoch == 0:
         raise DataError(f"batch size {batch_size} is larger than the {num_examples} examples")
     epoch, i = divmod(step, per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    perm = _permutation(num_examples, seed, epoch)
     return perm[i * batch_size:(i + 1) * batch_size]
+
+
+@functools.lru_cache(maxsize=2)
+def _permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """One epoch's shuffle, drawn once per epoch rather than once per step."""
+    perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    perm.flags.writeable = False
+    return perm
 
 
 def process_slice(global_indices: np.ndarray, process_index: int, process_count: int) -> np.ndarray:

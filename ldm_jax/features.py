@@ -108,6 +108,13 @@ def predict_fn(path: str | None = None, batch: int = 500) -> Callable[[np.ndarra
     return _batched(lambda x: jnp.argmax(model.apply({"params": params}, x), -1), batch)
 
 
+def probabilities_fn(path: str | None = None, batch: int = 500) -> Callable[[np.ndarray], np.ndarray]:
+    """uint8 images [N, 28, 28] -> class probabilities [N, 10] (the 'recognisable' share is
+    the fraction whose largest probability exceeds 0.9)."""
+    model, params, _ = load_classifier(path)
+    return _batched(lambda x: jax.nn.softmax(model.apply({"params": params}, x), -1), batch)
+
+
 def perceptual_distance(acts_x: list[Array], acts_y: list[Array], eps: float = 1e-8) -> Array:
     """LPIPS-style distance (Zhang et al. 2018, without learned layer weights) between two
     lists of activations [B, H, W, C]: per layer, unit-normalise over channels, take the

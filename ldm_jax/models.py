@@ -31,4 +31,10 @@ def build_unet(model_cfg) -> nets.UNet:
 def build_schedule(diff_cfg) -> diffusion.Schedule:
     """Schedule constants from a diffusion config's diffusion section."""
     return diffusion.make_schedule(diff_cfg["schedule"], diff_cfg["timesteps"],
-                                   diff_cfg["beta_start"], diff_cfg["beta_end"])
+                                   diff_cfg["beta_start"], diff_cfg["beta_end"],
+                                   zero_terminal_snr=diff_cfg.get("zero_terminal_snr", False))
+
+
+def prediction(diff_cfg) -> str:
+    """What the U-Net predicts (checkpoints from before the option existed: eps)."""
+    return diff_cfg.get("prediction", "eps")

@@ -43,11 +43,6 @@ def define_flags(fv) -> None:
                          flag_values=fv)
     flags.DEFINE_bool("report", False, "Run ldm_jax.evaluate on the workdir at the end.",
                       flag_values=fv)
-    schema = ml_collections.ConfigDict({s: configs.union_config() for s in PIPELINE_STAGES})
-    config_flags.DEFINE_config_dict(
-        "config", schema, "Per-stage config overrides: --config.<stage>.<section>.<field>=value, "
-        "e.g. --config.ldm.train.steps=600 (see ldm_jax/configs.py).",
-        flag_values=fv, lock_config=True)
 
 
 def stage_configs(fv) -> list[ml_collections.ConfigDict]:
@@ -121,7 +116,11 @@ def write_samples(workdir: str, gen: sample.Generator, request: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     prog = "ldm_jax.pipeline"
-    fv = cli.parse_flags(prog, argv or sys.argv, define_flags)
+    fv = cli.parse_flags(
+        prog, argv or sys.argv, define_flags, with_config=True,
+        config_schema=ml_collections.ConfigDict({s: configs.union_config() for s in PIPELINE_STAGES}),
+        config_help="Per-stage config overrides: --config.<stage>.<section>.<field>=value, "
+                    "e.g. --config.ldm.train.steps=600 (see ldm_jax/configs.py).")
     try:
         cli.require(fv, "workdir")
         if fv.num <= 0:

@@ -1,7 +1,7 @@
 """Sampling from a trained LDM or pixel model, with the EMA parameters.
 
     python -m ldm_jax.sample --workdir=runs/demo --stage=ldm --num=64 --out=grid.png
-        [--sampler=ddpm|ddim] [--steps=K] [--eta=0.0] [--seed=0]
+        [--sampler=ddpm|ddim|dpmpp2m] [--steps=K] [--eta=0.0] [--seed=0] [--step=N]
     python -m ldm_jax.sample --workdir=runs/cond --stage=ldm --label=7 --guidance=3.0 --out=7s.png
 
 Guidance convention: eps = (1 + w) * eps(z, c) - w * eps(z, null), so w = 0 is plain
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ldm_jax import checkpoints, cli, configs, data, diffusion, models, nets
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = configs.SAMPLERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +90,7 @@ def sample_fn(gen: Generator, n: int, sampler: str = "ddim", steps: int = 100,
     traced arguments, so changing them does not recompile.
     """
     if sampler not in SAMPLERS:
-        raise configs.ConfigError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
+        raise configs.ConfigError(f"unknown sampler {sampler!r}; choose {', '.join(SAMPLERS)}")
     clip = bool(gen.config["diffusion"]["clip_x0"])
     shape = (n, *gen.shape)
     conditional = is_conditional(gen)
@@ -101,16 +101,22 @@ def sample_fn(gen: Generator, n: int, sampler: str = "ddim", steps: int = 100,
         return gen.vae.apply(gen.vae_vars, z / gen.scale_factor,
                              method=nets.VAE.decode)
 
+    prediction = models.prediction(gen.config["diffusion"])
+
     @jax.jit
     def run(params, key, labels, guidance):
+        # The network's output (eps, v or x0) becomes eps in one place; guidance and every
+        # sampler then work on eps.
+        net_fn = lambda x, t, *y: gen.unet.apply({"params": params}, x, t, *y)
+        eps_fn = diffusion.eps_fn_from_model(net_fn, gen.sched, prediction)
         if conditional:
-            cond_fn = lambda x, t, y: gen.unet.apply({"params": params}, x, t, y)
-            eps_fn = diffusion.guided_eps_fn(cond_fn, labels, null_label(gen), guidance)
-        else:
-            eps_fn = lambda x, t: gen.unet.apply({"params": params}, x, t)
+            eps_fn = diffusion.guided_eps_fn(eps_fn, labels, null_label(gen), guidance)
         if sampler == "ddpm":
             out = diffusion.ddpm_sample(eps_fn, gen.sched, key, shape,
                                         gen.config["diffusion"]["var_type"], clip, keep_trajectory)
+        elif sampler == "dpmpp2m":
+            out = diffusion.dpmpp2m_sample(eps_fn, gen.sched, key, shape, steps, clip,
+                                           keep_trajectory)
         else:
             out = diffusion.ddim_sample(eps_fn, gen.sched, key, shape, steps, eta, clip,
                                         keep_trajectory)
@@ -167,7 +173,8 @@ def define_flags(fv) -> None:
     flags.DEFINE_integer("num", 64, "Number of samples.", flag_values=fv)
     flags.DEFINE_string("out", "samples.png", "PNG grid path; the .npz goes beside it.",
                         flag_values=fv)
-    flags.DEFINE_string("sampler", None, "ddpm (all T steps) | ddim (default: the model "
+    flags.DEFINE_string("sampler", None, "ddpm (all T steps) | ddim | dpmpp2m (DPM-Solver++"
+                        "(2M), deterministic, good at 10-20 steps) (default: the model "
                         "config's sample.sampler).", flag_values=fv)
     flags.DEFINE_integer("steps", None, "DDIM steps (1..T; default: the model config's "
                          "sample.steps); ignored by ddpm.", flag_values=fv)
@@ -205,7 +212,7 @@ def check_sampling_flags(fv) -> None:
         if fv[name].value is not None and fv[name].value <= 0:
             raise cli.UsageError(f"--{name} must be positive, got {fv[name].value}")
     if fv.sampler is not None and fv.sampler not in SAMPLERS:
-        raise cli.UsageError(f"--sampler must be ddpm or ddim, got {fv.sampler!r}")
+        raise cli.UsageError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {fv.sampler!r}")
     if fv.eta is not None and not 0.0 <= fv.eta <= 1.0:  # also refuses nan
         raise cli.UsageError(f"--eta must be in [0, 1], got {fv.eta}")
     if not fv.guidance >= 0.0 or not math.isfinite(fv.guidance):

@@ -33,6 +33,10 @@ class Task:
     get_batch: Callable[[int], dict]  # step -> this process's share of the global batch
     # {'params': ema_params, **model_state} -> JSON saved beside each checkpoint
     meta: Callable[[dict], dict] = lambda variables: {}
+    # The whole training set the batches are drawn from ({name: [N, ...]}), which the loop
+    # keeps on the device, and step -> this process's share of that step's global indices.
+    arrays: dict = dataclasses.field(default_factory=dict)
+    get_indices: Callable[[int], np.ndarray] | None = None
 
 
 def stateless(loss_fn, init_params):
@@ -104,14 +108,25 @@ def _train_images(c) -> tuple[np.ndarray, np.ndarray]:
     return data.to_float(images[:n]), labels[:n].astype(np.int32)
 
 
-def _batcher(c, arrays: dict[str, np.ndarray]) -> Callable[[int], dict]:
+def _indexer(c, arrays: dict[str, np.ndarray]) -> Callable[[int], np.ndarray]:
+    """step -> this process's share of the step's global batch indices (epoch-wise
+    shuffles from (seed, epoch), so any process, device count or resume draws the same)."""
     n = len(next(iter(arrays.values())))
 
-    def get_batch(step: int) -> dict:
+    def get_indices(step: int) -> np.ndarray:
         idx = data.batch_indices(n, c.data.batch_size, c.seed, step)
-        idx = data.process_slice(idx, jax.process_index(), jax.process_count())
-        return {k: v[idx] for k, v in arrays.items()}
-    return get_batch
+        return data.process_slice(idx, jax.process_index(), jax.process_count())
+    return get_indices
+
+
+def _batcher(c, arrays: dict[str, np.ndarray]) -> Callable[[int], dict]:
+    get_indices = _indexer(c, arrays)
+    return lambda step: {k: v[get_indices(step)] for k, v in arrays.items()}
+
+
+def _data(c, arrays: dict[str, np.ndarray]) -> dict:
+    """The Task fields that give the loop its data."""
+    return dict(get_batch=_batcher(c, arrays), arrays=arrays, get_indices=_indexer(c, arrays))
 
 
 def vae_task(c, workdir: str) -> Task:
@@ -127,7 +142,7 @@ def vae_task(c, workdir: str) -> Task:
         return variables["params"], {k: v for k, v in variables.items() if k != "params"}
     return Task(
         init=init, loss_fn=functools.partial(vae_loss, model, c, perceptual),
-        get_batch=_batcher(c, {"image": images}),
+        **_data(c, {"image": images}),
         meta=lambda variables: latent_stats(model, variables, stats_images, c.seed))
 
 
@@ -167,16 +182,18 @@ def diffusion_task(c, workdir: str) -> Task:
         if conditional:  # classifier-free guidance: some labels become the null label
             y = diffusion.drop_labels(y_key, batch["label"], c.model.label_dropout,
                                       c.model.num_classes)
-            eps_fn = lambda x, t: unet.apply({"params": params}, x, t, y)
+            net_fn = lambda x, t: unet.apply({"params": params}, x, t, y)
         else:
-            eps_fn = lambda x, t: unet.apply({"params": params}, x, t)
-        loss = jnp.mean(diffusion.training_losses(eps_fn, sched, x0 * scale, d_key))
+            net_fn = lambda x, t: unet.apply({"params": params}, x, t)
+        loss = jnp.mean(diffusion.training_losses(
+            net_fn, sched, x0 * scale, d_key, prediction=c.diffusion.prediction,
+            weighting=c.diffusion.loss_weighting, min_snr_gamma=c.diffusion.min_snr_gamma))
         return loss, {}
 
     init_y = jnp.zeros((1,), jnp.int32) if conditional else None
     init, loss_fn = stateless(loss_fn, lambda key: unet.init(
         key, example, jnp.zeros((1,), jnp.int32), init_y)["params"])
-    return Task(init=init, loss_fn=loss_fn, get_batch=_batcher(c, arrays),
+    return Task(init=init, loss_fn=loss_fn, **_data(c, arrays),
                 meta=lambda variables: meta)
 
 
@@ -206,7 +223,7 @@ def classifier_task(c, workdir: str) -> Task:
 
     init, loss_fn = stateless(loss_fn, lambda key: model.init(key, images[:1])["params"])
     return Task(
-        init=init, loss_fn=loss_fn, get_batch=_batcher(c, {"image": images, "label": labels}),
+        init=init, loss_fn=loss_fn, **_data(c, {"image": images, "label": labels}),
         meta=lambda variables: dict(test_accuracy=classifier_accuracy(
             variables["params"], test_images, test_labels, c.model.feature_dim)))
 

@@ -1,9 +1,13 @@
 """Shared fixtures: one smoke-trained workdir (vae, ldm, pixel) for the whole session."""
 
+import contextlib
+import importlib
+import io
 import os
 import subprocess
 import sys
 import tempfile
+import types
 
 import pytest
 
@@ -34,6 +38,20 @@ def run_module(module: str, *args: str, env: dict | None = None, cwd: str | None
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", f"ldm_jax.{module}", *args], capture_output=True,
                           text=True, env=full_env, cwd=cwd or ROOT, timeout=timeout)
+
+
+def run_main(module: str, *args: str):
+    """ldm_jax.<module>.main([prog, *args]) in this process -> .returncode, .stderr: the
+    same exit status and stderr as `run_module`, without a Python start-up per call."""
+    mod = importlib.import_module(f"ldm_jax.{module}")
+    err = io.StringIO()
+    code = 0
+    with contextlib.redirect_stderr(err):
+        try:
+            mod.main([f"ldm_jax.{module}", *args])
+        except SystemExit as e:
+            code = e.code
+    return types.SimpleNamespace(returncode=code, stderr=err.getvalue())
 
 
 @pytest.fixture(scope="session")

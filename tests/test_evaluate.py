@@ -57,6 +57,7 @@ def test_benchmark_measures_training_and_generation(smoke_workdir):
     """The cost half of evaluate (which runs each of these in a subprocess of its own)."""
     tr = benchmark.bench_train(smoke_workdir, "ldm", steps=2)
     assert tr["train_s_per_iter"] > 0 and tr["batch_size"] == 16 and tr["params"] > 0
+    assert tr["digest_s"] > 0 and tr["state_mb"] > 0
     assert tr["max_rss_mib"] > 0 and tr["train_compile_s"] > 0
     ge = benchmark.bench_generate(smoke_workdir, "ldm", batch=4, ddim_repeats=1, ddpm_repeats=1)
     assert ge["timesteps"] == 50 and ge["gen_batch"] == 4 and ge["params"] == tr["params"]

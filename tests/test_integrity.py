@@ -61,23 +61,31 @@ HOW = ["bitflip", "truncate", "_sharding", "_CHECKPOINT_METADATA", "config", "me
        "no_state", "no_commit"]
 
 
-@pytest.mark.parametrize("how", HOW)
-def test_damaged_latest_checkpoint_is_refused_then_resumed_past(trained, tmp_path, how):
-    intact, reference = trained
+def _damaged_copy(trained, tmp_path, how):
+    intact, _ = trained
     workdir = tmp_path / "w"
     shutil.copytree(intact, workdir)
-    stage_dir = str(workdir / "vae")
-    _damage(os.path.join(stage_dir, "checkpoints", "6"), how)
+    _damage(os.path.join(workdir, "vae", "checkpoints", "6"), how)
+    return workdir, str(workdir / "vae")
 
-    # Readers: one line naming the damaged step and the newest intact one.
+
+@pytest.mark.parametrize("how", HOW)
+def test_readers_refuse_a_damaged_checkpoint_and_name_the_intact_one(trained, tmp_path, how):
+    _, stage_dir = _damaged_copy(trained, tmp_path, how)
     with pytest.raises(checkpoints.CheckpointError) as e:
         checkpoints.load_checkpoint(stage_dir)
     message = str(e.value)
     assert "step 6" in message and "--step=3" in message and "\n" not in message, message
-    params, _, meta = checkpoints.load_checkpoint(stage_dir, step=3)
+    _, _, meta = checkpoints.load_checkpoint(stage_dir, step=3)
     assert meta["step"] == 3
 
-    # Training: falls back to step 3, moves step 6 aside, ends equal to the uninterrupted run.
+
+# Each resume retrains 3 steps; two kinds of damage in the default suite, all with -m slow.
+@pytest.mark.parametrize("how", [h if h in ("bitflip", "no_commit") else
+                                 pytest.param(h, marks=pytest.mark.slow) for h in HOW])
+def test_resume_falls_back_to_the_newest_intact_checkpoint(trained, tmp_path, how):
+    _, reference = trained
+    workdir, stage_dir = _damaged_copy(trained, tmp_path, how)
     state = train.train_and_evaluate(_config(), str(workdir))
     chex.assert_trees_all_close(state.ema_params, reference, atol=1e-6, rtol=1e-6)
     assert os.path.isdir(os.path.join(stage_dir, "checkpoints", "corrupt-6"))

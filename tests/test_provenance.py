@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import ROOT, run_module
+from conftest import ROOT, run_main, run_module
 from ldm_jax import checkpoints, configs, train
 
 
@@ -55,25 +55,25 @@ def test_vae_under_an_ldm_cannot_be_trained_further(smoke_workdir, tmp_path):
     assert r.returncode == 0 and "nothing to do" in r.stderr, r.stderr[-1500:]
 
 
-def test_ldm_resumes_on_the_vae_it_was_trained_on(tmp_path):
+def test_ldm_resumes_on_the_vae_it_was_trained_on(smoke_workdir, tmp_path):
     """Item 2: an LDM resume never re-encodes with another VAE: a different VAE put in
-    workdir/vae (same step) is refused, and the scale factor is the stored one."""
-    w = str(tmp_path)
-    train.train_and_evaluate(_config("vae"), w)
-    train.train_and_evaluate(_config("ldm"), w, stop_at_step=3)
-    first = checkpoints.stored_meta(os.path.join(w, "ldm"))
-    os.rename(tmp_path / "vae", tmp_path / "vae-original")
+    workdir/vae (same step) is refused, and the stored VAE step, digest and scale are kept."""
+    w = tmp_path / "w"
+    shutil.copytree(smoke_workdir, w)
+    first = checkpoints.stored_meta(str(w / "ldm"))
     other = _config("vae")
     other.seed = 1
     train.train_and_evaluate(other, str(tmp_path / "other"))
-    shutil.copytree(tmp_path / "other" / "vae", tmp_path / "vae")  # same step, other weights
+    os.rename(w / "vae", tmp_path / "vae-original")
+    shutil.copytree(tmp_path / "other" / "vae", w / "vae")  # same step, other weights
+    longer = _config("ldm", steps=8)
     with pytest.raises(configs.ConfigError, match="not the VAE the LDM"):
-        train.train_and_evaluate(_config("ldm"), w)
-    shutil.rmtree(tmp_path / "vae")
-    os.rename(tmp_path / "vae-original", tmp_path / "vae")
-    train.train_and_evaluate(_config("ldm"), w)
-    last = checkpoints.stored_meta(os.path.join(w, "ldm"))
-    assert last["step"] == 6 and last["finished"]
+        train.train_and_evaluate(longer, str(w))
+    shutil.rmtree(w / "vae")
+    os.rename(tmp_path / "vae-original", w / "vae")
+    train.train_and_evaluate(longer, str(w))
+    last = checkpoints.stored_meta(str(w / "ldm"))
+    assert last["step"] == 8 and last["finished"]
     for k in ("vae_step", "vae_digest", "scale_factor"):
         assert last[k] == first[k], k
 
@@ -142,8 +142,10 @@ def test_ctrl_c_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
     args = ["--stage=vae", "--preset=smoke", f"--workdir={tmp_path}",
             "--config.train.steps=100000", "--config.train.ckpt_every=2",
             "--config.train.log_every=1000"]
+    # xdist workers ignore SIGINT and children inherit that: restore it, as in a terminal.
     proc = subprocess.Popen([sys.executable, "-m", "ldm_jax.train", *args], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     ckpt_dir = tmp_path / "vae" / "checkpoints"
     t0 = time.time()
     while not (ckpt_dir.is_dir() and any(n.isdigit() and int(n) >= 4 for n in os.listdir(ckpt_dir))):
@@ -164,7 +166,7 @@ def test_pipeline_never_replaces_a_different_grid(tmp_path):
     """Item 5: a rerun with the same settings redraws nothing; another --num is refused
     before any work; `--config.<stage>.*` overrides reach that stage only."""
     w = tmp_path / "w"
-    r = run_module("pipeline", f"--workdir={w}", "--preset=smoke", "--num=4",
+    r = run_main("pipeline", f"--workdir={w}", "--preset=smoke", "--num=4",
                    "--config.ldm.train.steps=4")
     assert r.returncode == 0, r.stderr[-1500:]
     assert checkpoints.stored_meta(str(w / "ldm"))["step"] == 4
@@ -174,15 +176,15 @@ def test_pipeline_never_replaces_a_different_grid(tmp_path):
         provenance = json.loads(str(z["provenance"]))
     assert images.shape == (4, 28, 28) and provenance["num"] == 4 and provenance["step"] == 4
     before = _snapshot(w)
-    r = run_module("pipeline", f"--workdir={w}", "--preset=smoke", "--num=4",
+    r = run_main("pipeline", f"--workdir={w}", "--preset=smoke", "--num=4",
                    "--config.ldm.train.steps=4")
     assert r.returncode == 0 and "up to date" in r.stderr, r.stderr[-1500:]
-    r = run_module("pipeline", f"--workdir={w}", "--preset=smoke", "--num=9",
+    r = run_main("pipeline", f"--workdir={w}", "--preset=smoke", "--num=9",
                    "--config.ldm.train.steps=4")
     assert r.returncode == 2 and "num=4" in r.stderr, r.stderr[-1500:]
     assert len(r.stderr.strip().splitlines()) == 1
-    r = run_module("pipeline", f"--workdir={w}", "--preset=smoke", "--stages=",)
+    r = run_main("pipeline", f"--workdir={w}", "--preset=smoke", "--stages=",)
     assert r.returncode == 2 and "--stages is empty" in r.stderr, r.stderr[-1500:]
-    r = run_module("pipeline", f"--workdir={w}", "--preset=smoke", "--config.pixel.seed=3")
+    r = run_main("pipeline", f"--workdir={w}", "--preset=smoke", "--config.pixel.seed=3")
     assert r.returncode == 2 and "not in --stages" in r.stderr, r.stderr[-1500:]
     assert _snapshot(w) == before

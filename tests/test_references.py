@@ -50,3 +50,29 @@ def test_ema_after_k_steps_matches_numpy(decay):
     want = ema_reference(history, decay)
     np.testing.assert_allclose(np.asarray(state.ema_params["w"], np.float64), want, rtol=1e-6, atol=1e-7)
     assert np.abs(want - history[-1]).min() > 1e-3  # the EMA lags: equal to params would fail
+
+
+def test_latents_encode_scale_unscale_decode_round_trip(smoke_workdir):
+    """The LDM's view of the first stage: posterior samples of the images the scale factor
+    was measured on have unit std after scaling, and unscale -> decode is exactly decode
+    of the posterior sample (the LDM decodes z / scale_factor once, at the end)."""
+    import os
+
+    from ldm_jax import checkpoints, data, nets, stages
+
+    ldm_meta = checkpoints.stored_meta(os.path.join(smoke_workdir, "ldm"))
+    vae, variables, cfg, vae_meta = checkpoints.load_vae(smoke_workdir, ldm_meta["vae_step"])
+    images, _ = data.load("package", "train")
+    images = data.to_float(images[:cfg["data"]["max_examples"]])
+    mean, std = stages.encode_dataset(vae, variables, images)
+    z = mean + std * np.random.default_rng(0).standard_normal(mean.shape).astype(np.float32)
+    scaled = z * ldm_meta["scale_factor"]
+    assert ldm_meta["scale_factor"] == pytest.approx(1.0 / vae_meta["latent_std_sample"])
+    assert abs(float(np.std(scaled, dtype=np.float64)) - 1.0) < 0.02
+    decode = jax.jit(lambda v, z: vae.apply(v, z, method=nets.VAE.decode))
+    np.testing.assert_allclose(decode(variables, scaled[:64] / ldm_meta["scale_factor"]),
+                               decode(variables, z[:64]), atol=1e-5)
+    # Decoding the posterior mean is the autoencoder's reconstruction of the image.
+    recon, _ = jax.jit(lambda v, x: vae.apply(v, x, method=nets.VAE.reconstruct))(
+        variables, images[:64])
+    np.testing.assert_allclose(decode(variables, mean[:64]), recon, atol=1e-5)

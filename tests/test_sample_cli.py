@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import run_module
+from conftest import run_main, run_module
 
 
 def _one_line_exit_2(r, message):
@@ -27,27 +27,27 @@ def _one_line_exit_2(r, message):
     (["--label=\u00b2"], "--label must be a digit 0-9 or 'all'"),
     (["--label=\u0663"], "--label must be a digit 0-9 or 'all'"),
     (["--label=all", "--num=3"], "--num must be a multiple of 10, got 3"),
-    (["--sampler=euler"], "--sampler must be ddpm or ddim"),
+    (["--sampler=euler"], "--sampler must be one of ddpm, ddim, dpmpp2m"),
     (["out=x.png"], "out=x.png"),
 ])
-def test_sample_refuses(smoke_workdir, tmp_path, args, message):
-    r = run_module("sample", f"--workdir={smoke_workdir}", f"--out={tmp_path / 'g.png'}", *args,
-                   cwd=str(tmp_path))
+def test_sample_refuses(smoke_workdir, tmp_path, args, message, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = run_main("sample", f"--workdir={smoke_workdir}", f"--out={tmp_path / 'g.png'}", *args)
     _one_line_exit_2(r, message)
     assert not os.listdir(tmp_path)
 
 
 def test_sample_refuses_bad_places(smoke_workdir, tmp_path):
     (tmp_path / "adir.png").mkdir()
-    r = run_module("sample", f"--workdir={smoke_workdir}", f"--out={tmp_path / 'adir.png'}")
+    r = run_main("sample", f"--workdir={smoke_workdir}", f"--out={tmp_path / 'adir.png'}")
     _one_line_exit_2(r, "adir.png")
     (tmp_path / "g.npz").mkdir()  # the .npz sibling of --out=g.png is a directory
-    r = run_module("sample", f"--workdir={smoke_workdir}", f"--out={tmp_path / 'g.png'}")
+    r = run_main("sample", f"--workdir={smoke_workdir}", f"--out={tmp_path / 'g.png'}")
     _one_line_exit_2(r, "g.npz")
     assert sorted(os.listdir(tmp_path)) == ["adir.png", "g.npz"]
     afile = tmp_path / "afile"
     afile.write_text("x")
-    r = run_module("sample", f"--workdir={afile}", f"--out={tmp_path / 'h.png'}")
+    r = run_main("sample", f"--workdir={afile}", f"--out={tmp_path / 'h.png'}")
     _one_line_exit_2(r, "afile")
     assert "train" not in r.stderr  # a file is not an untrained workdir
 
@@ -61,3 +61,8 @@ def test_sample_uses_the_config_sampler_and_writes_both_files(smoke_workdir, tmp
     with np.load(tmp_path / "g.npz", allow_pickle=False) as z:
         assert z["images"].shape == (4, 28, 28) and z["images"].dtype == np.uint8
     assert out.stat().st_size > 0 and sorted(os.listdir(tmp_path)) == ["g.npz", "g.png"]
+    r = run_module("sample", f"--workdir={smoke_workdir}", "--stage=ldm", "--sampler=dpmpp2m",
+                   "--steps=4", "--num=4", f"--out={tmp_path / 'd.png'}")
+    assert r.returncode == 0 and "dpmpp2m" in r.stderr, r.stderr[-1500:]
+    with np.load(tmp_path / "d.npz", allow_pickle=False) as z:
+        assert z["images"].shape == (4, 28, 28) and z["images"].std() > 0

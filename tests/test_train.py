@@ -18,7 +18,10 @@ from ldm_jax import checkpoints, configs, stages, train
 
 @pytest.mark.parametrize("stage,overrides", [
     ("vae", {}), ("vae", {"autoencoder.reg": "vq", "loss.perceptual_weight": 1.0}),
-    ("vae", {"loss.perceptual_weight": 1.0}), ("pixel", {}), ("classifier", {})])
+    ("vae", {"loss.perceptual_weight": 1.0}), ("pixel", {}), ("classifier", {}),
+    ("pixel", {"diffusion.prediction": "v", "diffusion.loss_weighting": "min_snr",
+               "diffusion.zero_terminal_snr": True}),
+    ("pixel", {"diffusion.prediction": "x0", "diffusion.loss_weighting": "min_snr"})])
 def test_steps_lower_the_loss_on_a_fixed_batch(stage, overrides):
     c = configs.get_config(stage, "smoke")
     configs.apply_overrides(c, overrides)
