@@ -25,7 +25,13 @@ from ldm_jax import configs, models
 
 # Config fields that may change between a run and its resumption.
 RESUMABLE_FIELDS = ("preset", "train.steps", "train.max_minutes", "train.log_every",
-                    "train.ckpt_every", "train.keep_checkpoints", "train.skip_nonfinite")
+                    "train.ckpt_every", "train.keep_checkpoints", "train.skip_nonfinite",
+                    "sample.sampler", "sample.steps", "sample.eta")
+
+# What a stored config that lacks a field was trained with, where that differs from
+# today's default (the recipe's defaults changed on 2026-11-26 from eps + uniform).
+LEGACY_VALUES = {"diffusion.prediction": "eps", "diffusion.loss_weighting": "uniform",
+                 "diffusion.zero_terminal_snr": False}
 
 
 def checkpoint_manager(stage_dir: str, keep: int = 3, create: bool = True,
@@ -173,9 +179,10 @@ def config_from_stored(stored: dict) -> ml_collections.ConfigDict:
     """A checkpoint's config dict as a ConfigDict, with fields added since it was written
     set to their defaults."""
     c = configs.get_config(stored["stage"], stored.get("preset", "full"))
-    flat = _flatten(stored)
+    known = _flatten(c.to_dict())
+    flat = {**{k: v for k, v in LEGACY_VALUES.items() if k in known}, **_flatten(stored)}
     c.update_from_flattened_dict({k: tuple(v) if isinstance(v, list) else v
-                                  for k, v in flat.items() if k in _flatten(c.to_dict())})
+                                  for k, v in flat.items() if k in known})
     return c
 
 
@@ -189,7 +196,9 @@ def check_resumable(c, stage_dir: str) -> None:
                                   f"not {c.stage!r}; use another workdir")
     # Fields added since the checkpoint was written count as their defaults.
     defaults = configs.get_config(c.stage, old.get("preset", c.preset)).to_dict()
-    old_flat, new_flat = {**_flatten(defaults), **_flatten(old)}, _flatten(c.to_dict())
+    old_flat = {**_flatten(defaults), **{k: v for k, v in LEGACY_VALUES.items()
+                                         if k in _flatten(defaults)}, **_flatten(old)}
+    new_flat = _flatten(c.to_dict())
     diff = sorted(k for k in set(old_flat) | set(new_flat)
                   if k not in RESUMABLE_FIELDS and old_flat.get(k) != new_flat.get(k))
     if diff:

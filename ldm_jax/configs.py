@@ -67,8 +67,9 @@ def _diffusion(c: ml_collections.ConfigDict, preset: str) -> None:
     c.diffusion.var_type = "fixed_small"  # DDPM sampling variance: fixed_small (beta~) | fixed_large (beta)
     c.diffusion.clip_x0 = c.stage == "pixel"  # clip predicted x_0 to [-1, 1] (pixels only)
     # The recipe (issue 10; docs/results.md has the ablation that chose the defaults):
-    c.diffusion.prediction = "eps"  # what the U-Net predicts: eps | v (Salimans & Ho 2022) | x0
-    c.diffusion.loss_weighting = "uniform"  # uniform | min_snr (Min-SNR-gamma, Hang et al. 2023)
+    # v + min_snr: classifier FID 155 vs 262 for eps + uniform at 600 LDM steps (DDIM-50).
+    c.diffusion.prediction = "v"  # what the U-Net predicts: eps | v (Salimans & Ho 2022) | x0
+    c.diffusion.loss_weighting = "min_snr"  # uniform | min_snr (Min-SNR-gamma, Hang et al. 2023)
     c.diffusion.min_snr_gamma = 5.0  # gamma of min_snr
     c.diffusion.zero_terminal_snr = False  # rescale betas so alpha_bar_T = 0 (Lin et al. 2024; v or x0)
 
@@ -85,8 +86,9 @@ def _diffusion(c: ml_collections.ConfigDict, preset: str) -> None:
     c.model.context_dim = 64  # crossattn: width of each token
 
     c.sample = ml_collections.ConfigDict()
-    c.sample.sampler = "ddim"  # default sampler of sample/pipeline: ddpm | ddim | dpmpp2m
-    c.sample.steps = 100  # DDIM / DPM-Solver++ steps
+    # DPM-Solver++(2M) at 20 steps beat DDIM at 50 for every recipe in the ablation.
+    c.sample.sampler = "dpmpp2m"  # default sampler of sample/pipeline: ddpm | ddim | dpmpp2m
+    c.sample.steps = 20  # DDIM / DPM-Solver++ steps
     c.sample.eta = 0.0  # DDIM eta in [0, 1] (0 = deterministic, 1 = DDPM-like)
 
     if c.stage == "ldm":

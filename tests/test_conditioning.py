@@ -95,7 +95,8 @@ def test_conditional_smoke_run_samples_every_label(smoke_workdir, tmp_path, stag
     # w = 0 is plain conditional sampling: the same as guidance off for a labelled call.
     run = sample.sample_fn(gen, 10, "ddim", 3)
     cond = run(jax.random.key(5), labels, 0.0)
-    eps_fn = lambda x, t: gen.unet.apply({"params": gen.params}, x, t, jnp.asarray(labels))
+    net_fn = lambda x, t: gen.unet.apply({"params": gen.params}, x, t, jnp.asarray(labels))
+    eps_fn = diffusion.eps_fn_from_model(net_fn, gen.sched, gen.config["diffusion"]["prediction"])
     plain = diffusion.ddim_sample(eps_fn, gen.sched, jax.random.key(5), (10, *gen.shape), 3, 0.0,
                                   bool(gen.config["diffusion"]["clip_x0"]))
     if gen.vae is not None:

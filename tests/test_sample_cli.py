@@ -57,7 +57,7 @@ def test_sample_uses_the_config_sampler_and_writes_both_files(smoke_workdir, tmp
     r = run_module("sample", f"--workdir={smoke_workdir}", "--stage=pixel", f"--out={out}",
                    "--num=4")
     assert r.returncode == 0, r.stderr[-1500:]
-    assert "ddim" in r.stderr  # the smoke config's sample.sampler
+    assert "dpmpp2m" in r.stderr  # the config's sample.sampler
     with np.load(tmp_path / "g.npz", allow_pickle=False) as z:
         assert z["images"].shape == (4, 28, 28) and z["images"].dtype == np.uint8
     assert out.stat().st_size > 0 and sorted(os.listdir(tmp_path)) == ["g.npz", "g.png"]

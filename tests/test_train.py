@@ -21,7 +21,8 @@ from ldm_jax import checkpoints, configs, stages, train
     ("vae", {"loss.perceptual_weight": 1.0}), ("pixel", {}), ("classifier", {}),
     ("pixel", {"diffusion.prediction": "v", "diffusion.loss_weighting": "min_snr",
                "diffusion.zero_terminal_snr": True}),
-    ("pixel", {"diffusion.prediction": "x0", "diffusion.loss_weighting": "min_snr"})])
+    pytest.param("pixel", {"diffusion.prediction": "x0", "diffusion.loss_weighting": "min_snr"},
+                 marks=pytest.mark.slow)])
 def test_steps_lower_the_loss_on_a_fixed_batch(stage, overrides):
     c = configs.get_config(stage, "smoke")
     configs.apply_overrides(c, overrides)
@@ -140,7 +141,10 @@ def test_config_from_stored_fills_fields_added_later():
     old = configs.get_config("ldm", "cpu-quick").to_dict()
     del old["model"]["conditioning"], old["model"]["label_dropout"]
     old["optim"]["lr"] = 3e-4
+    del old["diffusion"]["prediction"], old["diffusion"]["loss_weighting"]
     c = checkpoints.config_from_stored(old)
     assert c.model.conditioning == "none" and c.model.label_dropout == 0.1
+    # Written before the recipe options: it was an eps model with the uniform loss.
+    assert c.diffusion.prediction == "eps" and c.diffusion.loss_weighting == "uniform"
     assert c.optim.lr == 3e-4 and tuple(c.model.ch_mult) == (1, 2)
     configs.validate(c)
