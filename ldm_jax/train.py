@@ -128,13 +128,18 @@ def _truncate_log(path: str, last_step: int) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _tally_step(state, tally, arrays, indices, key, *, loss_fn, ema_decay, batch_sharding):
-    """train_step on the batch arrays[indices] (the dataset stays on the device; only the
-    indices travel), plus on-device sums of the metrics over the log interval (finite
-    steps only), the count of non-finite steps and the first bad step: nothing leaves the
-    device until a log or checkpoint boundary reads the tally."""
+def _gather_step(state, tally, arrays, indices, key, *, batch_sharding, **kwargs):
+    """_tally_step on the batch arrays[indices]: the dataset stays on the device and only
+    the indices travel (the accelerator path)."""
     batch = jax.lax.with_sharding_constraint({k: v[indices] for k, v in arrays.items()},
                                              batch_sharding)
+    return _tally_step(state, tally, batch, key, **kwargs)
+
+
+def _tally_step(state, tally, batch, key, *, loss_fn, ema_decay):
+    """train_step, plus on-device sums of the metrics over the log interval (finite steps
+    only), the count of non-finite steps and the first bad step: nothing leaves the device
+    until a log or checkpoint boundary reads the tally."""
     step = state.step
     state, metrics = train_step(state, batch, key, loss_fn=loss_fn, ema_decay=ema_decay)
     finite = metrics.pop("finite")
@@ -203,13 +208,20 @@ def _run(c: ml_collections.ConfigDict, workdir: str, task: stages.Task,
                                  model_state=model_state)
 
     state = jax.jit(init_state, out_shardings=replicated)(init_key)
-    step_fn = jax.jit(functools.partial(_tally_step, loss_fn=task.loss_fn,
-                                        ema_decay=c.optim.ema_decay, batch_sharding=sharded),
-                      donate_argnums=(0, 1))
-    # The training set (images, or the LDM's encoded latents: 60,000 x 7x7x4 floats is
-    # 47 MB) goes to every device once; each step sends only its batch indices.
-    arrays = {k: jax.make_array_from_process_local_data(replicated, v)
-              for k, v in task.arrays.items()}
+    # On an accelerator the training set (images, or the LDM's encoded latents: 60,000 x
+    # 7x7x4 floats is 47 MB) goes to every device once and each step sends only its batch
+    # indices. On the CPU the host is the device: batches are sliced in numpy, which
+    # measured faster there (VAE cpu-quick: see docs/results.md).
+    device_data = bool(task.arrays) and os.environ.get(
+        "LDM_JAX_DEVICE_DATA", "auto" if jax.default_backend() != "cpu" else "0") != "0"
+    kwargs = dict(loss_fn=task.loss_fn, ema_decay=c.optim.ema_decay)
+    if device_data:
+        step_fn = jax.jit(functools.partial(_gather_step, batch_sharding=sharded, **kwargs),
+                          donate_argnums=(0, 1))
+        arrays = {k: jax.make_array_from_process_local_data(replicated, v)
+                  for k, v in task.arrays.items()}
+    else:
+        step_fn = jax.jit(functools.partial(_tally_step, **kwargs), donate_argnums=(0, 1))
 
     # Checkpoint: resume from the newest intact one (damaged newer ones are moved aside).
     restored, resumed = checkpoints.restore_for_training(
@@ -274,9 +286,14 @@ def _run(c: ml_collections.ConfigDict, workdir: str, task: stages.Task,
 
     try:
         for step in range(start, end):
-            indices = jax.make_array_from_process_local_data(sharded, task.get_indices(step))
-            state, tally = step_fn(state, tally, arrays, indices,
-                                   jax.random.fold_in(train_key, step))
+            key = jax.random.fold_in(train_key, step)
+            if device_data:
+                indices = jax.make_array_from_process_local_data(sharded, task.get_indices(step))
+                state, tally = step_fn(state, tally, arrays, indices, key)
+            else:
+                batch = {k: jax.make_array_from_process_local_data(sharded, v)
+                         for k, v in task.get_batch(step).items()}
+                state, tally = step_fn(state, tally, batch, key)
             bar.update(1)
             last = step + 1 == end
             if (step + 1) % c.train.log_every == 0 or last:
