@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
         sampler = fv.sampler or gen.config["sample"].get("sampler", "ddim")
         steps = fv.steps or gen.config["sample"]["steps"]
         eta = gen.config["sample"].get("eta", 0.0) if fv.eta is None else fv.eta
-        if sampler == "ddim" and steps > gen.sched.num_timesteps:
+        if sampler != "ddpm" and steps > gen.sched.num_timesteps:
             raise cli.UsageError(f"--steps={steps} exceeds the {gen.sched.num_timesteps} "
                                  "timesteps of this model")
     except (cli.UsageError, configs.ConfigError) as e:

@@ -87,6 +87,7 @@ def test_perceptual_loss_is_zero_for_identical_images_and_positive_otherwise():
     assert float(jnp.max(jnp.abs(g))) > 0
 
 
+@pytest.mark.slow  # in `-m slow` to keep the default suite under 10 minutes on 2 cores
 def test_vq_variant_trains_resumes_and_samples(tmp_path):
     """VQ end to end (the perceptual loss lowers its loss with either regulariser in
     test_train; plain KL is the smoke workdir every other test uses)."""

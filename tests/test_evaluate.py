@@ -53,6 +53,7 @@ def test_classifier_npz_round_trip(tmp_path):
     assert meta2 == meta
 
 
+@pytest.mark.slow  # in `-m slow` to keep the default suite under 10 minutes on 2 cores
 def test_benchmark_measures_training_and_generation(smoke_workdir):
     """The cost half of evaluate (which runs each of these in a subprocess of its own)."""
     tr = benchmark.bench_train(smoke_workdir, "ldm", steps=2)

@@ -97,6 +97,7 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(trained, tmp_path, ho
 def test_sample_and_the_ldm_refuse_damaged_checkpoints_in_one_line(smoke_workdir, tmp_path):
     workdir = tmp_path / "w"
     shutil.copytree(smoke_workdir, workdir)
+    shutil.rmtree(workdir / "eval", ignore_errors=True)  # another test may have evaluated it
     _damage(str(workdir / "pixel" / "checkpoints" / "6"), "bitflip")
     r = run_module("sample", f"--workdir={workdir}", "--stage=pixel", f"--out={tmp_path / 'g.png'}")
     assert r.returncode == 2, r.stderr[-1500:]

@@ -48,6 +48,7 @@ def _complete_steps(names):
     return sorted(int(n) for n in names if n.isdigit())
 
 
+@pytest.mark.slow  # in `-m slow` to keep the default suite under 10 minutes on 2 cores
 def test_sigkill_at_several_points_then_resume_matches_uninterrupted(tmp_path):
     reference = train.train_and_evaluate(_config(), str(tmp_path / "reference"))
     workdir = tmp_path / "killed"

@@ -1,6 +1,7 @@
 """Two processes through jax.distributed (CPU collectives over gloo on 127.0.0.1) end with
 the same parameters as one process with the same global batch."""
 
+import pytest
 import json
 import os
 import socket
@@ -26,6 +27,7 @@ def _losses(workdir):
     return [json.loads(line)["loss"] for line in open(os.path.join(workdir, "vae", "metrics.jsonl"))]
 
 
+@pytest.mark.slow  # in `-m slow` to keep the default suite under 10 minutes on 2 cores
 def test_two_processes_match_one(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     one = subprocess.run([sys.executable, *ARGS, f"--workdir={tmp_path / 'one'}"], cwd=ROOT,

@@ -10,6 +10,7 @@ nbclient = pytest.importorskip("nbclient", reason="nbclient (the [test] extra) r
 import nbformat  # noqa: E402  (installed with nbclient)
 
 
+@pytest.mark.slow  # in `-m slow` to keep the default suite under 10 minutes on 2 cores
 def test_explore_notebook_executes(smoke_workdir, monkeypatch):
     monkeypatch.setenv("LDM_JAX_WORKDIR", smoke_workdir)  # absolute: os.path.join keeps it
     nb = nbformat.read(os.path.join(ROOT, "notebooks", "explore.ipynb"), as_version=4)

@@ -1,10 +1,12 @@
 """The README's main command, on the smoke preset: VAE -> LDM -> grid, and its bad input."""
 
+import pytest
 import numpy as np
 
 from conftest import run_module
 
 
+@pytest.mark.slow  # in `-m slow` to keep the default suite under 10 minutes on 2 cores
 def test_pipeline_smoke_writes_grid_and_resumes(tmp_path):
     r = run_module("pipeline", f"--workdir={tmp_path}", "--preset=smoke", "--num=8")
     assert r.returncode == 0, r.stderr[-1500:]

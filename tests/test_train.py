@@ -19,8 +19,8 @@ from ldm_jax import checkpoints, configs, stages, train
 @pytest.mark.parametrize("stage,overrides", [
     ("vae", {}), ("vae", {"autoencoder.reg": "vq", "loss.perceptual_weight": 1.0}),
     ("vae", {"loss.perceptual_weight": 1.0}), ("pixel", {}), ("classifier", {}),
-    ("pixel", {"diffusion.prediction": "v", "diffusion.loss_weighting": "min_snr",
-               "diffusion.zero_terminal_snr": True}),
+    pytest.param("pixel", {"diffusion.prediction": "v", "diffusion.loss_weighting": "min_snr",
+                           "diffusion.zero_terminal_snr": True}, marks=pytest.mark.slow),
     pytest.param("pixel", {"diffusion.prediction": "x0", "diffusion.loss_weighting": "min_snr"},
                  marks=pytest.mark.slow)])
 def test_steps_lower_the_loss_on_a_fixed_batch(stage, overrides):
@@ -150,6 +150,7 @@ def test_config_from_stored_fills_fields_added_later():
     configs.validate(c)
 
 
+@pytest.mark.slow  # in `-m slow` to keep the default suite under 10 minutes on 2 cores
 def test_device_resident_data_equals_host_batches(tmp_path, monkeypatch):
     """The accelerator path (dataset on the device, each step gathers its batch from the
     indices it is sent) trains exactly what the CPU path (numpy batches) trains."""
