@@ -134,21 +134,22 @@ def leaf_digests(tree) -> dict[str, str]:
     return out
 
 
-def tree_digest(tree) -> str:
-    """One SHA-256 over a pytree's leaf digests: the identity of a set of weights."""
+def _combine(leaves: dict[str, str]) -> str:
     h = hashlib.sha256()
-    for key, value in sorted(leaf_digests(tree).items()):
+    for key, value in sorted(leaves.items()):
         h.update(f"{key}={value}\n".encode())
     return h.hexdigest()
+
+
+def tree_digest(tree) -> str:
+    """One SHA-256 over a pytree's leaf digests: the identity of a set of weights."""
+    return _combine(leaf_digests(tree))
 
 
 def state_digests(state) -> dict:
     """What a checkpoint's meta stores: every leaf's digest and one over the whole tree."""
     leaves = leaf_digests(state)
-    h = hashlib.sha256()
-    for key, value in sorted(leaves.items()):
-        h.update(f"{key}={value}\n".encode())
-    return dict(leaves=leaves, tree=h.hexdigest())
+    return dict(leaves=leaves, tree=_combine(leaves))
 
 
 _UNVERIFIED_NOTED: set = set()

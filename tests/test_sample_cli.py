@@ -7,12 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import run_main, run_module
-
-
-def _one_line_exit_2(r, message):
-    assert r.returncode == 2, (r.returncode, r.stderr[-1500:])
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], r.stderr
+from test_bad_input import _one_line_exit_2
 
 
 @pytest.mark.parametrize("args,message", [
