@@ -13,6 +13,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -34,8 +35,48 @@ def downsampled_sizes(size: int, levels: int) -> list[int]:
 
 
 def upsample_to(x: Array, size: int) -> Array:
-    """Nearest-neighbour resize of x [B, H, W, C] to [B, size, size, C] (7 -> 14, 4 -> 7)."""
-    return jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), "nearest")
+    """Nearest-neighbour resize of x [B, H, W, C] to [B, size, size, C] (7 -> 14, 4 -> 7):
+    exactly jax.image.resize(..., 'nearest'), written as a repeat for integer factors and
+    a gather of fixed indices otherwise, whose gradients XLA:CPU computes up to 6x faster."""
+    side = x.shape[1]
+    if size % side == 0:
+        f = size // side
+        return jnp.repeat(jnp.repeat(x, f, axis=1), f, axis=2)
+    index = np.floor((np.arange(size) + 0.5) * side / size).astype(np.int32)
+    return jnp.take(jnp.take(x, index, axis=1), index, axis=2)
+
+
+def group_norm(x: Array, scale: Array, bias: Array, groups: int, eps: float = 1e-6) -> Array:
+    """GroupNorm (Wu & He 2018) of x [B, ..., C] over all but the batch axis, per group of
+    C // groups channels, then a per-channel affine: the same function as
+    flax.linen.GroupNorm (including its E[x^2] - E[x]^2 variance), written as one affine
+    x * a + b with a, b [B, 1, .., C], which XLA:CPU differentiates about twice as fast.
+    Statistics are float32 whatever x's dtype; the output has x's dtype."""
+    b, c = x.shape[0], x.shape[-1]
+    axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
+    xg = x.astype(jnp.float32).reshape(x.shape[:-1] + (groups, c // groups))
+    mean = jnp.mean(xg, axis=axes, keepdims=True)
+    var = jnp.maximum(jnp.mean(jnp.square(xg), axis=axes, keepdims=True) - jnp.square(mean), 0.0)
+    inv = jax.lax.rsqrt(var + eps)  # [B, 1, .., groups, 1]
+    per_channel = lambda g: jnp.broadcast_to(g, g.shape[:-1] + (c // groups,)).reshape(
+        (b,) + (1,) * (x.ndim - 2) + (c,))
+    a = per_channel(inv) * scale
+    return (x * a + (bias - per_channel(mean) * a)).astype(x.dtype)
+
+
+class GroupNorm(nn.Module):
+    """flax.linen.GroupNorm's parameters ('scale', 'bias') and function, via `group_norm`."""
+    num_groups: int = 8
+    epsilon: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = x.shape[-1]
+        if self.num_groups <= 0 or c % self.num_groups:
+            raise ValueError(f"{self.num_groups} groups do not divide {c} channels")
+        scale = self.param("scale", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        return group_norm(x, scale, bias, self.num_groups, self.epsilon)
 
 
 class ResBlock(nn.Module):
@@ -45,10 +86,10 @@ class ResBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, emb: Array | None = None) -> Array:
-        h = nn.Conv(self.out_ch, (3, 3))(nn.swish(nn.GroupNorm(self.groups)(x)))
+        h = nn.Conv(self.out_ch, (3, 3))(nn.swish(GroupNorm(self.groups)(x)))
         if emb is not None:
             h = h + nn.Dense(self.out_ch)(nn.swish(emb))[:, None, None, :]
-        h = nn.swish(nn.GroupNorm(self.groups)(h))
+        h = nn.swish(GroupNorm(self.groups)(h))
         h = nn.Conv(self.out_ch, (3, 3), kernel_init=nn.initializers.zeros)(h)
         if x.shape[-1] != self.out_ch:
             x = nn.Conv(self.out_ch, (1, 1))(x)
@@ -63,7 +104,7 @@ class AttnBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         b, h, w, c = x.shape
-        y = nn.GroupNorm(self.groups)(x).reshape(b, h * w, c)
+        y = GroupNorm(self.groups)(x).reshape(b, h * w, c)
         y = nn.MultiHeadDotProductAttention(
             num_heads=self.heads, out_kernel_init=nn.initializers.zeros)(y, y)
         return x + y.reshape(b, h, w, c)
@@ -82,7 +123,7 @@ class SpatialTransformer(nn.Module):
     def __call__(self, x: Array, context: Array) -> Array:
         """x [B, H, W, C], context [B, L, D] -> [B, H, W, C]."""
         b, h, w, c = x.shape
-        y = nn.Dense(c, name="proj_in")(nn.GroupNorm(self.groups)(x).reshape(b, h * w, c))
+        y = nn.Dense(c, name="proj_in")(GroupNorm(self.groups)(x).reshape(b, h * w, c))
         y = y + nn.MultiHeadDotProductAttention(self.heads, name="self_attn")(nn.LayerNorm()(y))
         y = y + nn.MultiHeadDotProductAttention(self.heads, name="cross_attn")(
             nn.LayerNorm()(y), context)
@@ -172,7 +213,7 @@ class UNet(nn.Module):
             if level > 0:
                 h = nn.Conv(h.shape[-1], (3, 3))(upsample_to(h, sizes[level - 1]))
         assert not skips
-        h = nn.swish(nn.GroupNorm(self.groups)(h))
+        h = nn.swish(GroupNorm(self.groups)(h))
         return nn.Conv(x.shape[-1], (3, 3), kernel_init=nn.initializers.zeros)(h)
 
 
@@ -191,7 +232,7 @@ class Encoder(nn.Module):
                 h = ResBlock(ch, self.groups)(h)
             h = nn.Conv(ch, (3, 3), strides=(2, 2))(h)
         h = ResBlock(self.channels[-1], self.groups)(h)
-        h = nn.swish(nn.GroupNorm(self.groups)(h))
+        h = nn.swish(GroupNorm(self.groups)(h))
         return nn.Conv(self.out_ch, (1, 1))(h)
 
 
@@ -211,7 +252,7 @@ class Decoder(nn.Module):
             h = nn.Conv(self.channels[level], (3, 3))(upsample_to(h, sizes[level]))
             for _ in range(self.num_res_blocks):
                 h = ResBlock(self.channels[level], self.groups)(h)
-        h = nn.swish(nn.GroupNorm(self.groups)(h))
+        h = nn.swish(GroupNorm(self.groups)(h))
         return nn.Conv(1, (3, 3))(h)
 
 
