@@ -2,6 +2,11 @@
 
     python -m ldm_jax.benchmark --workdir=runs/demo --stage=ldm --what=train
     python -m ldm_jax.benchmark --workdir=runs/demo --stage=pixel --what=generate
+    python -m ldm_jax.benchmark --workdir=runs/demo --stage=pixel --matched --what=train
+
+--matched times the pixel model with the LDM's U-Net configuration (workdir/ldm's stored
+config, fresh parameters, on 28x28x1 instead of the latent): beside the LDM's own row it
+shows what the latent alone buys, whatever the pixel stage is configured as.
 
 Prints one JSON object. `ldm_jax.evaluate` runs each (stage, what) in its own process so
 the peak memory it reports belongs to that model alone. Timings are medians over repeated
@@ -23,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax import checkpoints, cli, configs, data, sample, stages, train
+from ldm_jax import checkpoints, cli, configs, data, models, sample, stages, train
 
 # Per preset: (train steps timed, generation batch, DDIM repeats, DDPM repeats).
 PLAN = {"smoke": (3, 8, 1, 1), "cpu-quick": (20, 64, 3, 1), "full": (50, 256, 5, 2)}
@@ -50,13 +55,37 @@ def count_params(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
-def bench_train(workdir: str, stage: str, steps: int) -> dict:
-    """Median seconds per optimizer step of this stage's stored config (fresh parameters)."""
+def _stored_config(workdir: str, stage: str):
     restored = checkpoints.load_checkpoint(os.path.join(workdir, stage))
     if restored is None:
         raise configs.ConfigError(f"no trained {stage} model in {workdir}/{stage}")
-    _, cfg, _ = restored
-    c = checkpoints.config_from_stored(cfg)
+    return checkpoints.config_from_stored(restored[1])
+
+
+def matched_config(workdir: str):
+    """The pixel stage with the LDM's U-Net, diffusion and optimizer configuration."""
+    c = _stored_config(workdir, "ldm")
+    c.stage = "pixel"
+    return c
+
+
+def matched_generator(workdir: str) -> sample.Generator:
+    """The pixel model with the LDM's U-Net configuration and fresh parameters (speed does
+    not depend on the weights), sampling 28x28x1 with the LDM's schedule."""
+    c = matched_config(workdir)
+    unet = models.build_unet(c.model)
+    params = unet.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)),
+                       jnp.zeros((1,), jnp.int32),
+                       *([jnp.zeros((1,), jnp.int32)] if c.model.conditioning != "none" else []))
+    return sample.Generator(stage="pixel", unet=unet, params=params["params"],
+                            sched=models.build_schedule(c.diffusion), config=c.to_dict(),
+                            shape=(28, 28, 1))
+
+
+def bench_train(workdir: str, stage: str, steps: int, matched: bool = False) -> dict:
+    """Median seconds per optimizer step of this stage's stored config (fresh parameters);
+    matched: of the pixel model with the LDM's configuration."""
+    c = matched_config(workdir) if matched else _stored_config(workdir, stage)
     c.data.max_examples = max(4 * c.data.batch_size, 1024)  # timing does not need all data
     task = stages.TASKS[stage](c, workdir)
     params, model_state = task.init(jax.random.key(0))
@@ -82,18 +111,18 @@ def bench_train(workdir: str, stage: str, steps: int) -> dict:
     # every load cover the whole TrainState (parameters, EMA, Adam moments).
     digest_s = _timed(checkpoints.state_digests, state, repeats=3)
     state_mb = sum(x.nbytes for x in jax.tree.leaves(state)) / 2**20
-    return dict(stage=stage, what="train", batch_size=c.data.batch_size,
+    return dict(stage=stage, matched=matched, what="train", batch_size=c.data.batch_size,
                 params=count_params(params), train_compile_s=compile_s,
                 train_s_per_iter=float(np.median(times)), train_steps_timed=steps,
                 state_mb=state_mb, digest_s=float(np.median(digest_s)), **peak_memory())
 
 
 def bench_generate(workdir: str, stage: str, batch: int, ddim_repeats: int,
-                   ddpm_repeats: int) -> dict:
+                   ddpm_repeats: int, matched: bool = False) -> dict:
     """Images/s of the full DDPM chain and of DDIM with 50 and 10 steps, at one batch size."""
-    gen = sample.load_generator(workdir, stage)
+    gen = matched_generator(workdir) if matched else sample.load_generator(workdir, stage)
     T = gen.sched.num_timesteps
-    out = dict(stage=stage, what="generate", gen_batch=batch, params=count_params(gen.params),
+    out = dict(stage=stage, matched=matched, what="generate", gen_batch=batch, params=count_params(gen.params),
                timesteps=T)
     for name, sampler, steps, repeats in (("ddim10", "ddim", min(10, T), ddim_repeats),
                                           ("ddim50", "ddim", min(50, T), ddim_repeats),
@@ -117,6 +146,8 @@ def define_flags(fv) -> None:
     flags.DEFINE_string("what", "train", "train | generate.", flag_values=fv)
     flags.DEFINE_string("preset", "cpu-quick", "How long to measure: smoke | cpu-quick | full.",
                         flag_values=fv)
+    flags.DEFINE_bool("matched", False, "With --stage=pixel: the pixel model with the LDM's "
+                      "U-Net configuration (needs workdir/ldm), untrained.", flag_values=fv)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -129,14 +160,16 @@ def main(argv: list[str] | None = None) -> None:
             raise cli.UsageError(f"--stage must be ldm or pixel, got {fv.stage!r}")
         if fv.what not in ("train", "generate"):
             raise cli.UsageError(f"--what must be train or generate, got {fv.what!r}")
+        if fv.matched and fv.stage != "pixel":
+            raise cli.UsageError("--matched goes with --stage=pixel")
         if fv.preset not in PLAN:
             raise cli.UsageError(f"unknown preset {fv.preset!r}; choose one of {', '.join(PLAN)}")
         cli.setup_jax()
         steps, batch, ddim_rep, ddpm_rep = PLAN[fv.preset]
         if fv.what == "train":
-            result = bench_train(fv.workdir, fv.stage, steps)
+            result = bench_train(fv.workdir, fv.stage, steps, fv.matched)
         else:
-            result = bench_generate(fv.workdir, fv.stage, batch, ddim_rep, ddpm_rep)
+            result = bench_generate(fv.workdir, fv.stage, batch, ddim_rep, ddpm_rep, fv.matched)
     except (cli.UsageError, configs.ConfigError, data.DataError) as e:
         cli.fail(prog, e)
     result["device"] = jax.devices()[0].device_kind

@@ -150,10 +150,15 @@ def autoencoder_quality(first_stage: tuple, test_images: np.ndarray, feat_fn, re
     return out, recons
 
 
+MATCHED = "pixel, LDM's U-Net"  # the cost row of the pixel model with the LDM's configuration
+
+
 def run_benchmark(workdir: str, stage: str, what: str, preset: str) -> dict:
-    """ldm_jax.benchmark in a fresh process (so its peak memory is this model's alone)."""
+    """ldm_jax.benchmark in a fresh process (so its peak memory is this model's alone);
+    stage MATCHED: the pixel model with the LDM's U-Net configuration."""
+    which = ["--stage=pixel", "--matched"] if stage == MATCHED else [f"--stage={stage}"]
     r = subprocess.run([sys.executable, "-m", "ldm_jax.benchmark", f"--workdir={workdir}",
-                        f"--stage={stage}", f"--what={what}", f"--preset={preset}"],
+                        *which, f"--what={what}", f"--preset={preset}"],
                        capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"benchmark {stage}/{what} failed: {r.stderr.strip()[-500:]}")
@@ -204,7 +209,7 @@ def save_cost_plot(cost: dict, out_dir: str) -> None:
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
     stages = list(cost)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    a1.bar(stages, [cost[s]["train_s_per_iter"] for s in stages], color=["C0", "C1"][:len(stages)])
+    a1.bar(stages, [cost[s]["train_s_per_iter"] for s in stages], color=[f"C{i}" for i in range(len(stages))])
     a1.set_ylabel("seconds per training iteration")
     a1.set_title("training (same batch size)")
     width = 0.8 / max(len(stages), 1)
@@ -282,7 +287,11 @@ def write_report(result: dict, out_dir: str) -> str:
     lines += ["", f"Train s/iter: median of the timed steps after compilation, batch "
               f"{next(iter(r['cost'].values()))['batch_size'] if r['cost'] else '–'}. "
               f"Images/s: generation batch {next(iter(r['cost'].values()))['gen_batch'] if r['cost'] else '–'}, "
-              "median over repeats after compilation, decoding included for the LDM.", "",
+              "median over repeats after compilation, decoding included for the LDM." +
+              (f" `{MATCHED}` is the pixel model with the LDM's U-Net, diffusion and optimizer "
+               "configuration on 28x28x1 (untrained: cost does not depend on the weights); its "
+               "ratio to the `ldm` row is what the latent alone buys." if MATCHED in r["cost"]
+               else ""), "",
               "![samples](samples.png)", ""] + (["![cost](cost.png)", ""] if r["cost"] else [])
     if r.get("autoencoder"):
         a = r["autoencoder"]
@@ -384,13 +393,14 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
 
     cost_rows = {}
     if cost:
-        for s in stages:
+        # With an LDM, also the pixel model with the LDM's own U-Net: what the latent alone buys.
+        for s in stages + ([MATCHED] if "ldm" in stages else []):
             tr = run_benchmark(workdir, s, "train", preset)
             ge = run_benchmark(workdir, s, "generate", preset)
             cost_rows[s] = dict(tr, **{k: v for k, v in ge.items() if k not in ("what",)},
                                 train_peak_mib=tr.get("device_peak_mib", tr["max_rss_mib"]),
                                 generate_peak_mib=ge.get("device_peak_mib", ge["max_rss_mib"]),
-                                **training_summary(workdir, s))
+                                **(training_summary(workdir, s) if s != MATCHED else {}))
             print(f"{s}: cost measured", file=sys.stderr)
 
     result = dict(workdir=workdir, command=command, preset=preset, num=num,

@@ -65,6 +65,15 @@ def test_benchmark_measures_training_and_generation(smoke_workdir):
     assert all(ge[f"{n}_images_per_s"] > 0 for n in ("ddim10", "ddim50", "ddpm"))
     r = run_module("benchmark", f"--workdir={smoke_workdir}", "--stage=gan")
     assert r.returncode == 2 and "--stage must be ldm or pixel" in r.stderr
+    # The pixel model with the LDM's U-Net: the same network but for the input and output
+    # convolutions (1 channel instead of 4; the smoke U-Net has 16 base channels).
+    tm = benchmark.bench_train(smoke_workdir, "pixel", steps=2, matched=True)
+    assert tm["matched"] and tm["params"] == tr["params"] - 2 * 3 * 9 * 16 - 3
+    gm = benchmark.bench_generate(smoke_workdir, "pixel", batch=4, ddim_repeats=1,
+                                  ddpm_repeats=1, matched=True)
+    assert gm["params"] == tm["params"] and gm["ddim10_images_per_s"] > 0
+    r = run_module("benchmark", f"--workdir={smoke_workdir}", "--stage=ldm", "--matched")
+    assert r.returncode == 2 and "--matched goes with --stage=pixel" in r.stderr
 
 
 def test_evaluate_smoke_writes_report_with_floor(smoke_workdir):
