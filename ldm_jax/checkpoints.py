@@ -26,7 +26,7 @@ from ldm_jax import configs, models
 # Config fields that may change between a run and its resumption.
 RESUMABLE_FIELDS = ("preset", "train.steps", "train.max_minutes", "train.log_every",
                     "train.ckpt_every", "train.keep_checkpoints", "train.skip_nonfinite",
-                    "sample.sampler", "sample.steps", "sample.eta")
+                    "sample.sampler", "sample.steps", "sample.eta", "model.dtype")
 
 # What a stored config that lacks a field was trained with, where that differs from
 # today's default (the recipe's defaults changed on 2026-11-26 from eps + uniform).

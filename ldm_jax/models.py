@@ -4,6 +4,9 @@ checkpoint was written fall back to their defaults here, in one place."""
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
+
 from ldm_jax import diffusion, nets
 
 
@@ -26,6 +29,18 @@ def build_unet(model_cfg) -> nets.UNet:
                      groups=model_cfg["groups"], conditioning=get("conditioning", "none"),
                      num_classes=get("num_classes", 10), context_tokens=get("context_tokens", 4),
                      context_dim=get("context_dim", 64))
+
+
+def unet_fn(unet: nets.UNet, model_cfg, params):
+    """(x, t[, y]) -> the U-Net's float32 output, computed in model_cfg's dtype: for
+    bfloat16 the float32 parameters and input are cast on the way in (their gradients
+    arrive in float32), as in mixed-precision training (Micikevicius et al. 2018)."""
+    dtype = jnp.dtype(model_cfg.get("dtype", "float32"))
+    if dtype == jnp.float32:
+        return lambda x, t, *y: unet.apply({"params": params}, x, t, *y)
+    cast = jax.tree.map(lambda p: p.astype(dtype), params)
+    return lambda x, t, *y: unet.apply({"params": cast}, x.astype(dtype), t,
+                                       *y).astype(jnp.float32)
 
 
 def build_schedule(diff_cfg) -> diffusion.Schedule:

@@ -167,7 +167,7 @@ class UNet(nn.Module):
             raise ValueError(f"conditioning={self.conditioning!r} needs labels y exactly when "
                              "it is not 'none'")
         emb_dim = 4 * self.ch
-        emb = timestep_embedding(t, self.ch)
+        emb = timestep_embedding(t, self.ch).astype(x.dtype)  # the compute dtype is x's
         emb = nn.Dense(emb_dim)(nn.swish(nn.Dense(emb_dim)(emb)))
         context = None
         if self.conditioning == "class":

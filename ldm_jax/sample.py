@@ -107,7 +107,7 @@ def sample_fn(gen: Generator, n: int, sampler: str = "ddim", steps: int = 100,
     def run(params, key, labels, guidance):
         # The network's output (eps, v or x0) becomes eps in one place; guidance and every
         # sampler then work on eps.
-        net_fn = lambda x, t, *y: gen.unet.apply({"params": params}, x, t, *y)
+        net_fn = models.unet_fn(gen.unet, gen.config["model"], params)
         eps_fn = diffusion.eps_fn_from_model(net_fn, gen.sched, prediction)
         if conditional:
             eps_fn = diffusion.guided_eps_fn(eps_fn, labels, null_label(gen), guidance)

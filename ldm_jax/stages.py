@@ -182,9 +182,9 @@ def diffusion_task(c, workdir: str) -> Task:
         if conditional:  # classifier-free guidance: some labels become the null label
             y = diffusion.drop_labels(y_key, batch["label"], c.model.label_dropout,
                                       c.model.num_classes)
-            net_fn = lambda x, t: unet.apply({"params": params}, x, t, y)
+            net_fn = lambda x, t: models.unet_fn(unet, c.model, params)(x, t, y)
         else:
-            net_fn = lambda x, t: unet.apply({"params": params}, x, t)
+            net_fn = models.unet_fn(unet, c.model, params)
         loss = jnp.mean(diffusion.training_losses(
             net_fn, sched, x0 * scale, d_key, prediction=c.diffusion.prediction,
             weighting=c.diffusion.loss_weighting, min_snr_gamma=c.diffusion.min_snr_gamma))

@@ -3,6 +3,11 @@ split into parts compiled alone, and the whole step with one component of the mo
 swapped out at a time.
 
     python scripts/profile_step.py [--stage=ldm|pixel|both] [--repeats=8] [--out=F.json]
+    XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true python scripts/profile_step.py --trace
+
+--trace: a jax.profiler trace of three whole steps instead, with every XLA:CPU thunk's time
+summed by what it computes: convolutions (forward, input gradient, weight gradient),
+matmuls, reductions, transposes and copies, elementwise fusions.
 
 Parts: the loss forward, forward + backward, the optimizer update, the EMA, the metric
 norms, and the whole train_step. Ablations (each a different model, timed as a whole
@@ -15,10 +20,15 @@ and writes JSON.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import functools
+import glob
+import gzip
 import json
+import re
 import statistics
+import tempfile
 import time
 
 import flax.linen as nn
@@ -129,13 +139,82 @@ def ablations(stage: str, repeats: int) -> dict:
     return out
 
 
+def _computations(hlo: str) -> tuple[dict, dict]:
+    """Optimised HLO text -> ({computation: [(name, opcode, line)]}, {name: (opcode, line)})."""
+    comps, cur = {}, None
+    for line in hlo.splitlines():
+        head = re.match(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+        if head and "=" not in line.split("(")[0]:
+            cur = comps.setdefault(head.group(1), [])
+            continue
+        inst = re.match(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\S+\s+([\w\-]+)\(", line)
+        if inst and cur is not None:
+            cur.append((inst.group(1), inst.group(2), line))
+    return comps, {n: (op, line) for ops in comps.values() for n, op, line in ops}
+
+
+def _kind(name: str, comps: dict, insts: dict) -> str:
+    """What one thunk computes, from the opcodes of the instructions it fuses."""
+    op, line = insts[name]
+    body = [(op, line)]
+    for callee in re.findall(r"calls=%?([\w.\-]+)", line):
+        body += [(o, l) for _, o, l in comps.get(callee, [])]
+    ops = {o for o, _ in body}
+    if "convolution" in ops:
+        conv = next(l for o, l in body if o == "convolution")
+        window = re.search(r"window=\{size=(\d+)x", conv)
+        if window and int(window.group(1)) > 3:  # the window spans the activation
+            return "conv weight-gradient"
+        return "conv input-gradient" if "transpose(" in line else "conv forward"
+    for kind in ("dot", "scatter", "gather", "reduce", "transpose", "copy"):
+        if kind in ops:
+            return kind
+    return "elementwise"
+
+
+def trace_breakdown(stage: str, steps: int = 3) -> dict:
+    """Milliseconds per step of each kind of XLA:CPU thunk, from a jax.profiler trace (needs
+    XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true for per-thunk events)."""
+    c, loss_fn, state, batch = setup(stage)
+    step = jax.jit(functools.partial(train.train_step, loss_fn=loss_fn,
+                                     ema_decay=c.optim.ema_decay))
+    args = (state, batch, jax.random.key(2))
+    wall = _median_time(step, *args, repeats=steps)
+    comps, insts = _computations(step.lower(*args).compile().as_text())
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            for _ in range(steps):
+                jax.block_until_ready(step(*args))
+        with gzip.open(glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)[0]) as f:
+            events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    by_kind = collections.Counter()
+    for e in events:
+        if e["name"] in insts:
+            by_kind[_kind(e["name"], comps, insts)] += e["dur"] / 1000 / steps
+    if not by_kind:
+        raise SystemExit("no per-thunk events: set XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true")
+    return dict(step_ms=1000 * wall, thunk_ms=dict(by_kind.most_common()))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stage", default="both", choices=("ldm", "pixel", "both"))
     p.add_argument("--repeats", type=int, default=8)
     p.add_argument("--out", default="")
+    p.add_argument("--trace", action="store_true", help="thunk times by kind (see above)")
     a = p.parse_args()
     result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
+    if a.trace:
+        for stage in (("ldm", "pixel") if a.stage == "both" else (a.stage,)):
+            r = result[stage] = trace_breakdown(stage)
+            total = sum(r["thunk_ms"].values())
+            print(f"{stage}: step {r['step_ms']:.0f} ms; thunks {total:.0f} ms", flush=True)
+            for k, v in r["thunk_ms"].items():
+                print(f"  {k:22s} {v:8.1f} ms  {100 * v / total:5.1f} %", flush=True)
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(result, f, indent=1)
+        return
     for stage in (("ldm", "pixel") if a.stage == "both" else (a.stage,)):
         r = parts(stage, a.repeats)
         r.update(ablations(stage, a.repeats))

@@ -203,6 +203,7 @@ def test_positional_argument_is_refused(tmp_path, monkeypatch, module, args, mes
     ("vae", "--config.model.channels=(8,0)", "model.channels must be a non-empty tuple"),
     ("pixel", "--config.model.heads=0", "model.heads must be >= 1, got 0"),
     ("pixel", "--config.model.heads=3", "attention width 32 is not divisible by model.heads=3"),
+    ("pixel", "--config.model.dtype=float16", "model.dtype must be float32|bfloat16, got 'float16'"),
     ("pixel", "--config.model.groups=0", "model.groups must be >= 1, got 0"),
     ("vae", "--config.model.groups=0", "model.groups must be >= 1, got 0"),
     ("pixel", "--config.model.ch=6 --config.model.ch_mult=(2,4)",

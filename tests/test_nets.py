@@ -1,3 +1,5 @@
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -119,3 +121,71 @@ def test_upsample_is_nearest_resize(side, size):
     np.testing.assert_array_equal(
         np.asarray(nets.upsample_to(x, size)),
         np.asarray(jax.image.resize(x, (2, size, size, 3), "nearest")))
+
+
+def _bf16_setup():
+    """A smoke LDM U-Net with perturbed parameters, and its configs at float32 and bfloat16."""
+    c = configs.get_config("ldm", "smoke")
+    unet = models.build_unet(c.model)
+    x = jax.random.normal(jax.random.key(0), (4, 7, 7, 4))
+    t = jnp.array([1, 10, 25, 49])
+    # Away from the zero-initialised output layer; jitted (eager init takes a minute).
+    params = jax.jit(lambda k: jax.tree.map(
+        lambda p: p + 0.05 * jax.random.normal(k, p.shape), unet.init(k, x, t)["params"]))(
+            jax.random.key(1))
+    c16 = configs.get_config("ldm", "smoke")
+    c16.model.dtype = "bfloat16"
+    configs.validate(c16)
+    return unet, params, x, t, c, c16
+
+
+def test_bfloat16_compute():
+    """model.dtype=bfloat16: every convolution and matmul of the U-Net runs in bfloat16 (its
+    output's closeness to float32 compute: the slow test below)."""
+    c = configs.get_config("ldm", "smoke")
+    c.model.dtype = "bfloat16"
+    unet = models.build_unet(c.model)
+    x, t = jnp.zeros((4, 7, 7, 4)), jnp.zeros((4,), jnp.int32)
+    params = jax.eval_shape(unet.init, jax.random.key(1), x, t)["params"]
+    jaxpr = str(jax.make_jaxpr(lambda p, x, t: models.unet_fn(unet, c.model, p)(x, t))(
+        params, x, t))
+    convs = [line for line in jaxpr.splitlines() if "conv_general_dilated" in line]
+    assert convs and all("bf16" in line and "f32[" not in line.split("=")[0] for line in convs)
+    assert "dot_general" in jaxpr and not any(
+        "dot_general" in line and line.split("=")[0].count("f32[") for line in jaxpr.splitlines())
+
+
+@pytest.mark.slow  # ~30 s of bfloat16 compilation on 2 cores
+def test_bfloat16_train_step_keeps_float32_state():
+    """Gradients through the bfloat16 casts arrive in float32, point the same way as float32
+    compute, and a train step keeps parameters, EMA and Adam moments in float32."""
+    from ldm_jax import train
+    unet, params, x, t, c, c16 = _bf16_setup()
+    f32, bf16 = models.unet_fn(unet, c.model, params), models.unet_fn(unet, c16.model, params)
+    y32, y16 = jax.jit(f32)(x, t), jax.jit(bf16)(x, t)
+    assert y16.dtype == jnp.float32
+    assert float(jnp.linalg.norm(y16 - y32) / jnp.linalg.norm(y32)) < 0.05
+
+    def loss(p, cfg):
+        return jnp.mean(jnp.square(models.unet_fn(unet, cfg, p)(x, t) - x))
+    g32 = jax.jit(jax.grad(lambda p: loss(p, c.model)))(params)
+    g16 = jax.jit(jax.grad(lambda p: loss(p, c16.model)))(params)
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(g16))
+    cos = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g32), jax.tree.leaves(g16))) / (
+        optax_norm(g32) * optax_norm(g16))
+    assert float(cos) > 0.98
+    task_state = train.TrainState.create(apply_fn=None, params=params, ema_params=params,
+                                         tx=train.make_optimizer(c16.optim, 10))
+
+    def loss_fn(p, model_state, batch, key):
+        return loss(p, c16.model), ({}, model_state)
+    new, metrics = jax.jit(functools.partial(train.train_step, loss_fn=loss_fn, ema_decay=0.9))(
+        task_state, {}, jax.random.key(3))
+    assert bool(metrics["finite"])
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves((new.params, new.opt_state,
+                                                                 new.ema_params))
+               if jnp.issubdtype(a.dtype, jnp.floating))
+
+
+def optax_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(a)) for a in jax.tree.leaves(tree)))
