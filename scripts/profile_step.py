@@ -5,6 +5,10 @@ swapped out at a time.
     python scripts/profile_step.py [--stage=ldm|pixel|both] [--repeats=8] [--out=F.json]
     XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true python scripts/profile_step.py --trace
 
+--vs_nets=F: the whole step with the U-Net (and VAE) of another nets.py, e.g.
+`git show dc65742:ldm_jax/nets.py > /tmp/nets_old.py`, timed interleaved with this one
+in one process (A B A B ...), so a slow spell of a shared machine hits both alike.
+
 --trace: a jax.profiler trace of three whole steps instead, with every XLA:CPU thunk's time
 summed by what it computes: convolutions (forward, input gradient, weight gradient),
 matmuls, reductions, transposes and copies, elementwise fusions.
@@ -25,9 +29,11 @@ import contextlib
 import functools
 import glob
 import gzip
+import importlib.util
 import json
 import re
 import statistics
+import sys
 import tempfile
 import time
 
@@ -196,14 +202,50 @@ def trace_breakdown(stage: str, steps: int = 3) -> dict:
     return dict(step_ms=1000 * wall, thunk_ms=dict(by_kind.most_common()))
 
 
+def vs_nets(stage: str, path: str, rounds: int) -> dict:
+    """Median step seconds of this nets.py and of the one at `path`, interleaved."""
+    spec = importlib.util.spec_from_file_location("nets_other", path)
+    other = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = other  # flax modules are dataclasses: they look themselves up
+    spec.loader.exec_module(other)
+    steps = {}
+    for name, module in (("this", nets), ("other", other)):
+        with _patched(models, "nets", module):
+            c, loss_fn, state, batch = setup(stage)
+        f = jax.jit(functools.partial(train.train_step, loss_fn=loss_fn,
+                                      ema_decay=c.optim.ema_decay))
+        args = (state, batch, jax.random.key(2))
+        jax.block_until_ready(f(*args))
+        jax.block_until_ready(f(*args))
+        steps[name] = (f, args)
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, (f, args) in steps.items():
+            t = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stage", default="both", choices=("ldm", "pixel", "both"))
     p.add_argument("--repeats", type=int, default=8)
     p.add_argument("--out", default="")
     p.add_argument("--trace", action="store_true", help="thunk times by kind (see above)")
+    p.add_argument("--vs_nets", default="", help="another nets.py to time against (see above)")
     a = p.parse_args()
     result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
+    stages_ = ("ldm", "pixel") if a.stage == "both" else (a.stage,)
+    if a.vs_nets:
+        for stage in stages_:
+            r = result[stage] = vs_nets(stage, a.vs_nets, a.repeats)
+            print(f"{stage}: this {1000 * r['this']:.1f} ms, other {1000 * r['other']:.1f} ms, "
+                  f"this/other {r['this'] / r['other']:.3f}", flush=True)
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(result, f, indent=1)
+        return
     if a.trace:
         for stage in (("ldm", "pixel") if a.stage == "both" else (a.stage,)):
             r = result[stage] = trace_breakdown(stage)
