@@ -29,9 +29,10 @@ RESUMABLE_FIELDS = ("preset", "train.steps", "train.max_minutes", "train.log_eve
                     "sample.sampler", "sample.steps", "sample.eta", "model.dtype")
 
 # What a stored config that lacks a field was trained with, where that differs from
-# today's default (the recipe's defaults changed on 2026-11-26 from eps + uniform).
+# today's default (the recipe's defaults changed on 2026-11-26 from eps + uniform), or
+# where it must stay so whatever the default becomes (no adversarial term before it existed).
 LEGACY_VALUES = {"diffusion.prediction": "eps", "diffusion.loss_weighting": "uniform",
-                 "diffusion.zero_terminal_snr": False}
+                 "diffusion.zero_terminal_snr": False, "loss.adversarial_weight": 0.0}
 
 
 def checkpoint_manager(stage_dir: str, keep: int = 3, create: bool = True,
@@ -339,7 +340,8 @@ def stage_lock(stage_dir: str):
 def load_vae(workdir: str, step: int | None = None):
     """(model, variables, config dict, meta) of the finished VAE in workdir/vae at `step`
     (default: its latest); variables is {'params': EMA parameters, **model state (the VQ
-    codebook)}. An LDM passes the VAE step it was trained on."""
+    codebook)}, without the adversarial loss's discriminator (the whole checkpoint is
+    verified first). An LDM passes the VAE step it was trained on."""
     vae_dir = os.path.join(workdir, "vae")
     if step is not None and step not in step_dirs(vae_dir):
         raise configs.ConfigError(f"{vae_dir} no longer holds step {step}, the VAE this model "
@@ -360,4 +362,5 @@ def load_vae(workdir: str, step: int | None = None):
     if not meta.get("finished"):
         raise configs.ConfigError(f"the VAE in {vae_dir} stopped at step {meta['step']} of "
                                   f"{cfg['train']['steps']}; rerun --stage=vae to finish it")
+    params = models.split_discriminator(params)[0]
     return models.build_vae(cfg), {"params": params, **model_state}, cfg, meta

@@ -139,7 +139,8 @@ def autoencoder_quality(first_stage: tuple, test_images: np.ndarray, feat_fn, re
     recons = np.concatenate(recons)
     ae = cfg.get("autoencoder") or {"reg": "kl"}
     out = dict(reg=ae["reg"], latent_shape=meta["latent_shape"], steps=meta["step"],
-               perceptual_weight=cfg["loss"].get("perceptual_weight", 0.0), mse=mse,
+               perceptual_weight=cfg["loss"].get("perceptual_weight", 0.0),
+               adversarial_weight=cfg["loss"].get("adversarial_weight", 0.0), mse=mse,
                psnr=float(10 * np.log10(4.0 / mse)),
                rfid=metrics.fid_from_features(real_all, feat_fn(recons)))
     if codes:
@@ -296,10 +297,12 @@ def write_report(result: dict, out_dir: str) -> str:
     if r.get("autoencoder"):
         a = r["autoencoder"]
         lines += ["## First stage (workdir/vae): reconstructions of the 10,000 test images", "",
-                  "| reg | latent | perceptual weight | MSE | PSNR dB | rFID | perplexity | codes used |",
-                  "|---" * 8 + "|",
+                  "| reg | latent | perceptual weight | adversarial weight | MSE | PSNR dB | rFID "
+                  "| perplexity | codes used |",
+                  "|---" * 9 + "|",
                   f"| {a['reg']} | {'×'.join(map(str, a['latent_shape']))} | "
-                  f"{_fmt(a['perceptual_weight'])} | {a['mse']:.5f} | {a['psnr']:.2f} | "
+                  f"{_fmt(a['perceptual_weight'])} | {_fmt(a.get('adversarial_weight', 0.0))} | "
+                  f"{a['mse']:.5f} | {a['psnr']:.2f} | "
                   f"{_fmt(a['rfid'])} | {_fmt(a.get('perplexity'))} | {_fmt(a.get('codes_used'))} |",
                   "", "![reconstructions](reconstructions.png)", ""]
     for stage, rows in (r.get("guidance") or {}).items():

@@ -21,6 +21,26 @@ def build_vae(cfg) -> nets.VAE:
                     dead_threshold=ae.get("dead_code_threshold", 1.0))
 
 
+# The key of the discriminator's parameters inside a VAE stage's params tree (present only
+# when loss.adversarial_weight > 0); everything that encodes or decodes drops it.
+DISCRIMINATOR = "discriminator"
+
+
+def build_discriminator(cfg) -> nets.PatchDiscriminator | None:
+    """The adversarial loss's discriminator of a VAE config, or None when the loss is off
+    (loss.adversarial_weight = 0, and every config from before the option existed)."""
+    if not (cfg["loss"].get("adversarial_weight") or 0.0) > 0:
+        return None
+    return nets.PatchDiscriminator()
+
+
+def split_discriminator(params: dict) -> tuple[dict, dict | None]:
+    """A VAE stage's params -> (the autoencoder's own params, the discriminator's or None)."""
+    if DISCRIMINATOR not in params:
+        return params, None
+    return {k: v for k, v in params.items() if k != DISCRIMINATOR}, params[DISCRIMINATOR]
+
+
 def build_unet(model_cfg) -> nets.UNet:
     """The denoiser from a diffusion config's model section."""
     get = model_cfg.get  # checkpoints from before conditioning existed lack its fields

@@ -395,6 +395,35 @@ class VAE(nn.Module):
         return self.decoder(zq), info
 
 
+class PatchDiscriminator(nn.Module):
+    """The first stage's adversary: a PatchGAN (Isola et al. 2017) as in Esser et al. 2021
+    and Rombach et al. 2022, scaled to 28x28. x [B, 28, 28, 1] -> logits [B, 7, 7, 1], one
+    real/fake logit per overlapping 18x18 patch: two stride-2 4x4 convolutions (GroupNorm
+    after the second, LeakyReLU 0.2 after each), then a 3x3 convolution to one channel."""
+    channels: Sequence[int] = (32, 64)
+    groups: int = 8
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        h = x
+        for i, ch in enumerate(self.channels):
+            h = nn.Conv(ch, (4, 4), strides=(2, 2))(h)
+            if i > 0:
+                h = nn.GroupNorm(self.groups)(h)
+            h = nn.leaky_relu(h, 0.2)
+        return nn.Conv(1, (3, 3))(h)
+
+
+def last_decoder_layer(vae_params: dict) -> tuple[str, str, str]:
+    """Path of the kernel of the Decoder's output convolution in a VAE's params, the
+    'last layer' of the adversarial loss's adaptive weight: the highest-numbered Conv."""
+    convs = [k for k in vae_params["decoder"] if k.startswith("Conv_")]
+    name = max(convs, key=lambda k: int(k.split("_")[1]))
+    kernel = vae_params["decoder"][name]["kernel"]
+    assert kernel.shape[-1] == 1, f"decoder/{name} is not the output layer: {kernel.shape}"
+    return "decoder", name, "kernel"
+
+
 class ClassifierTrunk(nn.Module):
     """Two conv-conv-pool stages and a dense layer: x [B, 28, 28, 1] -> [B, feature_dim]
     (with_activations: also the four conv activations, for the perceptual loss)."""

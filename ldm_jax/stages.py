@@ -21,7 +21,8 @@ from ldm_jax import checkpoints, configs, data, diffusion, features, models, net
 
 Array = jax.Array
 PyTree = Any
-# (params, model_state, batch, key) -> (loss, (metrics, new model_state))
+# (params, model_state, batch, key) -> (loss, (metrics, new model_state)); in training the
+# batch also holds 'step', the int32 step being taken (the VAE's adversarial term reads it).
 LossFn = Callable[[PyTree, PyTree, dict, Array], tuple[Array, tuple[dict, PyTree]]]
 
 
@@ -56,29 +57,108 @@ def kl_divergence(mean: Array, logvar: Array) -> Array:
     return 0.5 * jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3))
 
 
-def vae_loss(model: nets.VAE, c, perceptual, params, model_state, batch, key):
+def vae_loss(model: nets.VAE, c, perceptual, disc, params, model_state, batch, key):
     """First-stage loss, per image, averaged over the batch:
     1. reconstruction: sum of squares over pixels;
     2. perceptual (if perceptual_weight > 0): classifier-feature distance to the input;
     3. regulariser: kl_weight * KL(q(z|x) || N(0, I)) for kl, commitment_weight *
-       ||z_e - sg(q)||^2 for vq (whose codebook takes its EMA step in model_state)."""
+       ||z_e - sg(q)||^2 for vq (whose codebook takes its EMA step in model_state);
+    4. adversarial (if disc is a discriminator, params[DISCRIMINATOR] its parameters):
+       adversarial_terms, on from step loss.adversarial_start."""
     x = batch["image"]  # [B, 28, 28, 1]
     z_key, vq_key = jax.random.split(key)
-    (recon, info), new_state = model.apply({"params": params, **model_state}, x, z_key,
-                                           rngs={"vq": vq_key}, mutable=list(model_state))
-    rec = jnp.mean(jnp.sum(jnp.square(recon - x), axis=(1, 2, 3)))
-    metrics = dict(recon=rec)
-    loss = rec
-    if c.loss.perceptual_weight > 0:
-        metrics["perceptual"] = jnp.mean(perceptual(recon, x))
-        loss = loss + c.loss.perceptual_weight * metrics["perceptual"]
+    vae_params, disc_params = models.split_discriminator(params)
+
+    def forward(p):  # VAE params -> (recon [B, 28, 28, 1], (info, new model_state))
+        (recon, info), new_state = model.apply({"params": p, **model_state}, x, z_key,
+                                               rngs={"vq": vq_key}, mutable=list(model_state))
+        return recon, (info, new_state)
+
+    def reconstruction(recon):  # 1 + 2: L_rec, which the adversarial weight balances against
+        rec = jnp.mean(jnp.sum(jnp.square(recon - x), axis=(1, 2, 3)))
+        metrics = dict(recon=rec)
+        if c.loss.perceptual_weight > 0:
+            metrics["perceptual"] = jnp.mean(perceptual(recon, x))
+            rec = rec + c.loss.perceptual_weight * metrics["perceptual"]
+        return rec, metrics
+
+    if disc is None:
+        recon, (info, new_state) = forward(vae_params)
+        loss, metrics = reconstruction(recon)
+    else:  # the same forward pass, differentiable in the decoder's last kernel for 4.
+        layer = nets.last_decoder_layer(vae_params)
+        recon, last_layer_vjp, (info, new_state) = jax.vjp(
+            lambda w: forward(_replace(vae_params, layer, w)), _get(vae_params, layer),
+            has_aux=True)
+        loss, rec_vjp, metrics = jax.vjp(reconstruction, recon, has_aux=True)
+        rec_cotangent = rec_vjp(jnp.ones_like(loss))[0]  # dL_rec / dx_hat
     if model.reg == "kl":
         metrics["kl"] = jnp.mean(kl_divergence(info["mean"], info["logvar"]))
         loss = loss + c.loss.kl_weight * metrics["kl"]
     else:
         metrics.update({k: info[k] for k in ("commit", "perplexity", "codes_used", "restarted")})
         loss = loss + c.autoencoder.commitment_weight * info["commit"]
+    if disc is not None:
+        adversarial, adv_metrics = adversarial_terms(
+            disc, disc_params, x, recon, rec_cotangent, last_layer_vjp, c.loss, batch["step"])
+        loss = loss + adversarial
+        metrics.update(adv_metrics)
     return loss, (metrics, new_state)
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _replace(tree: dict, path: tuple[str, ...], value) -> dict:
+    """A copy of nested dicts `tree` with the leaf at `path` replaced by value."""
+    if not path:
+        return value
+    return {**tree, path[0]: _replace(tree[path[0]], path[1:], value)}
+
+
+def hinge_d_loss(logits_real: Array, logits_fake: Array) -> Array:
+    """Discriminator hinge loss (Lim & Ye 2017; Esser et al. 2021):
+    (mean relu(1 - D(x)) + mean relu(1 + D(x_hat))) / 2."""
+    return 0.5 * (jnp.mean(jax.nn.relu(1.0 - logits_real))
+                  + jnp.mean(jax.nn.relu(1.0 + logits_fake)))
+
+
+def adaptive_weight(rec_grad: Array, g_grad: Array, eps: float = 1e-4,
+                    max_weight: float = 1e4) -> Array:
+    """lambda = ||grad_L L_rec|| / (||grad_L L_G|| + eps), clipped to [0, max_weight], from
+    the gradients of both losses at the decoder's last layer L (Esser et al. 2021, Eq. 7)."""
+    norm = lambda g: jnp.sqrt(jnp.sum(jnp.square(g)))
+    return jnp.clip(norm(rec_grad) / (norm(g_grad) + eps), 0.0, max_weight)
+
+
+def adversarial_terms(disc: nets.PatchDiscriminator, disc_params, x: Array, recon: Array,
+                      rec_cotangent: Array, last_layer_vjp, loss_cfg, step: Array):
+    """The adversarial part of the first-stage loss, and its metrics:
+
+        on(step) * (adversarial_weight * sg(lambda) * L_G(theta; sg(phi)) + L_D(phi; sg(x_hat)))
+
+    L_G = -mean D(x_hat) reaches only the VAE (theta): the discriminator's parameters phi
+    are stopped in it. L_D, the hinge loss on x and the stopped x_hat, reaches only phi. So
+    one gradient of the sum updates both players, neither through the other's loss.
+    lambda is adaptive_weight of dL_rec/dx_hat (rec_cotangent [B, 28, 28, 1]) and dL_G/dx_hat,
+    each pulled back to the decoder's last kernel by last_layer_vjp. Before
+    loss_cfg.adversarial_start both terms are exactly 0 and the discriminator does not train.
+    """
+    frozen = jax.lax.stop_gradient(disc_params)
+    g_loss, g_vjp = jax.vjp(lambda r: -jnp.mean(disc.apply({"params": frozen}, r)), recon)
+    lam = jax.lax.stop_gradient(adaptive_weight(
+        last_layer_vjp(rec_cotangent)[0], last_layer_vjp(g_vjp(jnp.ones_like(g_loss))[0])[0]))
+    fake = jax.lax.stop_gradient(recon)
+    logits = disc.apply({"params": disc_params}, jnp.concatenate([x, fake]))  # [2B, 7, 7, 1]
+    d_loss = hinge_d_loss(logits[:len(x)], logits[len(x):])
+    on = step >= loss_cfg.adversarial_start
+    weight = jnp.where(on, loss_cfg.adversarial_weight * lam, 0.0)
+    metrics = dict(g_loss=g_loss, disc_loss=d_loss, adv_lambda=lam, adv_weight=weight,
+                   logits_real=jnp.mean(logits[:len(x)]), logits_fake=jnp.mean(logits[len(x):]))
+    return weight * g_loss + jnp.where(on, d_loss, 0.0), metrics
 
 
 def encode_dataset(vae: nets.VAE, variables: dict, images: np.ndarray, batch: int = 1000):
@@ -132,6 +212,7 @@ def _data(c, arrays: dict[str, np.ndarray]) -> dict:
 def vae_task(c, workdir: str) -> Task:
     images, _ = _train_images(c)
     model = models.build_vae(c)
+    disc = models.build_discriminator(c)
     stats_images = images[:10_000]
     perceptual = None
     if c.loss.perceptual_weight > 0:
@@ -139,11 +220,18 @@ def vae_task(c, workdir: str) -> Task:
 
     def init(key):
         variables = model.init(key, images[:1], key)
-        return variables["params"], {k: v for k, v in variables.items() if k != "params"}
+        params = variables["params"]
+        if disc is not None:  # a key of its own, so weight 0 keeps the old params tree
+            params = {**params, models.DISCRIMINATOR: disc.init(
+                jax.random.fold_in(key, 1), images[:1])["params"]}
+        return params, {k: v for k, v in variables.items() if k != "params"}
+
+    def meta(variables):
+        variables = {**variables, "params": models.split_discriminator(variables["params"])[0]}
+        return latent_stats(model, variables, stats_images, c.seed)
     return Task(
-        init=init, loss_fn=functools.partial(vae_loss, model, c, perceptual),
-        **_data(c, {"image": images}),
-        meta=lambda variables: latent_stats(model, variables, stats_images, c.seed))
+        init=init, loss_fn=functools.partial(vae_loss, model, c, perceptual, disc),
+        **_data(c, {"image": images}), meta=meta)
 
 
 def diffusion_task(c, workdir: str) -> Task:

@@ -30,7 +30,7 @@ from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from ldm_jax import checkpoints, cli, configs, data, stages
+from ldm_jax import checkpoints, cli, configs, data, models, stages
 
 Array = jax.Array
 PyTree = Any
@@ -56,9 +56,30 @@ def lr_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Sch
         end_value=optim.lr * optim.final_lr_frac)
 
 
+def clip_by_part_norm(max_norm: float, separate: tuple[str, ...]) -> optax.GradientTransformation:
+    """optax.clip_by_global_norm applied on its own to each top-level subtree named in
+    `separate` (the VAE's discriminator) and to the rest, so one player's gradient never
+    rescales the other's update. Without those keys it is clip_by_global_norm; its state
+    is empty either way, so checkpoints do not change."""
+    clip = optax.clip_by_global_norm(max_norm)
+
+    def update_fn(updates, state, params=None):
+        if not isinstance(updates, dict) or not any(k in updates for k in separate):
+            return clip.update(updates, state)
+        rest = {k: v for k, v in updates.items() if k not in separate}
+        out = dict(clip.update(rest, state)[0])
+        for k in separate:
+            if k in updates:
+                out[k] = clip.update(updates[k], state)[0]
+        return out, state
+    return optax.GradientTransformation(clip.init, update_fn)
+
+
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-    """AdamW on `lr_schedule(optim, total_steps)`, after global-norm clipping."""
-    clip = optax.clip_by_global_norm(optim.grad_clip) if optim.grad_clip > 0 else optax.identity()
+    """AdamW on `lr_schedule(optim, total_steps)`, after global-norm clipping (separately for
+    a discriminator's parameters)."""
+    clip = (clip_by_part_norm(optim.grad_clip, (models.DISCRIMINATOR,)) if optim.grad_clip > 0
+            else optax.identity())
     return optax.chain(clip, optax.adamw(lr_schedule(optim, total_steps), optim.b1, optim.b2,
                                          weight_decay=optim.weight_decay))
 
@@ -73,6 +94,7 @@ def train_step(state: TrainState, batch: dict, key: Array, *, loss_fn: stages.Lo
                ema_decay: float) -> tuple[TrainState, dict]:
     """One optimizer step. A non-finite loss or gradient leaves the parameters untouched
     (the step counter still advances) and reports finite=False."""
+    batch = dict(batch, step=state.step)  # for losses that change over training
     (loss, (aux, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state.model_state, batch, key)
     new = state.apply_gradients(grads=grads)

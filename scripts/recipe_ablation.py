@@ -3,10 +3,13 @@ recipe (prediction target x loss weighting x schedule) at the same step budget, 
 sampled with several samplers, scored on the committed classifier's features.
 
     python scripts/recipe_ablation.py --root=runs/recipe --ldm_steps=600 --num=1000
+    python scripts/recipe_ablation.py ... --recipes=v+minsnr --first_stage=adv
 
-Every LDM shares the VAE of ROOT/vae (copied into each workdir, so each LDM is bound to
-identical weights). Reruns resume: finished stages train nothing. Writes
-ROOT/ablation.json and prints a markdown table.
+Every LDM shares the VAE of ROOT/base/vae (copied into each workdir, so each LDM is bound
+to identical weights). --first_stage=NAME trains the VAE of FIRST_STAGES[NAME] into
+ROOT/base@NAME instead, and its LDMs into ROOT/<recipe>@NAME (rows '<recipe>@NAME').
+Reruns resume: finished stages train nothing. Writes ROOT/ablation.json and prints a
+markdown table.
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ RECIPES = {  # name -> diffusion overrides
     "v+minsnr+ztsnr": {"diffusion.prediction": "v", "diffusion.loss_weighting": "min_snr",
                        "diffusion.zero_terminal_snr": True},
 }
+FIRST_STAGES = {  # name -> VAE overrides (cpu-quick otherwise)
+    "base": {},
+    "adv": {"loss.adversarial_weight": 0.5, "loss.adversarial_start": 600},
+}
 SAMPLERS = (("ddim", 50), ("ddim", 20), ("dpmpp2m", 20))
 
 
@@ -39,10 +46,12 @@ def main() -> None:
     ldm_steps, vae_steps = int(args.get("ldm_steps", 600)), int(args.get("vae_steps", 1200))
     num = int(args.get("num", 1000))
     recipes = args["recipes"].split(",") if "recipes" in args else list(RECIPES)
+    first_stage = args.get("first_stage", "base")
+    suffix = "" if first_stage == "base" else f"@{first_stage}"
     cli.setup_jax()
-    base = os.path.join(root, "base")
+    base = os.path.join(root, "base" + suffix)
     vae = configs.get_config("vae", "cpu-quick")
-    vae.train.steps = vae_steps
+    configs.apply_overrides(vae, {"train.steps": vae_steps, **FIRST_STAGES[first_stage]})
     train.train_and_evaluate(vae, base)
 
     feat_fn = features.feature_fn(features.DEFAULT_PATH)
@@ -50,12 +59,12 @@ def main() -> None:
     real_all = evaluate.reference_features(feat_fn, features.DEFAULT_PATH)
     out_path = os.path.join(root, "ablation.json")
     results = json.load(open(out_path)) if os.path.isfile(out_path) else {}
-    for name in recipes:
+    for name in (r + suffix for r in recipes):
         w = os.path.join(root, name)
         if not os.path.isdir(os.path.join(w, "vae")):
             shutil.copytree(os.path.join(base, "vae"), os.path.join(w, "vae"))
         c = configs.get_config("ldm", "cpu-quick")
-        configs.apply_overrides(c, {"train.steps": ldm_steps, **RECIPES[name]})
+        configs.apply_overrides(c, {"train.steps": ldm_steps, **RECIPES[name.split("@")[0]]})
         t0 = time.time()
         train.train_and_evaluate(c, w)
         rows = [json.loads(line) for line in open(os.path.join(w, "ldm", "metrics.jsonl"))]

@@ -1,0 +1,169 @@
+"""The first stage's optional adversarial loss (loss.adversarial_weight > 0): which player
+each loss reaches, the warm-up, the adaptive weight against a hand computation, and a
+smoke run whose checkpoint the readers load without the discriminator."""
+
+import functools
+import json
+import os
+import types
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ldm_jax import checkpoints, configs, data, models, nets, stages, train
+
+START = 3  # the smoke preset's loss.adversarial_start
+
+
+@pytest.fixture(scope="module")
+def adv():
+    """compute(step, w): a one-level smoke VAE's loss with the adversarial term at weight w and its
+    gradient at `step`; the weight-0 loss of the same VAE parameters (`plain`); and `hand`,
+    the gradients of L_rec and L_G with respect to the decoder's output kernel, by jax.jacrev
+    of the whole forward pass in that kernel. Step and weight are traced (the config is a
+    namespace holding w), so every test here shares one compilation."""
+    c = configs.get_config("vae", "smoke")
+    c.loss.adversarial_weight = 0.5
+    c.model.channels, c.model.latent_ch = (8,), 2  # one level (14x14x2): half the compile time
+    configs.validate(c)
+    assert c.loss.adversarial_start == START
+    vae, disc = models.build_vae(c), models.build_discriminator(c)
+    x = data.to_float(data.load_mnist("test")[0][:8])  # [8, 28, 28, 1]
+    key = jax.random.key(1)
+    z_key, vq_key = jax.random.split(key)  # as vae_loss splits it
+
+    def config(w):
+        return types.SimpleNamespace(loss=types.SimpleNamespace(**dict(
+            c.loss.to_dict(), adversarial_weight=w)), autoencoder=c.autoencoder)
+
+    def hand(params):
+        vae_params, disc_params = models.split_discriminator(params)
+        out = vae_params["decoder"]["Conv_2"]
+
+        def recon(w):
+            dec = dict(vae_params["decoder"], Conv_2=dict(out, kernel=w))
+            return vae.apply({"params": dict(vae_params, decoder=dec)}, x, z_key,
+                             rngs={"vq": vq_key})[0]
+        def losses(w):  # [L_rec, L_G]
+            r = recon(w)
+            return jnp.stack([jnp.mean(jnp.sum(jnp.square(r - x), axis=(1, 2, 3))),
+                              -jnp.mean(disc.apply({"params": disc_params}, r))])
+        return jax.jacrev(losses)(out["kernel"])  # [2, 3, 3, 8, 1]
+
+    @jax.jit
+    def compute(step, w):
+        k = jax.random.key(0)
+        params = {**vae.init(k, x[:1], k)["params"],
+                  models.DISCRIMINATOR: disc.init(jax.random.fold_in(k, 1), x[:1])["params"]}
+        batch = {"image": x, "step": step}
+        loss = functools.partial(stages.vae_loss, vae, config(w), None, disc)
+        plain = stages.vae_loss(vae, config(0.0), None, None,
+                                models.split_discriminator(params)[0], {}, batch, key)[0]
+        return dict(params=params, plain=plain, hand=hand(params),
+                    on=jax.value_and_grad(loss, has_aux=True)(params, {}, batch, key))
+    return lambda step, w=0.5: compute(jnp.int32(step), jnp.float32(w))
+
+
+def _abs_max(tree) -> float:
+    return max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(tree))
+
+
+def test_each_player_gets_gradients_only_from_its_own_loss(adv):
+    (_, (m, _)), grads = adv(START)["on"]
+    vae_grads, disc_grads = models.split_discriminator(grads)
+    assert float(m["adv_weight"]) > 0 and _abs_max(disc_grads) > 0 and _abs_max(vae_grads) > 0
+    # Weight 0 leaves L_D alone on: the discriminator's gradient is the same, so L_G does
+    # not reach it; the VAE's changes, so L_G reaches the VAE.
+    _, grads_0 = adv(START, 0.0)["on"]
+    vae_grads_0, disc_grads_0 = models.split_discriminator(grads_0)
+    chex.assert_trees_all_close(disc_grads, disc_grads_0, rtol=1e-6, atol=1e-9)
+    assert _abs_max(jax.tree.map(jnp.subtract, vae_grads["decoder"], vae_grads_0["decoder"])) > 1e-3
+    # At weight 0, switching L_D on (START - 1 -> START) leaves the VAE's gradient as it
+    # was: L_D does not reach the VAE.
+    _, grads_off = adv(START - 1, 0.0)["on"]
+    chex.assert_trees_all_close(models.split_discriminator(grads_off)[0], vae_grads_0,
+                                rtol=1e-6, atol=1e-9)
+
+
+def test_before_the_start_the_loss_is_the_weight_zero_loss_exactly(adv):
+    out = adv(START - 1)
+    (loss, (m, _)), grads = out["on"]
+    assert float(loss) == float(out["plain"])
+    assert float(m["adv_weight"]) == 0.0 and float(m["disc_loss"]) > 0
+    assert _abs_max(models.split_discriminator(grads)[1]) == 0.0  # the discriminator waits
+    (loss_on, _), _ = adv(START)["on"]
+    assert float(loss_on) != float(out["plain"])  # and from the start it differs
+
+
+def test_adaptive_weight_matches_a_hand_computation(adv):
+    """lambda = ||d L_rec / dW|| / (||d L_G / dW|| + 1e-4), W the decoder's output kernel."""
+    out = adv(START)
+    vae_params = models.split_discriminator(out["params"])[0]
+    assert nets.last_decoder_layer(vae_params) == ("decoder", "Conv_2", "kernel")
+    assert vae_params["decoder"]["Conv_2"]["kernel"].shape[-1] == 1  # the 1-channel image out
+    g_rec, g_g = np.asarray(out["hand"], np.float64)
+    want = np.linalg.norm(g_rec) / (np.linalg.norm(g_g) + 1e-4)
+    (_, (m, _)), _ = out["on"]
+    assert 1 < want < 1e4  # neither clip bound: the ratio itself is checked
+    assert float(m["adv_lambda"]) == pytest.approx(want, rel=1e-4)
+    assert float(m["adv_weight"]) == pytest.approx(0.5 * float(m["adv_lambda"]), rel=1e-6)
+    # The clip: a vanishing generator gradient gives 1e4, never more; never below 0.
+    assert float(stages.adaptive_weight(jnp.ones(4), jnp.zeros(4))) == 1e4
+    assert float(stages.adaptive_weight(jnp.zeros(4), jnp.ones(4))) == 0.0
+
+
+def test_hinge_loss_and_separate_clipping():
+    real, fake = jnp.array([2.0, 0.5, -1.0]), jnp.array([-2.0, 0.0, 1.0])
+    # real: relu(1 - D) = 0, 0.5, 2; fake: relu(1 + D) = 0, 1, 2
+    assert float(stages.hinge_d_loss(real, fake)) == pytest.approx(0.5 * (2.5 / 3 + 3.0 / 3))
+    clip = train.clip_by_part_norm(1.0, (models.DISCRIMINATOR,))
+    g = {"decoder": {"k": jnp.array([30.0, 40.0])}, models.DISCRIMINATOR: {"k": jnp.array([0.6])}}
+    out, _ = clip.update(g, clip.init(g))
+    np.testing.assert_allclose(out["decoder"]["k"], [0.6, 0.8], rtol=1e-6)  # its own norm, 50
+    np.testing.assert_allclose(out[models.DISCRIMINATOR]["k"], [0.6])  # not rescaled by the VAE's
+    plain = {"a": jnp.array([3.0, 4.0])}
+    np.testing.assert_allclose(clip.update(plain, clip.init(plain))[0]["a"], [0.6, 0.8], rtol=1e-6)
+
+
+def test_validation_and_old_configs():
+    c = configs.get_config("vae", "smoke")
+    c.loss.adversarial_weight = -0.1
+    with pytest.raises(configs.ConfigError, match="adversarial_weight"):
+        configs.validate(c)
+    c.loss.adversarial_weight, c.loss.adversarial_start = 0.1, -1
+    with pytest.raises(configs.ConfigError, match="adversarial_start"):
+        configs.validate(c)
+    stored = configs.get_config("vae", "smoke").to_dict()
+    del stored["loss"]["adversarial_weight"], stored["loss"]["adversarial_start"]
+    old = checkpoints.config_from_stored(stored)  # a checkpoint from before the option
+    assert old.loss.adversarial_weight == 0.0 and models.build_discriminator(stored) is None
+
+
+@pytest.mark.slow  # ~1 min on 2 cores: two smoke trainings and a resume
+def test_smoke_run_trains_resumes_and_loads_without_the_discriminator(tmp_path):
+    c = configs.get_config("vae", "smoke")
+    c.loss.adversarial_weight = 0.5
+    full = train.train_and_evaluate(c, str(tmp_path / "a"))
+    assert models.DISCRIMINATOR in full.params and models.DISCRIMINATOR in full.ema_params
+    train.train_and_evaluate(c, str(tmp_path / "b"), stop_at_step=START + 1)
+    resumed = train.train_and_evaluate(c, str(tmp_path / "b"))
+    chex.assert_trees_all_close(resumed.params, full.params, rtol=1e-5, atol=1e-6)
+
+    log = (tmp_path / "a" / "vae" / "metrics.jsonl").read_text()
+    rows = [json.loads(line) for line in log.splitlines()]
+    assert {"disc_loss", "g_loss", "adv_lambda", "adv_weight"} <= set(rows[-1])
+    assert rows[0]["adv_weight"] == 0.0 and rows[-1]["adv_weight"] > 0  # steps 0-1 vs 4-5
+
+    vae, variables, cfg, meta = checkpoints.load_vae(str(tmp_path / "a"))
+    assert models.DISCRIMINATOR not in variables["params"] and meta["finished"]
+    chex.assert_trees_all_equal(variables["params"], models.split_discriminator(full.ema_params)[0])
+    images = data.to_float(data.load_mnist("test")[0][:8])
+    recon, _ = vae.apply(variables, images, method=nets.VAE.reconstruct)
+    assert recon.shape == images.shape and bool(jnp.all(jnp.isfinite(recon)))
+    # The LDM binds to the VAE's own weights: what it encodes with is what load_vae gives.
+    train.train_and_evaluate(configs.get_config("ldm", "smoke"), str(tmp_path / "a"))
+    ldm_meta = checkpoints.stored_meta(os.path.join(tmp_path, "a", "ldm"))
+    assert ldm_meta["vae_digest"] == checkpoints.tree_digest(variables)
