@@ -100,7 +100,7 @@ def bench_generate(workdir: str, stage: str, batch: int, ddim_repeats: int,
                                           ("ddpm", "ddpm", T, ddpm_repeats)):
         run = sample.sample_fn(gen, batch, sampler, steps).run
         args = (gen.params, jax.random.key(0),
-                jnp.full((batch,), sample.null_label(gen), jnp.int32), jnp.float32(0.0))
+                jnp.asarray(sample.null_conditions(gen, batch)), jnp.float32(0.0))
         t = time.perf_counter()
         compiled = run.lower(*args).compile()
         out[f"{name}_compile_s"] = time.perf_counter() - t
