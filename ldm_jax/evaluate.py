@@ -419,7 +419,7 @@ def write_report(result: dict, out_dir: str) -> str:
 
 def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int | None = None,
              classifier: str | None = None, inception: bool = False, cost: bool = True,
-             command: str = "", step: int | None = None) -> dict:
+             command: str = "", step: int | None = None, sweeps: bool = True) -> dict:
     stages = trained_stages(workdir)
     has_vae = os.path.isdir(os.path.join(workdir, "vae", "checkpoints"))
     if not stages and not has_vae:
@@ -470,7 +470,7 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
                          os.path.join(out_dir, "reconstructions.png"), ncol=10)
 
     guidance, prompt_rows = {}, {}
-    for s, gen in gens.items():
+    for s, gen in (gens if sweeps else {}).items():
         if sample.is_text(gen):
             steps = min(ddim_steps or steps_default, gen.sched.num_timesteps)
             prompt_rows[s] = prompt_sweep(gen, num, steps, feat_fn,
@@ -533,6 +533,9 @@ def define_flags(fv) -> None:
     flags.DEFINE_bool("inception", False, "Also compute FID on InceptionV3 features (slow on CPU).",
                       flag_values=fv)
     flags.DEFINE_bool("cost", True, "Measure the cost benchmarks.", flag_values=fv)
+    flags.DEFINE_bool("sweeps", True, "Conditional models: the guidance sweep (class labels) "
+                      "or the prompt sweep (text); --nosweeps keeps only the unconditional "
+                      "quality row.", flag_values=fv)
     flags.DEFINE_integer("step", None, "Checkpoint step of the generators to evaluate "
                          "(default: the newest of each).", flag_values=fv)
 
@@ -558,7 +561,7 @@ def main(argv: list[str] | None = None) -> None:
         cli.setup_jax()
         command = "python -m ldm_jax.evaluate " + " ".join(argv[1:])
         result = evaluate(fv.workdir, fv.preset, fv.num, fv.steps, fv.classifier, fv.inception,
-                          fv.cost, command, fv.step)
+                          fv.cost, command, fv.step, fv.sweeps)
     except (cli.UsageError, configs.ConfigError, data.DataError, features.ClassifierError,
             FileNotFoundError) as e:
         cli.fail(prog, e)
