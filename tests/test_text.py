@@ -99,7 +99,7 @@ def _perturbed(params, scale=0.05):
 def text_unet():
     unet = _text_unet()
     x, t = jnp.ones((2, 7, 7, 4)), jnp.array([3, 30])
-    params = unet.init(jax.random.key(0), x, t, jnp.asarray(text.encode_batch(["", ""])))
+    params = jax.jit(unet.init)(jax.random.key(0), x, t, jnp.asarray(text.encode_batch(["", ""])))
     return unet, _perturbed(params["params"])
 
 
@@ -192,6 +192,18 @@ def test_prompt_on_a_model_without_text_conditioning(smoke_workdir, tmp_path, ar
     _one_line_exit_2(r, f"the ldm model in {smoke_workdir} is not text-conditioned "
                         "(conditioning=none)")
     assert os.listdir(tmp_path) == ["p.txt"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.model.text_layers=0", "model.text_layers must be >= 1, got 0"),
+    ("--config.model.context_dim=30", "attention width 30 is not divisible by model.heads=4"),
+    ("--config.model.conditioning=words", "model.conditioning must be none|class|crossattn|text"),
+])
+def test_train_refuses_bad_text_config(tmp_path, override, message):
+    r = run_main("train", "--stage=ldm", "--preset=cpu-quick", f"--workdir={tmp_path / 'w'}",
+                 "--config.model.conditioning=text", override)
+    _one_line_exit_2(r, message)
+    assert not os.listdir(tmp_path)
 
 
 def test_help_says_the_empty_prompt_is_unconditional(capsys):
