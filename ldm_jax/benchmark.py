@@ -17,6 +17,7 @@ max RSS (CPU).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -73,13 +74,13 @@ def matched_generator(workdir: str) -> sample.Generator:
     """The pixel model with the LDM's U-Net configuration and fresh parameters (speed does
     not depend on the weights), sampling 28x28x1 with the LDM's schedule."""
     c = matched_config(workdir)
-    unet = models.build_unet(c.model)
-    params = unet.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)),
-                       jnp.zeros((1,), jnp.int32),
-                       *([jnp.zeros((1,), jnp.int32)] if c.model.conditioning != "none" else []))
-    return sample.Generator(stage="pixel", unet=unet, params=params["params"],
-                            sched=models.build_schedule(c.diffusion), config=c.to_dict(),
-                            shape=(28, 28, 1))
+    gen = sample.Generator(stage="pixel", unet=models.build_unet(c.model), params=None,
+                           sched=models.build_schedule(c.diffusion), config=c.to_dict(),
+                           shape=(28, 28, 1))
+    y = [jnp.asarray(sample.null_conditions(gen, 1))] if c.model.conditioning != "none" else []
+    params = gen.unet.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)),
+                           jnp.zeros((1,), jnp.int32), *y)["params"]
+    return dataclasses.replace(gen, params=params)
 
 
 def bench_train(workdir: str, stage: str, steps: int, matched: bool = False) -> dict:
@@ -129,7 +130,7 @@ def bench_generate(workdir: str, stage: str, batch: int, ddim_repeats: int,
                                           ("ddpm", "ddpm", T, ddpm_repeats)):
         run = sample.sample_fn(gen, batch, sampler, steps).run
         args = (gen.params, jax.random.key(0),
-                jnp.full((batch,), sample.null_label(gen), jnp.int32), jnp.float32(0.0))
+                jnp.asarray(sample.null_conditions(gen, batch)), jnp.float32(0.0))
         t = time.perf_counter()
         compiled = run.lower(*args).compile()
         out[f"{name}_compile_s"] = time.perf_counter() - t

@@ -81,11 +81,16 @@ def _diffusion(c: ml_collections.ConfigDict, preset: str) -> None:
     c.model.num_res_blocks = 2  # residual blocks per level
     c.model.heads = 4  # attention heads at the lowest resolution
     c.model.groups = 8  # GroupNorm groups
-    c.model.conditioning = "none"  # none | class (label embedding) | crossattn (spatial transformer)
+    # none | class (label embedding) | crossattn (spatial transformer on learned label
+    # tokens) | text (spatial transformer on an encoded prompt, ldm_jax/text.py)
+    c.model.conditioning = "none"
     c.model.num_classes = 10  # labels 0..9; label num_classes is the null label
-    c.model.label_dropout = 0.1  # share of training labels replaced by the null label (CFG)
+    # Share of training labels replaced by the null label (CFG); for text, the share of
+    # prompts replaced by the empty prompt.
+    c.model.label_dropout = 0.1
     c.model.context_tokens = 4  # crossattn: learned tokens per label
-    c.model.context_dim = 64  # crossattn: width of each token
+    c.model.context_dim = 64  # crossattn: width of each token; text: width of the text encoder
+    c.model.text_layers = 2  # text: transformer blocks of the text encoder (model.heads heads)
     # Compute dtype of the U-Net: float32 | bfloat16 (for GPU/TPU; parameters, gradients and
     # optimizer state stay float32, GroupNorm statistics and the loss are float32).
     c.model.dtype = "float32"
@@ -328,14 +333,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
         m = c.model
         _check_at_least({"model.ch": m.ch, "model.heads": m.heads,
                          "model.context_tokens": m.context_tokens,
-                         "model.context_dim": m.context_dim}, 1)
+                         "model.context_dim": m.context_dim,
+                         "model.text_layers": m.text_layers}, 1)
         _check_levels("model.ch_mult", m.ch_mult)
         _check_channels("model.ch * ch_mult", [m.ch] + [m.ch * k for k in m.ch_mult], m.groups)
         # Widths that attention runs at: the lowest level (the middle block sees ch when
         # there are no residual blocks to widen it), and every level > 0 with crossattn.
         widths = {m.ch * m.ch_mult[-1]} | ({m.ch} if m.num_res_blocks == 0 else set())
-        if m.conditioning == "crossattn":
+        if m.conditioning in ("crossattn", "text"):
             widths |= {m.ch * k for k in m.ch_mult[1:]}
+        if m.conditioning == "text":
+            widths.add(m.context_dim)  # the text encoder's self-attention
         for width in sorted(widths):
             if width % m.heads:
                 raise ConfigError(f"attention width {width} is not divisible by "
@@ -347,8 +355,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"sample.eta must be in [0, 1], got {c.sample.eta}")
         if c.model.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"model.dtype must be float32|bfloat16, got {c.model.dtype!r}")
-        if c.model.conditioning not in ("none", "class", "crossattn"):
-            raise ConfigError("model.conditioning must be none|class|crossattn, got "
+        if c.model.conditioning not in ("none", "class", "crossattn", "text"):
+            raise ConfigError("model.conditioning must be none|class|crossattn|text, got "
                               f"{c.model.conditioning!r}")
         if not 0.0 <= c.model.label_dropout < 1.0 or c.model.num_classes < 1:
             raise ConfigError("model.label_dropout must be in [0, 1) and model.num_classes >= 1")

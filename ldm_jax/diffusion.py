@@ -553,8 +553,11 @@ def drop_labels(key: Array, labels: Array, p: float, null_label: int) -> Array:
 
 
 def guided_eps_fn(eps_fn: Callable[[Array, Array, Array], Array], labels: Array,
-                  null_label: int, w: float | Array) -> EpsFn:
+                  null_label: int | Array, w: float | Array) -> EpsFn:
     """Classifier-free guidance: eps = (1 + w) * eps(x, t, c) - w * eps(x, t, null).
+
+    labels: [B] class labels and null_label an int, or [B, L] prompt tokens and null_label
+    the empty prompt's tokens [L].
 
     w = 0 is plain conditional sampling (Ho & Salimans 2021, Eq. 6, whose w this is; some
     code writes the same thing with scale s = 1 + w). The conditional and unconditional
@@ -564,7 +567,8 @@ def guided_eps_fn(eps_fn: Callable[[Array, Array, Array], Array], labels: Array,
     """
     def guided(x: Array, t: Array) -> Array:
         b = x.shape[0]
-        y = jnp.concatenate([labels, jnp.full_like(labels, null_label)])
+        y = jnp.concatenate([labels, jnp.broadcast_to(jnp.asarray(null_label, labels.dtype),
+                                                      labels.shape)])
         eps = eps_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), y)
         cond, uncond = eps[:b], eps[b:]
         return (1.0 + w) * cond - w * uncond

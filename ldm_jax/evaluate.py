@@ -11,6 +11,11 @@ iteration at the same batch size, images/s for DDIM-10, DDIM-50 and the full DDP
 compile times, peak memory, parameter count. Writes workdir/eval/{metrics.json, report.md,
 samples.png, cost.png, <stage>_samples.npz}; a rerun reuses <stage>_samples.npz only when
 they come from the same weights (sample.Generator.identity), sampler, steps and size.
+
+A class-conditional model adds a guidance sweep (accuracy against the requested digit);
+a text-conditioned one adds a prompt sweep at w in TEXT_GUIDANCE (`prompt_sweep`) and
+prompts.png, prompts against samples. For a conditional model the quality table's row is
+the unconditional model: the null label, or the empty prompt.
 """
 
 from __future__ import annotations
@@ -26,12 +31,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax import checkpoints, cli, configs, data, features, metrics, nets, sample
+from ldm_jax import checkpoints, cli, configs, data, features, metrics, nets, sample, text
 
 # Per preset: (samples per model, DDIM steps for the quality samples).
 PLAN = {"smoke": (128, 5), "cpu-quick": (2000, 50), "full": (10_000, 100)}
 QUALITY = ("fid", "precision", "recall", "density", "coverage")
 GUIDANCE = (0.0, 0.5, 1.0, 2.0, 4.0)
+TEXT_GUIDANCE = (0.0, 1.0, 2.0, 4.0)
+RECOGNISABLE = 0.9  # a sample is recognisable when the classifier's top probability exceeds this
+FIGURE_W = 2.0  # guidance of prompts.png
+FIGURE_PROMPTS = ("7", "seven", "a handwritten 3", "number four, written by hand",
+                  "the handwritten number 5", "a drawing of an eight", "picture of digit 0", "")
 MIN_NUM = 6  # PRDC's k = 5 nearest neighbours need at least 6 samples
 SAMPLE_SEED = 1  # jax.random.key of the quality samples
 
@@ -113,6 +123,86 @@ def guidance_sweep(gen, num: int, steps: int, feat_fn, pred_fn, real_all, real_n
         print(f"{gen.stage} w={w}: accuracy {row['accuracy']:.4f}, FID {row['fid']:.3f}",
               file=sys.stderr)
     return rows
+
+
+def held_out_prompts(num: int, pairs, seed: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """num // 10 prompts per digit, each from a random (template, spelling) of pairs:
+    (prompts, digits [N], spellings [N])."""
+    rng = np.random.default_rng(seed)
+    digits = np.repeat(np.arange(10), max(1, num // 10))
+    pick = rng.integers(len(pairs), size=len(digits))
+    return ([text.make_prompt(int(d), *pairs[i]) for d, i in zip(digits, pick)], digits,
+            np.array([pairs[i][1] for i in pick]))
+
+
+def prompt_sweep(gen, num: int, steps: int, feat_fn, prob_fn, real_all, real_n,
+                 weights=TEXT_GUIDANCE) -> dict:
+    """For each guidance weight w, the committed classifier's accuracy against the digit
+    each prompt names:
+    - seen: num prompts from the training (template, spelling) pairs;
+    - held_out: num prompts from pairs never trained on (text.HELD_OUT_PAIRS);
+    - words / numerals: seen and held-out together, split by how the digit is spelled;
+    - same_digit: "7" and "seven" (every digit, num // 2 pairs, the same noise for
+      both) classified as the same digit; bare_numeral / bare_word: their accuracy;
+    and FID/PRDC and the recognisable share (top probability > RECOGNISABLE) of the seen
+    samples. The seen and held-out sets share their noise, sample for sample."""
+    sets = {"seen": held_out_prompts(num, text.TRAIN_PAIRS, 0),
+            "held_out": held_out_prompts(num, text.HELD_OUT_PAIRS, 1)}
+    bare = np.repeat(np.arange(10), max(1, num // 20))
+    draw = lambda prompts, key, w: sample.generate(gen, len(prompts), jax.random.key(key),
+                                                   "ddim", steps, prompts=prompts, guidance=w,
+                                                   progress=False)
+    rows = {}
+    for w in weights:
+        row, correct, spelled = {}, [], []
+        for name, (prompts, digits, spellings) in sets.items():
+            images = draw(prompts, 2, w)
+            probs = prob_fn(images)
+            ok = probs.argmax(1) == digits
+            row[name] = float(ok.mean())
+            correct.append(ok)
+            spelled.append(spellings)
+            if name == "seen":
+                row.update(quality(real_all, real_n, feat_fn(images)))
+                row["recognisable"] = float(np.mean(probs.max(1) > RECOGNISABLE))
+        correct, spelled = np.concatenate(correct), np.concatenate(spelled)
+        row["words"] = float(correct[spelled == "word"].mean())
+        row["numerals"] = float(correct[spelled == "numeral"].mean())
+        numeral = prob_fn(draw([str(d) for d in bare], 3, w)).argmax(1)
+        word = prob_fn(draw([text.WORDS[d] for d in bare], 3, w)).argmax(1)
+        row.update(same_digit=float(np.mean(numeral == word)),
+                   bare_numeral=float(np.mean(numeral == bare)),
+                   bare_word=float(np.mean(word == bare)))
+        rows[str(w)] = row
+        print(f"{gen.stage} w={w}: seen {row['seen']:.4f}, held-out {row['held_out']:.4f}, "
+              f"words {row['words']:.4f}, numerals {row['numerals']:.4f}, \"7\" = \"seven\" "
+              f"{row['same_digit']:.4f}, FID {row['fid']:.3f}", file=sys.stderr)
+    return rows
+
+
+def save_prompt_figure(gen, steps: int, path: str, prompts=FIGURE_PROMPTS, per_row: int = 8,
+                       w: float = FIGURE_W) -> None:
+    """prompts.png: one row of samples per prompt, the prompt written beside it."""
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    prompts = list(prompts)
+    images = sample.generate(gen, len(prompts) * per_row, jax.random.key(4), "ddim", steps,
+                             prompts=[p for p in prompts for _ in range(per_row)], guidance=w,
+                             progress=False)
+    seen = {text.make_prompt(d, t, s) for t, s in text.TRAIN_PAIRS for d in range(10)}
+    fig, axes = plt.subplots(len(prompts), 1, figsize=(per_row * 0.9 + 3.2, len(prompts) * 0.95))
+    for i, (ax, p) in enumerate(zip(np.atleast_1d(axes), prompts)):
+        ax.imshow(np.concatenate(list(images[i * per_row:(i + 1) * per_row]), axis=1),
+                  cmap="gray", vmin=0, vmax=255)
+        kind = "empty: unconditional" if not p else ("seen" if p in seen else "held out")
+        ax.set_yticks([])
+        ax.set_xticks([])
+        ax.set_ylabel(f'"{p}"\n({kind})', rotation=0, ha="right", va="center", fontsize=9)
+    fig.suptitle(f"prompts against samples (w = {w}, DDIM {steps})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def autoencoder_quality(first_stage: tuple, test_images: np.ndarray, feat_fn, real_all: np.ndarray,
@@ -314,6 +404,22 @@ def write_report(result: dict, out_dir: str) -> str:
             lines.append(f"| {w} | {row['accuracy']:.4f} | "
                          + " | ".join(_fmt(row[k]) for k in QUALITY) + " |")
         lines += ["", "![guidance](guidance.png)", ""]
+    for stage, rows in (r.get("text") or {}).items():
+        lines += [f"## Text prompts ({stage})", "",
+                  "eps = (1 + w) eps(z, prompt) - w eps(z, \"\"); accuracy of the committed "
+                  f"classifier against the digit each prompt names; {r['num']} seen and "
+                  f"{r['num']} held-out prompts, {r['num'] // 20 * 10} \"7\"/\"seven\" pairs "
+                  "per w; FID, precision, recall and recognisable share of the seen-prompt "
+                  "samples.", "",
+                  "| w | seen | held out | words | numerals | \"7\" = \"seven\" | FID | "
+                  "recognisable | precision | recall |", "|---" * 10 + "|"]
+        for w, row in rows.items():
+            lines.append(f"| {w} | {row['seen']:.4f} | {row['held_out']:.4f} | "
+                         f"{row['words']:.4f} | {row['numerals']:.4f} | "
+                         f"{row['same_digit']:.4f} | {_fmt(row['fid'])} | "
+                         f"{row['recognisable']:.3f} | {_fmt(row['precision'])} | "
+                         f"{_fmt(row['recall'])} |")
+        lines += ["", "![prompts](prompts.png)", ""]
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))
@@ -325,7 +431,7 @@ def write_report(result: dict, out_dir: str) -> str:
 
 def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int | None = None,
              classifier: str | None = None, inception: bool = False, cost: bool = True,
-             command: str = "", step: int | None = None) -> dict:
+             command: str = "", step: int | None = None, sweeps: bool = True) -> dict:
     stages = trained_stages(workdir)
     has_vae = os.path.isdir(os.path.join(workdir, "vae", "checkpoints"))
     if not stages and not has_vae:
@@ -375,9 +481,14 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
         sample.save_grid(np.concatenate([test_images[:10], recons[:10]]),
                          os.path.join(out_dir, "reconstructions.png"), ncol=10)
 
-    guidance = {}
-    for s, gen in gens.items():
-        if sample.is_conditional(gen):
+    guidance, prompt_rows = {}, {}
+    for s, gen in (gens if sweeps else {}).items():
+        if sample.is_text(gen):
+            steps = min(ddim_steps or steps_default, gen.sched.num_timesteps)
+            prompt_rows[s] = prompt_sweep(gen, num, steps, feat_fn,
+                                          features.probabilities_fn(classifier), real_all, real_n)
+            save_prompt_figure(gen, steps, os.path.join(out_dir, "prompts.png"))
+        elif sample.is_conditional(gen):
             steps = min(ddim_steps or steps_default, gen.sched.num_timesteps)
             guidance[s] = guidance_sweep(gen, num, steps, feat_fn, features.predict_fn(classifier),
                                          real_all, real_n)
@@ -409,7 +520,7 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
     result = dict(workdir=workdir, command=command, preset=preset, num=num,
                   ddim_steps=ddim_steps or steps_default, device=jax.devices()[0].device_kind,
                   date=time.strftime("%Y-%m-%d"), quality=q, inception=inception_fid,
-                  cost=cost_rows, guidance=guidance, autoencoder=autoencoder,
+                  cost=cost_rows, guidance=guidance, text=prompt_rows, autoencoder=autoencoder,
                   classifier=os.path.abspath(classifier))
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(result, f, indent=2)
@@ -435,6 +546,9 @@ def define_flags(fv) -> None:
     flags.DEFINE_bool("inception", False, "Also compute FID on InceptionV3 features (slow on CPU).",
                       flag_values=fv)
     flags.DEFINE_bool("cost", True, "Measure the cost benchmarks.", flag_values=fv)
+    flags.DEFINE_bool("sweeps", True, "Conditional models: the guidance sweep (class labels) "
+                      "or the prompt sweep (text); --nosweeps keeps only the unconditional "
+                      "quality row.", flag_values=fv)
     flags.DEFINE_integer("step", None, "Checkpoint step of the generators to evaluate "
                          "(default: the newest of each).", flag_values=fv)
 
@@ -460,7 +574,7 @@ def main(argv: list[str] | None = None) -> None:
         cli.setup_jax()
         command = "python -m ldm_jax.evaluate " + " ".join(argv[1:])
         result = evaluate(fv.workdir, fv.preset, fv.num, fv.steps, fv.classifier, fv.inception,
-                          fv.cost, command, fv.step)
+                          fv.cost, command, fv.step, fv.sweeps)
     except (cli.UsageError, configs.ConfigError, data.DataError, features.ClassifierError,
             FileNotFoundError) as e:
         cli.fail(prog, e)

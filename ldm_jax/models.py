@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ldm_jax import diffusion, nets
+from ldm_jax import diffusion, nets, text
 
 
 def build_vae(cfg) -> nets.VAE:
@@ -44,11 +44,15 @@ def split_discriminator(params: dict) -> tuple[dict, dict | None]:
 def build_unet(model_cfg) -> nets.UNet:
     """The denoiser from a diffusion config's model section."""
     get = model_cfg.get  # checkpoints from before conditioning existed lack its fields
+    encoder = None
+    if get("conditioning", "none") == "text":
+        encoder = text.TextEncoder(width=get("context_dim", 64), layers=get("text_layers", 2),
+                                   heads=model_cfg["heads"])
     return nets.UNet(ch=model_cfg["ch"], ch_mult=tuple(model_cfg["ch_mult"]),
                      num_res_blocks=model_cfg["num_res_blocks"], heads=model_cfg["heads"],
                      groups=model_cfg["groups"], conditioning=get("conditioning", "none"),
                      num_classes=get("num_classes", 10), context_tokens=get("context_tokens", 4),
-                     context_dim=get("context_dim", 64))
+                     context_dim=get("context_dim", 64), text_encoder=encoder)
 
 
 def unet_fn(unet: nets.UNet, model_cfg, params):

@@ -120,19 +120,22 @@ class SpatialTransformer(nn.Module):
     groups: int = 8
 
     @nn.compact
-    def __call__(self, x: Array, context: Array) -> Array:
-        """x [B, H, W, C], context [B, L, D] -> [B, H, W, C]."""
+    def __call__(self, x: Array, context: Array, context_mask: Array | None = None) -> Array:
+        """x [B, H, W, C], context [B, L, D], context_mask bool [B, L] (False: padding,
+        never attended to) -> [B, H, W, C]. The cross-attention weights are sown into
+        'intermediates' (kept only when that collection is mutable)."""
+        mask = None if context_mask is None else context_mask[:, None, None, :]
         b, h, w, c = x.shape
         y = nn.Dense(c, name="proj_in")(GroupNorm(self.groups)(x).reshape(b, h * w, c))
         y = y + nn.MultiHeadDotProductAttention(self.heads, name="self_attn")(nn.LayerNorm()(y))
         y = y + nn.MultiHeadDotProductAttention(self.heads, name="cross_attn")(
-            nn.LayerNorm()(y), context)
+            nn.LayerNorm()(y), context, mask=mask, sow_weights=True)
         y = y + nn.Dense(c)(nn.gelu(nn.Dense(4 * c)(nn.LayerNorm()(y))))
         y = nn.Dense(c, kernel_init=nn.initializers.zeros, name="proj_out")(y)
         return x + y.reshape(b, h, w, c)
 
 
-CONDITIONING = ("none", "class", "crossattn")
+CONDITIONING = ("none", "class", "crossattn", "text")
 
 
 class UNet(nn.Module):
@@ -144,7 +147,9 @@ class UNet(nn.Module):
     conditioning: 'none'; 'class' (a label embedding added to the time embedding); or
     'crossattn' (SpatialTransformer blocks at every level below the first and in the
     middle, attending to `context_tokens` learned tokens per label). Label `num_classes`
-    is the null label of classifier-free guidance.
+    is the null label of classifier-free guidance. 'text': the same blocks attend to
+    `text_encoder(y)` for prompt tokens y [B, L] (ldm_jax.text.TextEncoder: context and
+    padding mask), trained with the U-Net; the empty prompt is the null condition.
     """
     ch: int = 64
     ch_mult: Sequence[int] = (1, 2)
@@ -155,11 +160,12 @@ class UNet(nn.Module):
     num_classes: int = 10
     context_tokens: int = 4
     context_dim: int = 64
+    text_encoder: nn.Module | None = None  # 'text': tokens [B, L] -> (context, mask)
 
     @nn.compact
     def __call__(self, x: Array, t: Array, y: Array | None = None) -> Array:
-        """x: [B, H, W, C]; t: [B] int timesteps; y: [B] int labels (num_classes = null);
-        returns eps [B, H, W, C]."""
+        """x: [B, H, W, C]; t: [B] int timesteps; y: [B] int labels (num_classes = null),
+        or for 'text' [B, L] prompt tokens; returns eps [B, H, W, C]."""
         assert x.ndim == 4 and t.shape == (x.shape[0],), (x.shape, t.shape)
         if self.conditioning not in CONDITIONING:
             raise ValueError(f"conditioning must be one of {CONDITIONING}, got {self.conditioning!r}")
@@ -169,17 +175,21 @@ class UNet(nn.Module):
         emb_dim = 4 * self.ch
         emb = timestep_embedding(t, self.ch).astype(x.dtype)  # the compute dtype is x's
         emb = nn.Dense(emb_dim)(nn.swish(nn.Dense(emb_dim)(emb)))
-        context = None
+        context = context_mask = None
         if self.conditioning == "class":
             emb = emb + nn.Embed(self.num_classes + 1, emb_dim, name="label_emb")(y)
         elif self.conditioning == "crossattn":
             context = nn.Embed(self.num_classes + 1, self.context_tokens * self.context_dim,
                                name="label_tokens")(y).reshape(-1, self.context_tokens,
                                                                self.context_dim)
+        elif self.conditioning == "text":
+            if self.text_encoder is None:
+                raise ValueError("conditioning='text' needs a text_encoder")
+            context, context_mask = self.text_encoder(y)
 
         def attend(h, level):  # self-attention, or a SpatialTransformer when cross-attending
             if context is not None:
-                return SpatialTransformer(self.heads, self.groups)(h, context)
+                return SpatialTransformer(self.heads, self.groups)(h, context, context_mask)
             if level == len(self.ch_mult) - 1:
                 return AttnBlock(self.heads, self.groups)(h)
             return h

@@ -3,6 +3,8 @@
     python -m ldm_jax.sample --workdir=runs/demo --stage=ldm --num=64 --out=grid.png
         [--sampler=ddpm|ddim|dpmpp2m] [--steps=K] [--eta=0.0] [--seed=0] [--step=N]
     python -m ldm_jax.sample --workdir=runs/cond --stage=ldm --label=7 --guidance=3.0 --out=7s.png
+    python -m ldm_jax.sample --workdir=runs/text --stage=ldm --prompt="a handwritten seven" \
+        --prompt="3" --guidance=3 --num=16 --out=prompts.png   # one grid row per prompt
 
 Guidance convention: eps = (1 + w) * eps(z, c) - w * eps(z, null), so w = 0 is plain
 conditional sampling (Ho & Salimans 2021); code using a scale s writes s = 1 + w.
@@ -25,7 +27,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ldm_jax import checkpoints, cli, configs, data, diffusion, models, nets
+from ldm_jax import checkpoints, cli, configs, data, diffusion, models, nets, text
 
 SAMPLERS = configs.SAMPLERS
 
@@ -76,8 +78,21 @@ def is_conditional(gen: Generator) -> bool:
     return gen.config["model"].get("conditioning", "none") != "none"
 
 
-def null_label(gen: Generator) -> int:
+def is_text(gen: Generator) -> bool:
+    return gen.config["model"].get("conditioning", "none") == "text"
+
+
+def null_label(gen: Generator) -> int | np.ndarray:
+    """The unconditional condition: the null label, or for text the empty prompt's tokens [L]."""
+    if is_text(gen):
+        return text.encode("")
     return int(gen.config["model"].get("num_classes", 10))
+
+
+def null_conditions(gen: Generator, n: int) -> np.ndarray:
+    """n copies of null_label(gen): int32 [n] labels, or [n, L] prompt tokens."""
+    null = np.asarray(null_label(gen), np.int32)
+    return np.broadcast_to(null, (n, *null.shape)).copy()
 
 
 def sample_fn(gen: Generator, n: int, sampler: str = "ddim", steps: int = 100,
@@ -85,7 +100,8 @@ def sample_fn(gen: Generator, n: int, sampler: str = "ddim", steps: int = 100,
     """A jitted (key, labels=None, guidance=0.0) -> images [n, 28, 28, 1] in [-1, 1]
     (and the chain, if asked).
 
-    For a conditional model, labels [n] picks the digits (None: the null label, i.e.
+    For a conditional model, labels [n] picks the digits, or for a text model tokens
+    [n, L] (text.encode_batch) the prompts (None: the null label or empty prompt, i.e.
     unconditional) and guidance is w of eps = (1 + w) eps(z, c) - w eps(z, null); both are
     traced arguments, so changing them does not recompile.
     """
@@ -124,11 +140,11 @@ def sample_fn(gen: Generator, n: int, sampler: str = "ddim", steps: int = 100,
         return (jnp.clip(decode(x), -1, 1), traj) if keep_trajectory else jnp.clip(decode(x), -1, 1)
 
     def call(key, labels=None, guidance=0.0):
-        if labels is None:
-            labels = np.full((n,), null_label(gen), np.int32)
-        labels = jnp.asarray(labels, jnp.int32)
-        if labels.shape != (n,):
-            raise ValueError(f"labels must have shape ({n},), got {labels.shape}")
+        """labels: int [n] for class models, prompt tokens [n, L] for text models."""
+        null = null_conditions(gen, n)
+        labels = jnp.asarray(null if labels is None else labels, jnp.int32)
+        if labels.shape != null.shape:
+            raise ValueError(f"labels must have shape {null.shape}, got {labels.shape}")
         return run(gen.params, key, labels, jnp.float32(guidance))
     call.run = run  # the jitted function, for ahead-of-time compilation in benchmarks
     return call
@@ -136,20 +152,30 @@ def sample_fn(gen: Generator, n: int, sampler: str = "ddim", steps: int = 100,
 
 def generate(gen: Generator, num: int, key: jax.Array, sampler: str = "ddim", steps: int = 100,
              eta: float = 0.0, batch_size: int = 256, progress: bool = True,
-             labels: np.ndarray | None = None, guidance: float = 0.0) -> np.ndarray:
+             labels: np.ndarray | None = None, guidance: float = 0.0,
+             prompts: list[str] | None = None) -> np.ndarray:
     """num samples as uint8 [num, 28, 28], in fixed-size batches (one compilation).
 
-    labels [num] (conditional models only; None = unconditional) and guidance w."""
-    if labels is not None and not is_conditional(gen):
-        raise configs.ConfigError(f"the {gen.stage} model in this workdir is unconditional; "
-                                  "it cannot take --label")
+    labels [num] (class-conditional models) or prompts, num strings (text-conditioned
+    models; '' is the unconditional model); neither: unconditional. guidance is w."""
+    if labels is not None and (not is_conditional(gen) or is_text(gen)):
+        raise configs.ConfigError(f"the {gen.stage} model in this workdir is not "
+                                  "class-conditional; it cannot take --label")
+    if prompts is not None:
+        if not is_text(gen):
+            raise configs.ConfigError(f"the {gen.stage} model in this workdir is not "
+                                      "text-conditioned; it cannot take --prompt")
+        if len(prompts) != num:
+            raise ValueError(f"{len(prompts)} prompts for {num} samples")
+        labels = text.encode_batch(prompts)
     batch = min(batch_size, num)
     run = sample_fn(gen, batch, sampler, steps, eta)
     out = []
     for i in tqdm(range(math.ceil(num / batch)), desc=f"sample {gen.stage}", disable=not progress):
         y = None
         if labels is not None:
-            y = np.resize(np.asarray(labels[i * batch:(i + 1) * batch], np.int32), batch)
+            y = np.resize(np.asarray(labels[i * batch:(i + 1) * batch], np.int32),
+                          (batch, *labels.shape[1:]))
         out.append(data.to_uint8(np.asarray(run(jax.random.fold_in(key, i), y, guidance))))
     return np.concatenate(out)[:num]
 
@@ -187,9 +213,18 @@ def define_flags(fv) -> None:
     flags.DEFINE_string("label", None, "Conditional models: a digit 0-9, or 'all' for one row "
                         "per digit (num // 10 per row). Default: unconditional (null label).",
                         flag_values=fv)
+    flags.DEFINE_multi_string(
+        "prompt", None, "Text-conditioned models (--config.model.conditioning=text): what to "
+        "draw, e.g. --prompt='a handwritten seven'. Repeat it for one grid row per prompt "
+        f"(--num a multiple of their number). At most {text.MAX_CHARS} characters of "
+        f"{text.VOCAB!r}, case-insensitive. An empty prompt (--prompt='') is the "
+        "unconditional model. Default: unconditional.", flag_values=fv)
+    flags.DEFINE_string("prompt_file", None, "Text-conditioned models: a UTF-8 file with one "
+                        "prompt per line (blank lines skipped), one grid row per prompt.",
+                        flag_values=fv)
     flags.DEFINE_float("guidance", 0.0, "Classifier-free guidance w >= 0: eps = (1 + w) * "
-                       "eps(z, c) - w * eps(z, null); w = 0 is plain conditional sampling.",
-                       flag_values=fv)
+                       "eps(z, c) - w * eps(z, null) (null: the null label, or the empty "
+                       "prompt); w = 0 is plain conditional sampling.", flag_values=fv)
 
 
 def parse_labels(label: str | None, num: int) -> tuple[np.ndarray | None, int | None]:
@@ -204,6 +239,36 @@ def parse_labels(label: str | None, num: int) -> tuple[np.ndarray | None, int | 
     if label not in tuple("0123456789"):  # str.isdigit would take '²' and '٣'
         raise cli.UsageError(f"--label must be a digit 0-9 or 'all', got {label!r}")
     return np.full((num,), int(label), np.int32), None
+
+
+def parse_prompts(prompts: list[str] | None, prompt_file: str | None,
+                  num: int) -> tuple[list[str] | None, int | None]:
+    """--prompt / --prompt_file -> (num prompts, row by row, or None; grid columns or None).
+    Every prompt is checked against the tokenizer here, before any model is loaded."""
+    if prompts is not None and prompt_file is not None:
+        raise cli.UsageError("give --prompt or --prompt_file, not both")
+    if prompt_file is not None:
+        if not os.path.isfile(prompt_file):
+            raise cli.UsageError(f"--prompt_file {prompt_file} does not exist")
+        try:
+            with open(prompt_file, encoding="utf-8") as f:
+                prompts = [line for line in f.read().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise cli.UsageError(f"--prompt_file {prompt_file} cannot be read: {e}") from None
+        if not prompts:
+            raise cli.UsageError(f"--prompt_file {prompt_file} holds no prompt")
+    if prompts is None:
+        return None, None
+    for p in prompts:
+        try:
+            text.check_prompt(p)
+        except text.PromptError as e:
+            raise cli.UsageError(str(e)) from None
+    if num % len(prompts):
+        raise cli.UsageError(f"{len(prompts)} prompts draw one row each, so --num must be a "
+                             f"multiple of {len(prompts)}, got {num}")
+    per_row = num // len(prompts)
+    return [p for p in prompts for _ in range(per_row)], (per_row if len(prompts) > 1 else None)
 
 
 def check_sampling_flags(fv) -> None:
@@ -239,10 +304,24 @@ def main(argv: list[str] | None = None) -> None:
         cli.require(fv, "workdir")
         check_sampling_flags(fv)
         labels, ncol = parse_labels(fv.label, fv.num)
+        prompts, prompt_cols = parse_prompts(fv.prompt, fv.prompt_file, fv.num)
+        if prompts is not None and labels is not None:
+            raise cli.UsageError("--label is for class-conditional models, --prompt for "
+                                 "text-conditioned ones; give one of them")
+        ncol = ncol or prompt_cols
         cli.check_workdir(fv.workdir, must_exist=True, writable=False)
         cli.check_out_path(fv.out)
         cli.setup_jax()
         gen = load_generator(fv.workdir, fv.stage, fv.step)
+        mode = gen.config["model"].get("conditioning", "none")
+        if prompts is not None and not is_text(gen):
+            flag = "--prompt" if fv.prompt is not None else "--prompt_file"
+            raise cli.UsageError(f"the {fv.stage} model in {fv.workdir} is not text-conditioned "
+                                 f"(conditioning={mode}); drop {flag} or train one with "
+                                 "--config.model.conditioning=text")
+        if labels is not None and is_text(gen):
+            raise cli.UsageError(f"the {fv.stage} model in {fv.workdir} is text-conditioned; "
+                                 "use --prompt instead of --label")
         if not is_conditional(gen) and (labels is not None or fv.guidance):
             flag = "--label" if labels is not None else "--guidance"
             raise cli.UsageError(f"the {fv.stage} model in {fv.workdir} is unconditional; drop "
@@ -257,11 +336,14 @@ def main(argv: list[str] | None = None) -> None:
         cli.fail(prog, e)
     try:
         images = generate(gen, fv.num, jax.random.key(fv.seed), sampler, steps, eta,
-                          fv.batch_size, labels=labels, guidance=fv.guidance)
+                          fv.batch_size, labels=labels, guidance=fv.guidance, prompts=prompts)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing written", file=sys.stderr)
         sys.exit(130)
-    npz = write_samples(fv.out, images, ncol, **({} if labels is None else {"labels": labels}))
+    extra = {} if labels is None else {"labels": labels}
+    if prompts is not None:  # a fixed-width unicode array: no pickle needed to read it
+        extra["prompts"] = np.array([text.normalize(p) for p in prompts])
+    npz = write_samples(fv.out, images, ncol, **extra)
     print(f"wrote {fv.out} and {npz} ({len(images)} {fv.stage} samples, {sampler})",
           file=sys.stderr)
 

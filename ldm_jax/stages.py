@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ldm_jax import checkpoints, configs, data, diffusion, features, models, nets
+from ldm_jax import checkpoints, configs, data, diffusion, features, models, nets, text
 
 Array = jax.Array
 PyTree = Any
@@ -261,24 +261,34 @@ def diffusion_task(c, workdir: str) -> Task:
     configs.check_unet_input(c, example.shape[1], example.shape[3])
     if conditional:
         arrays["label"] = labels
+    prompts = c.model.conditioning == "text"
+    # Text: every step draws, for each label, a prompt from the training (template,
+    # spelling) pairs, on the device (tokens of all of them: [10, K, L]).
+    table = jnp.asarray(text.prompt_table()) if prompts else None
 
     def loss_fn(params, batch, key):
         z_key, d_key, y_key = jax.random.split(key, 3)
         x0 = batch["image"] if "image" in batch else batch["mean"]
         if "std" in batch:  # a posterior sample z = mean + std * eps
             x0 = x0 + batch["std"] * jax.random.normal(z_key, x0.shape)
-        if conditional:  # classifier-free guidance: some labels become the null label
+        apply = models.unet_fn(unet, c.model, params)
+        if prompts:  # classifier-free guidance: some prompts become the empty prompt
+            y = text.sample_prompts(y_key, batch["label"], table, c.model.label_dropout)
+            net_fn = lambda x, t: apply(x, t, y)
+        elif conditional:  # classifier-free guidance: some labels become the null label
             y = diffusion.drop_labels(y_key, batch["label"], c.model.label_dropout,
                                       c.model.num_classes)
-            net_fn = lambda x, t: models.unet_fn(unet, c.model, params)(x, t, y)
+            net_fn = lambda x, t: apply(x, t, y)
         else:
-            net_fn = models.unet_fn(unet, c.model, params)
+            net_fn = apply
         loss = jnp.mean(diffusion.training_losses(
             net_fn, sched, x0 * scale, d_key, prediction=c.diffusion.prediction,
             weighting=c.diffusion.loss_weighting, min_snr_gamma=c.diffusion.min_snr_gamma))
         return loss, {}
 
     init_y = jnp.zeros((1,), jnp.int32) if conditional else None
+    if prompts:
+        init_y = jnp.asarray(text.encode(""))[None]
     init, loss_fn = stateless(loss_fn, lambda key: unet.init(
         key, example, jnp.zeros((1,), jnp.int32), init_y)["params"])
     return Task(init=init, loss_fn=loss_fn, **_data(c, arrays),

@@ -62,3 +62,16 @@ def smoke_workdir(tmp_path_factory):
     for stage in ("vae", "ldm", "pixel"):
         train.train_and_evaluate(configs.get_config(stage, "smoke"), workdir)
     return workdir
+
+
+@pytest.fixture(scope="session")
+def text_workdir(smoke_workdir, tmp_path_factory):
+    """smoke_workdir's VAE with a text-conditioned LDM trained on the smoke preset."""
+    import shutil
+    from ldm_jax import configs, train
+    workdir = str(tmp_path_factory.mktemp("text"))
+    shutil.copytree(os.path.join(smoke_workdir, "vae"), os.path.join(workdir, "vae"))
+    c = configs.get_config("ldm", "smoke")
+    c.model.conditioning = "text"
+    train.train_and_evaluate(c, workdir)
+    return workdir
