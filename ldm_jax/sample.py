@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{prog}: interrupted; nothing written", file=sys.stderr)
         sys.exit(130)
     extra = {} if labels is None else {"labels": labels}
-    if prompts is not None:  # a fixed-width unicode array: no pickle needed to read it
+    if prompts is not None:  # a fixed-width unicode array: it loads with allow_pickle=False
         extra["prompts"] = np.array([text.normalize(p) for p in prompts])
     npz = write_samples(fv.out, images, ncol, **extra)
     print(f"wrote {fv.out} and {npz} ({len(images)} {fv.stage} samples, {sampler})",
