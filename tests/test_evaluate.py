@@ -76,6 +76,7 @@ def test_benchmark_measures_training_and_generation(smoke_workdir):
     assert r.returncode == 2 and "--matched goes with --stage=pixel" in r.stderr
 
 
+@pytest.mark.slow  # CI margin (35 s); evaluate still runs end to end in test_bad_input
 def test_evaluate_smoke_writes_report_with_floor(smoke_workdir):
     r = run_module("evaluate", f"--workdir={smoke_workdir}", "--preset=smoke", "--num=64",
                    "--nocost")

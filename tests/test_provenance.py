@@ -116,6 +116,7 @@ def test_lr_schedule_survives_a_resume(tmp_path):
     assert checkpoints.stored_meta(str(tmp_path / "full" / "vae"))["schedule_steps"] == 6
 
 
+@pytest.mark.slow  # CI margin (30 s); tests/test_kill_resume.py (also slow) checks logs after kills
 def test_logs_hold_interval_means_cumulative_time_and_no_duplicates(tmp_path):
     every = _config(steps=6, log_every=1)
     train.train_and_evaluate(every, str(tmp_path / "a"))
