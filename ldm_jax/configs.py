@@ -91,6 +91,7 @@ def _diffusion(c: ml_collections.ConfigDict, preset: str) -> None:
     c.model.context_tokens = 4  # crossattn: learned tokens per label
     c.model.context_dim = 64  # crossattn: width of each token; text: width of the text encoder
     c.model.text_layers = 2  # text: transformer blocks of the text encoder (model.heads heads)
+    c.model.text_conv = 0  # text: width of a convolution over character embeddings (0 = none)
     # Compute dtype of the U-Net: float32 | bfloat16 (for GPU/TPU; parameters, gradients and
     # optimizer state stay float32, GroupNorm statistics and the loss are float32).
     c.model.dtype = "float32"
@@ -335,6 +336,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
                          "model.context_tokens": m.context_tokens,
                          "model.context_dim": m.context_dim,
                          "model.text_layers": m.text_layers}, 1)
+        _check_at_least({"model.text_conv": m.text_conv}, 0)
         _check_levels("model.ch_mult", m.ch_mult)
         _check_channels("model.ch * ch_mult", [m.ch] + [m.ch * k for k in m.ch_mult], m.groups)
         # Widths that attention runs at: the lowest level (the middle block sees ch when

@@ -47,7 +47,7 @@ def build_unet(model_cfg) -> nets.UNet:
     encoder = None
     if get("conditioning", "none") == "text":
         encoder = text.TextEncoder(width=get("context_dim", 64), layers=get("text_layers", 2),
-                                   heads=model_cfg["heads"])
+                                   heads=model_cfg["heads"], conv=get("text_conv", 0))
     return nets.UNet(ch=model_cfg["ch"], ch_mult=tuple(model_cfg["ch_mult"]),
                      num_res_blocks=model_cfg["num_res_blocks"], heads=model_cfg["heads"],
                      groups=model_cfg["groups"], conditioning=get("conditioning", "none"),

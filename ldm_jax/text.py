@@ -146,14 +146,18 @@ def sample_prompts(key: Array, labels: Array, table: Array, p_empty: float) -> A
 class TextEncoder(nn.Module):
     """tokens [B, L] -> (context [B, L, width], padding mask [B, L]).
 
-    Token and learned position embeddings, then `layers` pre-LayerNorm transformer blocks
-    (bidirectional self-attention over the non-padding tokens, GELU MLP), then LayerNorm.
-    Padding never reaches a real token, so the output at real tokens does not depend on
-    how much padding follows them.
+    Token embeddings, with `conv` > 0 plus a width-`conv` convolution over them (character
+    n-grams: a word gives the same features wherever a template puts it, which learned
+    positions alone must learn template by template), and learned position embeddings;
+    then `layers` pre-LayerNorm transformer blocks (bidirectional self-attention over the
+    non-padding tokens, GELU MLP), then LayerNorm. Padding never reaches a real token (the
+    convolution sees padding as zeros, as it sees the sequence's ends), so the output at
+    real tokens does not depend on how much padding follows them.
     """
     width: int = 64
     layers: int = 2
     heads: int = 4
+    conv: int = 0
     vocab_size: int = VOCAB_SIZE
     max_len: int = SEQ_LEN
 
@@ -163,6 +167,9 @@ class TextEncoder(nn.Module):
         mask = padding_mask(tokens)
         pos = self.param("pos_emb", nn.initializers.normal(0.02), (self.max_len, self.width))
         h = nn.Embed(self.vocab_size, self.width, name="token_emb")(tokens)
+        if self.conv:
+            h = h + nn.Conv(self.width, (self.conv,), padding="SAME", name="char_conv")(
+                h * mask[..., None])
         h = h + pos[None, :tokens.shape[1]]
         for i in range(self.layers):
             h = h + nn.MultiHeadDotProductAttention(self.heads, name=f"attn_{i}")(

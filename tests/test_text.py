@@ -84,7 +84,7 @@ def test_training_prompts_name_the_label_and_drop_to_the_empty_prompt():
 
 
 def _text_unet():
-    encoder = text.TextEncoder(width=16, layers=2, heads=2)
+    encoder = text.TextEncoder(width=16, layers=2, heads=2, conv=3)
     return nets.UNet(ch=8, ch_mult=(1, 2), num_res_blocks=1, heads=2, groups=4,
                      conditioning="text", context_dim=16, text_encoder=encoder)
 
@@ -104,6 +104,22 @@ def text_unet():
     x, t = jnp.ones((2, 7, 7, 4)), jnp.array([3, 30])
     params = jax.jit(unet.init)(jax.random.key(0), x, t, jnp.asarray(text.encode_batch(["", ""])))
     return unet, _perturbed(params["params"])
+
+
+@pytest.mark.parametrize("conv", [0, 5])
+def test_text_encoder_output_ignores_padding(conv):
+    """The character convolution must see padding as it sees the prompt's end: a prompt
+    that fills 20 tokens exactly (no padding) and the same prompt padded to 41."""
+    encoder = text.TextEncoder(width=16, layers=1, heads=2, conv=conv)
+    short = jnp.asarray(text.encode_batch(["a handwritten seven", "3"], length=20))
+    full = jnp.asarray(text.encode_batch(["a handwritten seven", "3"]))
+    params = encoder.init(jax.random.key(0), full)
+    out_short, mask_short = encoder.apply(params, short)
+    out_full, _ = encoder.apply(params, full)
+    m = np.asarray(mask_short)
+    np.testing.assert_allclose(np.asarray(out_short)[m], np.asarray(out_full)[:, :20][m],
+                               atol=1e-5)
+    assert ("char_conv" in params["params"]) == bool(conv)
 
 
 @SLOW_NET
@@ -202,6 +218,7 @@ def test_prompt_on_a_model_without_text_conditioning(smoke_workdir, tmp_path, ar
 
 @pytest.mark.parametrize("override,message", [
     ("--config.model.text_layers=0", "model.text_layers must be >= 1, got 0"),
+    ("--config.model.text_conv=-1", "model.text_conv must be >= 0, got -1"),
     ("--config.model.context_dim=30", "attention width 30 is not divisible by model.heads=4"),
     ("--config.model.conditioning=words", "model.conditioning must be none|class|crossattn|text"),
 ])
