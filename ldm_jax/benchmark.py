@@ -83,37 +83,53 @@ def matched_generator(workdir: str) -> sample.Generator:
     return dataclasses.replace(gen, params=params)
 
 
+class StepTimer:
+    """The compiled train step of config c on fresh parameters, timed a few steps at a
+    time (so two configs can be timed in turns on a noisy machine)."""
+
+    def __init__(self, c, workdir: str):
+        c = c.copy_and_resolve_references()
+        c.data.max_examples = max(4 * c.data.batch_size, 1024)  # timing does not need all data
+        self.task = task = stages.TASKS[c.stage](c, workdir)
+        params, model_state = task.init(jax.random.key(0))
+        self.params = params
+        self.state = train.TrainState.create(apply_fn=None, params=params,
+                                             tx=train.make_optimizer(c.optim, c.train.steps),
+                                             ema_params=jax.tree.map(jnp.copy, params),
+                                             model_state=model_state)
+        step = jax.jit(functools.partial(train.train_step, loss_fn=task.loss_fn,
+                                         ema_decay=c.optim.ema_decay))
+        self.key, self.i = jax.random.key(1), 0
+        t = time.perf_counter()
+        self.compiled = step.lower(self.state, task.get_batch(0), self.key).compile()
+        self.compile_s = time.perf_counter() - t
+        self.time(1)  # warm-up
+
+    def time(self, steps: int) -> list[float]:
+        """Seconds of each of the next `steps` steps (batch on the host, as the CPU loop)."""
+        times = []
+        for _ in range(steps):
+            b = self.task.get_batch(self.i)
+            t = time.perf_counter()
+            self.state, m = self.compiled(self.state, b, jax.random.fold_in(self.key, self.i))
+            jax.block_until_ready(m["loss"])
+            times.append(time.perf_counter() - t)
+            self.i += 1
+        return times
+
+
 def bench_train(workdir: str, stage: str, steps: int, matched: bool = False) -> dict:
     """Median seconds per optimizer step of this stage's stored config (fresh parameters);
     matched: of the pixel model with the LDM's configuration."""
     c = matched_config(workdir) if matched else _stored_config(workdir, stage)
-    c.data.max_examples = max(4 * c.data.batch_size, 1024)  # timing does not need all data
-    task = stages.TASKS[stage](c, workdir)
-    params, model_state = task.init(jax.random.key(0))
-    state = train.TrainState.create(apply_fn=None, params=params,
-                                    tx=train.make_optimizer(c.optim, c.train.steps),
-                                    ema_params=jax.tree.map(jnp.copy, params),
-                                    model_state=model_state)
-    step = jax.jit(functools.partial(train.train_step, loss_fn=task.loss_fn,
-                                     ema_decay=c.optim.ema_decay))
-    batch, key = task.get_batch(0), jax.random.key(1)
-    t = time.perf_counter()
-    compiled = step.lower(state, batch, key).compile()
-    compile_s = time.perf_counter() - t
-    jax.block_until_ready(compiled(state, batch, key))  # warm-up
-    times = []
-    for i in range(steps):
-        b = task.get_batch(i + 1)
-        t = time.perf_counter()
-        state, m = compiled(state, b, jax.random.fold_in(key, i))
-        jax.block_until_ready(m["loss"])
-        times.append(time.perf_counter() - t)
+    timer = StepTimer(c, workdir)
+    times = timer.time(steps)
     # What checkpoint integrity costs: the digests computed at every save and verified at
     # every load cover the whole TrainState (parameters, EMA, Adam moments).
-    digest_s = _timed(checkpoints.state_digests, state, repeats=3)
-    state_mb = sum(x.nbytes for x in jax.tree.leaves(state)) / 2**20
+    digest_s = _timed(checkpoints.state_digests, timer.state, repeats=3)
+    state_mb = sum(x.nbytes for x in jax.tree.leaves(timer.state)) / 2**20
     return dict(stage=stage, matched=matched, what="train", batch_size=c.data.batch_size,
-                params=count_params(params), train_compile_s=compile_s,
+                params=count_params(timer.params), train_compile_s=timer.compile_s,
                 train_s_per_iter=float(np.median(times)), train_steps_timed=steps,
                 state_mb=state_mb, digest_s=float(np.median(digest_s)), **peak_memory())
 

@@ -4,12 +4,16 @@ sampled with several samplers, scored on the committed classifier's features.
 
     python scripts/recipe_ablation.py --root=runs/recipe --ldm_steps=600 --num=1000
     python scripts/recipe_ablation.py ... --recipes=v+minsnr --first_stage=adv
+    python scripts/recipe_ablation.py ... --recipes=v+minsnr --samplers=ddim-10,dpmpp2m-10
 
 Every LDM shares the VAE of ROOT/base/vae (copied into each workdir, so each LDM is bound
 to identical weights). --first_stage=NAME trains the VAE of FIRST_STAGES[NAME] into
 ROOT/base@NAME instead, and its LDMs into ROOT/<recipe>@NAME (rows '<recipe>@NAME').
-Reruns resume: finished stages train nothing. Writes ROOT/ablation.json and prints a
-markdown table.
+Rows of TIME_MATCHED change the cost of a step; they train for the wall clock of
+LDM_STEPS default steps instead: their step count is LDM_STEPS x (default step time / their
+step time), both measured in turns in this process before training (kept in
+ROOT/ablation.json, so a rerun resumes to the same count). Reruns resume: finished stages
+train nothing. Writes ROOT/ablation.json and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -23,21 +27,42 @@ import time
 import jax
 import numpy as np
 
-from ldm_jax import cli, configs, evaluate, features, metrics, sample, train
+from ldm_jax import benchmark, cli, configs, evaluate, features, metrics, sample, train
 
-RECIPES = {  # name -> diffusion overrides
-    "eps": {},
-    "v": {"diffusion.prediction": "v"},
-    "eps+minsnr": {"diffusion.loss_weighting": "min_snr"},
-    "v+minsnr": {"diffusion.prediction": "v", "diffusion.loss_weighting": "min_snr"},
-    "v+minsnr+ztsnr": {"diffusion.prediction": "v", "diffusion.loss_weighting": "min_snr",
-                       "diffusion.zero_terminal_snr": True},
+RECIPES = {  # name -> LDM overrides of today's cpu-quick default (v + min_snr, linear)
+    "eps": {"diffusion.prediction": "eps", "diffusion.loss_weighting": "uniform"},
+    "v": {"diffusion.prediction": "v", "diffusion.loss_weighting": "uniform"},
+    "eps+minsnr": {"diffusion.prediction": "eps", "diffusion.loss_weighting": "min_snr"},
+    "v+minsnr": {},
+    "v+minsnr+ztsnr": {"diffusion.zero_terminal_snr": True},
+    "cosine": {"diffusion.schedule": "cosine"},
+    "ema0.99": {"optim.ema_decay": 0.99},
+    "ema0.9999": {"optim.ema_decay": 0.9999},
+    "bs64": {"data.batch_size": 64},
+    "bs256": {"data.batch_size": 256},
+    "ch32": {"model.ch": 32},
+    "ch96": {"model.ch": 96},
+    "res2": {"model.num_res_blocks": 2},
 }
+TIME_MATCHED = ("bs64", "bs256", "ch32", "ch96", "res2")
 FIRST_STAGES = {  # name -> VAE overrides (cpu-quick otherwise)
     "base": {},
     "adv": {"loss.adversarial_weight": 0.5, "loss.adversarial_start": 600},
+    "lat2": {"model.latent_ch": 2},
 }
-SAMPLERS = (("ddim", 50), ("ddim", 20), ("dpmpp2m", 20))
+SAMPLERS = "ddim-50,ddim-20,dpmpp2m-20"
+
+
+def matched_steps(c, base, workdir: str, steps: int, rounds: int = 4, per_round: int = 5) -> dict:
+    """Steps of config c that cost the wall clock of `steps` steps of config base: both
+    compiled, then timed in turns (medians over rounds x per_round steps each)."""
+    timers = [benchmark.StepTimer(x, workdir) for x in (base, c)]
+    times = [[], []]
+    for _ in range(rounds):
+        for t, timer in zip(times, timers):
+            t += timer.time(per_round)
+    base_s, row_s = (float(np.median(t)) for t in times)
+    return dict(base_step_s=base_s, row_step_s=row_s, steps=max(1, round(steps * base_s / row_s)))
 
 
 def main() -> None:
@@ -47,6 +72,8 @@ def main() -> None:
     num = int(args.get("num", 1000))
     recipes = args["recipes"].split(",") if "recipes" in args else list(RECIPES)
     first_stage = args.get("first_stage", "base")
+    samplers = [(x.split("-")[0], int(x.split("-")[1]))
+                for x in args.get("samplers", SAMPLERS).split(",")]
     suffix = "" if first_stage == "base" else f"@{first_stage}"
     cli.setup_jax()
     base = os.path.join(root, "base" + suffix)
@@ -63,13 +90,23 @@ def main() -> None:
         w = os.path.join(root, name)
         if not os.path.isdir(os.path.join(w, "vae")):
             shutil.copytree(os.path.join(base, "vae"), os.path.join(w, "vae"))
+        recipe = name.split("@")[0]
         c = configs.get_config("ldm", "cpu-quick")
-        configs.apply_overrides(c, {"train.steps": ldm_steps, **RECIPES[name.split("@")[0]]})
+        configs.apply_overrides(c, {"train.steps": ldm_steps, **RECIPES[recipe]})
+        if recipe in TIME_MATCHED:
+            plan_key = f"{name} | plan"
+            if plan_key not in results:
+                base_c = configs.get_config("ldm", "cpu-quick")
+                configs.apply_overrides(base_c, {"train.steps": ldm_steps})
+                results[plan_key] = matched_steps(c, base_c, w, ldm_steps)
+                json.dump(results, open(out_path, "w"), indent=1)
+            c.train.steps = results[plan_key]["steps"]
+            print(f"{name}: {results[plan_key]}", file=sys.stderr)
         t0 = time.time()
         train.train_and_evaluate(c, w)
         rows = [json.loads(line) for line in open(os.path.join(w, "ldm", "metrics.jsonl"))]
         gen = sample.load_generator(w, "ldm")
-        for sampler, steps in SAMPLERS:
+        for sampler, steps in samplers:
             key = f"{name} | {sampler}-{steps}"
             if key in results and results[key].get("identity") == gen.identity:
                 continue
@@ -83,12 +120,14 @@ def main() -> None:
             results[key] = row
             json.dump(results, open(out_path, "w"), indent=1)
             print(f"{key}: FID {row['fid']:.2f} ({time.time() - t0:.0f}s)", file=sys.stderr)
-    print("| recipe | sampler | classifier FID | confident | train s | sample s |")
-    print("|---|---|---|---|---|---|")
+    print("| recipe | sampler | classifier FID | confident | steps | train s | sample s |")
+    print("|---|---|---|---|---|---|---|")
     for key, row in results.items():
         recipe, sampler = key.split(" | ")
+        if sampler == "plan":
+            continue
         print(f"| {recipe} | {sampler} | {row['fid']:.2f} | {row['confident']:.3f} "
-              f"| {row['train_s']:.0f} | {row['sample_s']:.1f} |")
+              f"| {row['steps']} | {row['train_s']:.0f} | {row['sample_s']:.1f} |")
 
 
 if __name__ == "__main__":
