@@ -7,7 +7,10 @@ and the header, and names the file and the failed check when one fails.
 
 Batches are a pure function of (seed, step): resuming at step s sees exactly the
 batches an uninterrupted run would, and each process of a multi-host run takes
-its own contiguous slice of every global batch.
+its own contiguous slice of every global batch. Each epoch's shuffle is
+jax.random's permutation, so the host (`batch_indices`) and a jitted step
+(`batch_indices_in_jit`, the accelerator loop) draw the same batches; runs begun
+before 2026-11-26 evening shuffled with numpy (SHUFFLES[1]) and resume with it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import os
 import struct
 import zlib
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 IMAGE_MAGIC = 2051
@@ -120,20 +125,50 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> np.ndarray:
-    """Indices of the global batch for `step`: epoch-wise shuffles drawn from (seed, epoch)."""
-    per_epoch = num_examples // batch_size
-    if per_epoch == 0:
+SHUFFLES = ("jax", "numpy")  # new runs, and runs that began before the jax shuffle
+
+
+def epoch_permutation(num_examples: int, seed, epoch) -> jax.Array:
+    """One epoch's shuffle of range(num_examples), from (seed, epoch); traceable."""
+    return jax.random.permutation(jax.random.fold_in(jax.random.key(seed), epoch), num_examples)
+
+
+def _per_epoch(num_examples: int, batch_size: int) -> int:
+    if num_examples < batch_size:
         raise DataError(f"batch size {batch_size} is larger than the {num_examples} examples")
-    epoch, i = divmod(step, per_epoch)
-    perm = _permutation(num_examples, seed, epoch)
+    return num_examples // batch_size
+
+
+def batch_indices_in_jit(num_examples: int, batch_size: int, seed, step) -> jax.Array:
+    """batch_indices(..., shuffle='jax') for a traced step: the global batch's indices
+    drawn inside a jitted train step (the epoch's permutation is recomputed each step:
+    a sort of num_examples keys, small beside a U-Net step on an accelerator)."""
+    epoch, i = jnp.divmod(step, _per_epoch(num_examples, batch_size))
+    perm = epoch_permutation(num_examples, seed, epoch)
+    return jax.lax.dynamic_slice(perm, (i * batch_size,), (batch_size,))
+
+
+def batch_indices(num_examples: int, batch_size: int, seed: int, step: int,
+                  shuffle: str = "jax") -> np.ndarray:
+    """Indices of the global batch for `step`: epoch-wise shuffles drawn from (seed, epoch)
+    by jax.random (or, for runs begun before it, numpy)."""
+    epoch, i = divmod(step, _per_epoch(num_examples, batch_size))
+    perm = _permutation(num_examples, seed, epoch, shuffle)
     return perm[i * batch_size:(i + 1) * batch_size]
 
 
+_jit_permutation = jax.jit(epoch_permutation, static_argnums=0)
+
+
 @functools.lru_cache(maxsize=2)
-def _permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+def _permutation(num_examples: int, seed: int, epoch: int, shuffle: str) -> np.ndarray:
     """One epoch's shuffle, drawn once per epoch rather than once per step."""
-    perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    if shuffle == "jax":
+        perm = np.array(_jit_permutation(num_examples, seed, epoch))
+    elif shuffle == "numpy":
+        perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    else:
+        raise ValueError(f"shuffle must be one of {SHUFFLES}, got {shuffle!r}")
     perm.flags.writeable = False
     return perm
 

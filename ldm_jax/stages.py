@@ -35,9 +35,8 @@ class Task:
     # {'params': ema_params, **model_state} -> JSON saved beside each checkpoint
     meta: Callable[[dict], dict] = lambda variables: {}
     # The whole training set the batches are drawn from ({name: [N, ...]}), which the loop
-    # keeps on the device, and step -> this process's share of that step's global indices.
+    # keeps on the device on an accelerator (see `batcher` for the batches of a step).
     arrays: dict = dataclasses.field(default_factory=dict)
-    get_indices: Callable[[int], np.ndarray] | None = None
 
 
 def stateless(loss_fn, init_params):
@@ -188,25 +187,21 @@ def _train_images(c) -> tuple[np.ndarray, np.ndarray]:
     return data.to_float(images[:n]), labels[:n].astype(np.int32)
 
 
-def _indexer(c, arrays: dict[str, np.ndarray]) -> Callable[[int], np.ndarray]:
-    """step -> this process's share of the step's global batch indices (epoch-wise
+def batcher(c, arrays: dict[str, np.ndarray], shuffle: str = "jax") -> Callable[[int], dict]:
+    """step -> this process's share of the step's global batch of arrays (epoch-wise
     shuffles from (seed, epoch), so any process, device count or resume draws the same)."""
     n = len(next(iter(arrays.values())))
 
-    def get_indices(step: int) -> np.ndarray:
-        idx = data.batch_indices(n, c.data.batch_size, c.seed, step)
-        return data.process_slice(idx, jax.process_index(), jax.process_count())
-    return get_indices
-
-
-def _batcher(c, arrays: dict[str, np.ndarray]) -> Callable[[int], dict]:
-    get_indices = _indexer(c, arrays)
-    return lambda step: {k: v[get_indices(step)] for k, v in arrays.items()}
+    def get_batch(step: int) -> dict:
+        idx = data.batch_indices(n, c.data.batch_size, c.seed, step, shuffle)
+        idx = data.process_slice(idx, jax.process_index(), jax.process_count())
+        return {k: v[idx] for k, v in arrays.items()}
+    return get_batch
 
 
 def _data(c, arrays: dict[str, np.ndarray]) -> dict:
     """The Task fields that give the loop its data."""
-    return dict(get_batch=_batcher(c, arrays), arrays=arrays, get_indices=_indexer(c, arrays))
+    return dict(get_batch=batcher(c, arrays), arrays=arrays)
 
 
 def vae_task(c, workdir: str) -> Task:

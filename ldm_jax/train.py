@@ -150,12 +150,39 @@ def _truncate_log(path: str, last_step: int) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _gather_step(state, tally, arrays, indices, key, *, batch_sharding, **kwargs):
-    """_tally_step on the batch arrays[indices]: the dataset stays on the device and only
-    the indices travel (the accelerator path)."""
-    batch = jax.lax.with_sharding_constraint({k: v[indices] for k, v in arrays.items()},
-                                             batch_sharding)
-    return _tally_step(state, tally, batch, key, **kwargs)
+def shard_rows(x: np.ndarray, sharding: NamedSharding) -> Array:
+    """x [N, ...] split by rows over the sharding's devices, zero rows padded to a multiple
+    of their count (never drawn: indices stay below N)."""
+    pad = -len(x) % sharding.mesh.size
+    if pad:
+        x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def gather_rows(arrays: dict, indices: Array, mesh: jax.sharding.Mesh) -> dict:
+    """{k: arrays[k][indices]} for arrays split by rows over the mesh's 'data' axis
+    (`shard_rows`) and indices [B] that every device holds: each device gathers the rows
+    it has (zeros for the rest), and a reduce-scatter sums them into its own slice of the
+    batch, which ends up sharded as a batch built on the host. Exact (one device adds each
+    row, the others add zero), and only B rows cross devices, never the dataset."""
+    def local(shard, idx):
+        def one(x):
+            rel = idx - jax.lax.axis_index("data") * x.shape[0]
+            mine = ((rel >= 0) & (rel < x.shape[0])).reshape((-1,) + (1,) * (x.ndim - 1))
+            rows = jnp.where(mine, x[jnp.clip(rel, 0, x.shape[0] - 1)], 0)
+            return jax.lax.psum_scatter(rows, "data", scatter_dimension=0, tiled=True)
+        return jax.tree.map(one, shard)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P()),
+                         out_specs=P("data"))(arrays, indices)
+
+
+def _device_data_step(state, tally, arrays, train_key, *, mesh, num_examples, batch_size,
+                      seed, **kwargs):
+    """_tally_step on the batch of step state.step, drawn inside the step from the
+    dataset on the devices (the accelerator path): nothing travels from the host."""
+    indices = data.batch_indices_in_jit(num_examples, batch_size, seed, state.step)
+    return _tally_step(state, tally, gather_rows(arrays, indices, mesh),
+                       jax.random.fold_in(train_key, state.step), **kwargs)
 
 
 def _tally_step(state, tally, batch, key, *, loss_fn, ema_decay):
@@ -230,21 +257,6 @@ def _run(c: ml_collections.ConfigDict, workdir: str, task: stages.Task,
                                  model_state=model_state)
 
     state = jax.jit(init_state, out_shardings=replicated)(init_key)
-    # On an accelerator the training set (images, or the LDM's encoded latents: 60,000 x
-    # 7x7x4 floats is 47 MB) goes to every device once and each step sends only its batch
-    # indices. On the CPU the host is the device: batches are sliced in numpy, which
-    # measured faster there (VAE cpu-quick: see docs/results.md).
-    device_data = bool(task.arrays) and os.environ.get(
-        "LDM_JAX_DEVICE_DATA", "auto" if jax.default_backend() != "cpu" else "0") != "0"
-    kwargs = dict(loss_fn=task.loss_fn, ema_decay=c.optim.ema_decay)
-    if device_data:
-        step_fn = jax.jit(functools.partial(_gather_step, batch_sharding=sharded, **kwargs),
-                          donate_argnums=(0, 1))
-        arrays = {k: jax.make_array_from_process_local_data(replicated, v)
-                  for k, v in task.arrays.items()}
-    else:
-        step_fn = jax.jit(functools.partial(_tally_step, **kwargs), donate_argnums=(0, 1))
-
     # Checkpoint: resume from the newest intact one (damaged newer ones are moved aside).
     restored, resumed = checkpoints.restore_for_training(
         stage_dir, jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
@@ -252,6 +264,23 @@ def _run(c: ml_collections.ConfigDict, workdir: str, task: stages.Task,
         state = restored
     resumed = resumed or {}
     start, spent = resumed.get("step", 0), resumed.get("train_seconds", 0.0)
+    # A run keeps the shuffle of its first run (runs begun before the jax shuffle: numpy).
+    shuffle = resumed.get("shuffle", "numpy") if restored is not None else data.SHUFFLES[0]
+    get_batch = stages.batcher(c, task.arrays, shuffle) if task.arrays else task.get_batch
+    # On an accelerator the training set (images, or the LDM's encoded latents: 60,000 x
+    # 7x7x4 floats is 47 MB) is split over the devices once, and each step draws its batch
+    # inside the jitted step. On the CPU the host is the device: batches are sliced in
+    # numpy, which measured faster there (VAE cpu-quick: see docs/results.md).
+    device_data = bool(task.arrays) and shuffle == "jax" and os.environ.get(
+        "LDM_JAX_DEVICE_DATA", "auto" if jax.default_backend() != "cpu" else "0") != "0"
+    kwargs = dict(loss_fn=task.loss_fn, ema_decay=c.optim.ema_decay)
+    if device_data:
+        arrays = {k: shard_rows(v, sharded) for k, v in task.arrays.items()}
+        step_fn = jax.jit(functools.partial(
+            _device_data_step, mesh=mesh, num_examples=len(next(iter(task.arrays.values()))),
+            batch_size=c.data.batch_size, seed=c.seed, **kwargs), donate_argnums=(0, 1))
+    else:
+        step_fn = jax.jit(functools.partial(_tally_step, **kwargs), donate_argnums=(0, 1))
     finished = stop_at_step is None and is_finished(c, start, spent)
     mgr = checkpoints.checkpoint_manager(stage_dir, c.train.keep_checkpoints)
     is_main = jax.process_index() == 0
@@ -274,7 +303,7 @@ def _run(c: ml_collections.ConfigDict, workdir: str, task: stages.Task,
         meta = dict(task.meta(variables), step=int(state.step), finished=finished,
                     train_seconds=train_seconds, schedule_steps=schedule_steps,
                     skipped_nonfinite=nonfinite, digests=checkpoints.state_digests(state),
-                    **extra)
+                    shuffle=shuffle, **extra)
         mgr.save(int(state.step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(c.to_dict()),
             meta=ocp.args.JsonSave(meta)), force=True)
@@ -308,14 +337,12 @@ def _run(c: ml_collections.ConfigDict, workdir: str, task: stages.Task,
 
     try:
         for step in range(start, end):
-            key = jax.random.fold_in(train_key, step)
             if device_data:
-                indices = jax.make_array_from_process_local_data(sharded, task.get_indices(step))
-                state, tally = step_fn(state, tally, arrays, indices, key)
+                state, tally = step_fn(state, tally, arrays, train_key)
             else:
                 batch = {k: jax.make_array_from_process_local_data(sharded, v)
-                         for k, v in task.get_batch(step).items()}
-                state, tally = step_fn(state, tally, batch, key)
+                         for k, v in get_batch(step).items()}
+                state, tally = step_fn(state, tally, batch, jax.random.fold_in(train_key, step))
             bar.update(1)
             last = step + 1 == end
             if (step + 1) % c.train.log_every == 0 or last:

@@ -28,10 +28,12 @@ def _losses(workdir):
 
 
 @pytest.mark.slow  # in `-m slow` to keep the default suite under 10 minutes on 2 cores
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("device_data", ["0", "1"])  # host batches | split dataset, drawn in-step
+def test_two_processes_match_one(tmp_path, device_data):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     one = subprocess.run([sys.executable, *ARGS, f"--workdir={tmp_path / 'one'}"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=600)
+    env["LDM_JAX_DEVICE_DATA"] = device_data
     assert one.returncode == 0, one.stderr[-1500:]
 
     port = _free_port()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import run_module
-from ldm_jax import checkpoints, configs, stages, train
+from ldm_jax import checkpoints, configs, data, stages, train
 
 
 
@@ -89,9 +89,10 @@ def test_resume_equals_uninterrupted(tmp_path):
     chex.assert_trees_all_close(a, b, atol=1e-6, rtol=1e-6)
 
 
-def _train_in_subprocess(workdir, devices):
-    env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
-    r = run_module("train", "--stage=vae", "--preset=smoke", f"--workdir={workdir}", env=env)
+def _train_in_subprocess(workdir, devices, *args, device_data="0"):
+    env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+           "LDM_JAX_DEVICE_DATA": device_data}
+    r = run_module("train", "--stage=vae", "--preset=smoke", f"--workdir={workdir}", *args, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     return [json.loads(l) for l in open(os.path.join(workdir, "vae", "metrics.jsonl"))]
 
@@ -152,8 +153,8 @@ def test_config_from_stored_fills_fields_added_later():
 
 @pytest.mark.slow  # in `-m slow` to keep the default suite under 10 minutes on 2 cores
 def test_device_resident_data_equals_host_batches(tmp_path, monkeypatch):
-    """The accelerator path (dataset on the device, each step gathers its batch from the
-    indices it is sent) trains exactly what the CPU path (numpy batches) trains."""
+    """The accelerator path (dataset on the device, each step draws and gathers its batch
+    inside the jitted step) trains exactly what the CPU path (numpy batches) trains."""
     c = configs.get_config("vae", "smoke")
     monkeypatch.setenv("LDM_JAX_DEVICE_DATA", "0")
     host = train.train_and_evaluate(c, str(tmp_path / "host"))
@@ -161,3 +162,42 @@ def test_device_resident_data_equals_host_batches(tmp_path, monkeypatch):
     device = train.train_and_evaluate(c, str(tmp_path / "device"))
     chex.assert_trees_all_close(device.params, host.params, atol=1e-6, rtol=1e-6)
     chex.assert_trees_all_close(device.ema_params, host.ema_params, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.slow  # two more training subprocesses (~1 min on 2 cores)
+def test_device_data_split_over_four_devices_matches_host_batches_on_one(tmp_path):
+    """The dataset split by rows over 4 devices (510 examples: 2 rows of padding), each
+    step's batch drawn and gathered inside the step, against host batches on 1 device."""
+    one = _train_in_subprocess(str(tmp_path / "d1"), 1, "--config.data.max_examples=510")
+    four = _train_in_subprocess(str(tmp_path / "d4"), 4, "--config.data.max_examples=510",
+                                device_data="1")
+    np.testing.assert_allclose([l["loss"] for l in four], [l["loss"] for l in one], rtol=1e-5)
+    chex.assert_trees_all_close(_final_params(str(tmp_path / "d4"))[0],
+                                _final_params(str(tmp_path / "d1"))[0], atol=1e-5, rtol=1e-5)
+
+
+def test_gather_rows_of_a_row_split_dataset():
+    """gather_rows against numpy indexing, with rows padded to the device count."""
+    mesh = train.data_mesh()
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    x = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)
+    y = np.arange(7, dtype=np.int32) * 10
+    arrays = {"x": train.shard_rows(x, sharding), "y": train.shard_rows(y, sharding)}
+    idx = np.array([6, 0, 3, 3, 5, 1, 2, 4], np.int32)
+    out = jax.jit(lambda a, i: train.gather_rows(a, i, mesh))(arrays, jnp.asarray(idx))
+    np.testing.assert_array_equal(np.asarray(out["x"]), x[idx])
+    np.testing.assert_array_equal(np.asarray(out["y"]), y[idx])
+
+
+def test_a_run_keeps_the_shuffle_of_its_first_run(tmp_path, monkeypatch):
+    """A run begun with numpy's shuffle (before the jax one) resumes with it."""
+    c = configs.get_config("vae", "smoke")
+    monkeypatch.setattr(data, "SHUFFLES", ("numpy", "jax"))  # new runs shuffle with numpy
+    train.train_and_evaluate(c, str(tmp_path / "full"))
+    train.train_and_evaluate(c, str(tmp_path / "split"), stop_at_step=3)
+    monkeypatch.undo()  # the resume runs today's code
+    train.train_and_evaluate(c, str(tmp_path / "split"))
+    a, meta_a = _final_params(str(tmp_path / "full"))
+    b, meta_b = _final_params(str(tmp_path / "split"))
+    assert meta_a["shuffle"] == meta_b["shuffle"] == "numpy"
+    chex.assert_trees_all_close(a, b, atol=1e-6, rtol=1e-6)
