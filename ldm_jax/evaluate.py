@@ -36,6 +36,7 @@ from ldm_jax import checkpoints, cli, configs, data, features, metrics, nets, sa
 # Per preset: (samples per model, DDIM steps for the quality samples).
 PLAN = {"smoke": (128, 5), "cpu-quick": (2000, 50), "full": (10_000, 100)}
 QUALITY = ("fid", "precision", "recall", "density", "coverage")
+COVERAGE = ("recognisable", "class_kl")  # metrics.class_coverage, on the classifier's probabilities
 GUIDANCE = (0.0, 0.5, 1.0, 2.0, 4.0)
 TEXT_GUIDANCE = (0.0, 1.0, 2.0, 4.0)
 RECOGNISABLE = 0.9  # a sample is recognisable when the classifier's top probability exceeds this
@@ -355,35 +356,42 @@ def write_report(result: dict, out_dir: str) -> str:
              f"device {r['device']}, {r['date']}.", "",
              "## Quality (MNIST-classifier features; FID against the 10,000 test images, "
              f"PRDC against {r['num']} test images)", "",
-             "| | " + " | ".join(QUALITY) + (" | Inception FID |" if r.get("inception") else " |"),
-             "|---" * (len(QUALITY) + 1 + bool(r.get("inception"))) + "|"]
+             "| | " + " | ".join(QUALITY + COVERAGE) +
+             (" | Inception FID |" if r.get("inception") else " |"),
+             "|---" * (len(QUALITY + COVERAGE) + 1 + bool(r.get("inception"))) + "|"]
     rows = [(s, r["quality"][s]) for s in r["quality"]]
     for name, q in rows:
         inc = f" {_fmt(r['inception'].get(name))} |" if r.get("inception") else ""
-        lines.append(f"| {name} | " + " | ".join(_fmt(q[k]) for k in QUALITY) + " |" + inc)
+        lines.append(f"| {name} | " + " | ".join(_fmt(q[k]) for k in QUALITY + COVERAGE)
+                     + " |" + inc)
     lines += ["", "`real (train vs test)` is the floor: N training images scored as if they "
-              "were samples.", "", "## Cost", "",
-              "| | params | train s/iter | train compile s | DDIM-10 img/s | DDIM-50 img/s | "
-              "DDPM img/s | DDPM compile s | peak RSS train MiB | peak RSS sample MiB | "
-              "trained steps | train wall s |",
-              "|---" * 12 + "|"]
-    for s, c in r["cost"].items():
-        lines.append(
-            f"| {s} | {_fmt(c['params'])} | {_fmt(c['train_s_per_iter'])} | "
-            f"{_fmt(c['train_compile_s'])} | {_fmt(c['ddim10_images_per_s'])} | "
-            f"{_fmt(c['ddim50_images_per_s'])} | {_fmt(c['ddpm_images_per_s'])} | "
-            f"{_fmt(c['ddpm_compile_s'])} | {_fmt(c['train_peak_mib'])} | "
-            f"{_fmt(c['generate_peak_mib'])} | {_fmt(c.get('train_steps'))} | "
-            f"{_fmt(c.get('train_wall_s'))} |")
-    lines += ["", f"Train s/iter: median of the timed steps after compilation, batch "
-              f"{next(iter(r['cost'].values()))['batch_size'] if r['cost'] else '–'}. "
-              f"Images/s: generation batch {next(iter(r['cost'].values()))['gen_batch'] if r['cost'] else '–'}, "
-              "median over repeats after compilation, decoding included for the LDM." +
-              (f" `{MATCHED}` is the pixel model with the LDM's U-Net, diffusion and optimizer "
-               "configuration on 28x28x1 (untrained: cost does not depend on the weights); its "
-               "ratio to the `ldm` row is what the latent alone buys." if MATCHED in r["cost"]
-               else ""), "",
-              "![samples](samples.png)", ""] + (["![cost](cost.png)", ""] if r["cost"] else [])
+              "were samples. `recognisable`: the share of images whose top class probability "
+              f"(committed classifier) exceeds {RECOGNISABLE}; `class_kl`: KL(test labels ‖ "
+              "top classes of the images) in nats, 0 when every digit is drawn as often as in "
+              "the test set (metrics.class_coverage; the histograms are in metrics.json).", ""]
+    if r["cost"]:
+        first = next(iter(r["cost"].values()))
+        lines += ["## Cost", "",
+                  "| | params | train s/iter | train compile s | DDIM-10 img/s | DDIM-50 img/s | "
+                  "DDPM img/s | DDPM compile s | peak RSS train MiB | peak RSS sample MiB | "
+                  "trained steps | train wall s |",
+                  "|---" * 12 + "|"]
+        for s, c in r["cost"].items():
+            lines.append(
+                f"| {s} | {_fmt(c['params'])} | {_fmt(c['train_s_per_iter'])} | "
+                f"{_fmt(c['train_compile_s'])} | {_fmt(c['ddim10_images_per_s'])} | "
+                f"{_fmt(c['ddim50_images_per_s'])} | {_fmt(c['ddpm_images_per_s'])} | "
+                f"{_fmt(c['ddpm_compile_s'])} | {_fmt(c['train_peak_mib'])} | "
+                f"{_fmt(c['generate_peak_mib'])} | {_fmt(c.get('train_steps'))} | "
+                f"{_fmt(c.get('train_wall_s'))} |")
+        lines += ["", f"Train s/iter: median of the timed steps after compilation, batch "
+                  f"{first['batch_size']}. Images/s: generation batch {first['gen_batch']}, "
+                  "median over repeats after compilation, decoding included for the LDM." +
+                  (f" `{MATCHED}` is the pixel model with the LDM's U-Net, diffusion and "
+                   "optimizer configuration on 28x28x1 (untrained: cost does not depend on the "
+                   "weights); its ratio to the `ldm` row is what the latent alone buys."
+                   if MATCHED in r["cost"] else ""), ""]
+    lines += ["![samples](samples.png)", ""] + (["![cost](cost.png)", ""] if r["cost"] else [])
     if r.get("autoencoder"):
         a = r["autoencoder"]
         lines += ["## First stage (workdir/vae): reconstructions of the 10,000 test images", "",
@@ -456,8 +464,10 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
     classifier = classifier or features.DEFAULT_PATH
     feat_fn = features.feature_fn(classifier)
     real_all = reference_features(feat_fn, classifier)
-    test_images, _ = data.load("package", "test")
+    prob_fn = features.probabilities_fn(classifier)
+    test_images, test_labels = data.load("package", "test")
     train_images, _ = data.load("package", "train")
+    coverage = lambda images: metrics.class_coverage(prob_fn(images), test_labels, RECOGNISABLE)
     rng = np.random.default_rng(0)
     test_n = test_images[rng.choice(len(test_images), min(num, len(test_images)), replace=False)]
     train_n = train_images[rng.choice(len(train_images), num, replace=False)]
@@ -472,8 +482,9 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
             samples[s] = sample.generate(gen, num, jax.random.key(SAMPLE_SEED), "ddim", steps)
             print(f"{s}: {num} samples in {time.time() - t:.0f}s", file=sys.stderr)
             save_samples(out_dir, gen, samples[s], steps)
-        q[s] = quality(real_all, real_n, feat_fn(samples[s]))
-    q["real (train vs test)"] = quality(real_all, real_n, feat_fn(train_n))
+        q[s] = dict(quality(real_all, real_n, feat_fn(samples[s])), **coverage(samples[s]))
+    q["real (train vs test)"] = dict(quality(real_all, real_n, feat_fn(train_n)),
+                                     **coverage(train_n))
     autoencoder = None
     if has_vae:
         autoencoder, recons = autoencoder_quality(first_stage, test_images, feat_fn, real_all)
@@ -485,8 +496,7 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
     for s, gen in (gens if sweeps else {}).items():
         if sample.is_text(gen):
             steps = min(ddim_steps or steps_default, gen.sched.num_timesteps)
-            prompt_rows[s] = prompt_sweep(gen, num, steps, feat_fn,
-                                          features.probabilities_fn(classifier), real_all, real_n)
+            prompt_rows[s] = prompt_sweep(gen, num, steps, feat_fn, prob_fn, real_all, real_n)
             save_prompt_figure(gen, steps, os.path.join(out_dir, "prompts.png"))
         elif sample.is_conditional(gen):
             steps = min(ddim_steps or steps_default, gen.sched.num_timesteps)
@@ -580,7 +590,8 @@ def main(argv: list[str] | None = None) -> None:
         cli.fail(prog, e)
     print(f"wrote {os.path.join(fv.workdir, 'eval', 'report.md')}", file=sys.stderr)
     for name, qs in result["quality"].items():
-        print(f"  {name:>22}: " + "  ".join(f"{k}={qs[k]:.3f}" for k in QUALITY), file=sys.stderr)
+        print(f"  {name:>22}: " + "  ".join(f"{k}={qs[k]:.3f}" for k in QUALITY + COVERAGE),
+              file=sys.stderr)
 
 
 if __name__ == "__main__":

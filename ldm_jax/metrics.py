@@ -10,6 +10,9 @@ an MNIST classifier, or 10,000 x 2048 Inception pool features).
   and Recall Metric for Assessing Generative Models"), k = 3.
 * Density / coverage (Naeem et al., 2020, "Reliable Fidelity and Diversity
   Metrics for Generative Models"), k = 5.
+* Class coverage (``class_coverage``, on a classifier's probabilities, not on
+  features): the recognisable share and how far the samples' class histogram
+  is from the reference labels' (mode coverage).
 
 Precision
 ---------
@@ -314,3 +317,31 @@ def density_coverage(real, fake, k: int = 5, block: int = 1000) -> Tuple[float, 
     """
     r = _prdc(real, fake, k_pr=k, k_dc=k, block=block, with_recall=False)
     return r["density"], r["coverage"]
+
+
+# --------------------------------------------------------------------------
+# Class coverage
+# --------------------------------------------------------------------------
+
+
+def class_coverage(probs, ref_labels, threshold: float = 0.9) -> Dict[str, object]:
+    """From class probabilities [N, K] of the samples and the reference labels [M]:
+
+    - recognisable: the share of samples whose top probability exceeds `threshold`;
+    - class_hist: the share of samples whose top class is each class [K];
+    - class_kl: KL(reference || samples) of the two label distributions in nats, the
+      mode-covering direction: 0 when every class is drawn as often as in the reference,
+      large when a class is missing. Sample counts get +0.5 each (Jeffreys), so a missing
+      class costs a finite amount: about p_ref * log(p_ref * (N + K/2) / 0.5).
+
+    float64 numpy throughout."""
+    probs = np.asarray(probs, np.float64)
+    k = probs.shape[1]
+    counts = np.bincount(probs.argmax(1), minlength=k).astype(np.float64)
+    ref = np.bincount(np.asarray(ref_labels), minlength=k).astype(np.float64)
+    ref = ref / ref.sum()
+    smoothed = (counts + 0.5) / (counts.sum() + 0.5 * k)
+    nz = ref > 0
+    return dict(recognisable=float(np.mean(probs.max(1) > threshold)),
+                class_hist=(counts / counts.sum()).tolist(),
+                class_kl=float(np.sum(ref[nz] * np.log(ref[nz] / smoothed[nz]))))

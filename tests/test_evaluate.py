@@ -88,6 +88,9 @@ def test_evaluate_smoke_writes_report_with_floor(smoke_workdir):
     for name, q in result["quality"].items():
         assert all(np.isfinite(q[k]) for k in evaluate.QUALITY), (name, q)
         assert 0 <= q["precision"] <= 1 and 0 <= q["recall"] <= 1 and 0 <= q["coverage"] <= 1
+        assert 0 <= q["recognisable"] <= 1 and q["class_kl"] >= 0 and len(q["class_hist"]) == 10
+    # Real digits: recognisable, every class about as often as in the test set.
+    assert floor["recognisable"] > 0.9 and floor["class_kl"] < 0.1
     # Six smoke steps make noise: far from MNIST, and much worse than real digits.
     assert result["quality"]["pixel"]["fid"] > 5 * floor["fid"]
     assert floor["precision"] > 0.5 and floor["recall"] > 0.5

@@ -178,3 +178,22 @@ def test_knn_radii_exclude_self_and_bad_k():
     np.testing.assert_array_equal(np.asarray(r2[2]), [4] + [1] * 8 + [4])
     with pytest.raises(ValueError):
         metrics.knn_sq_radii(x, (10,))
+
+
+def test_class_coverage_against_hand_values():
+    """Recognisable share, histogram and KL(reference || smoothed samples), by hand."""
+    probs = np.array([[0.95, 0.05, 0.0], [0.2, 0.7, 0.1], [0.05, 0.93, 0.02],
+                      [0.91, 0.04, 0.05]])
+    ref = np.array([0, 1, 2, 2])  # reference: 1/4, 1/4, 1/2
+    out = metrics.class_coverage(probs, ref, threshold=0.9)
+    assert out["recognisable"] == 0.75  # 0.7 is not > 0.9
+    np.testing.assert_allclose(out["class_hist"], [0.5, 0.5, 0.0])
+    smoothed = np.array([2.5, 2.5, 0.5]) / 5.5  # counts + 1/2 over 4 + 3/2
+    want = 0.25 * np.log(0.25 / smoothed[0]) + 0.25 * np.log(0.25 / smoothed[1]) \
+        + 0.5 * np.log(0.5 / smoothed[2])
+    assert out["class_kl"] == pytest.approx(want, rel=1e-12)
+    # Samples drawn with the reference's frequencies score ~0 (only the smoothing remains);
+    # a missing class costs more than an uneven histogram.
+    even = metrics.class_coverage(np.eye(3)[np.repeat([0, 1, 2, 2], 250)], ref)
+    assert even["class_kl"] < 1e-3 and even["recognisable"] == 1.0
+    assert out["class_kl"] > metrics.class_coverage(np.eye(3)[[0, 1, 2, 1]], ref)["class_kl"]
