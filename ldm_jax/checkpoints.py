@@ -32,7 +32,8 @@ RESUMABLE_FIELDS = ("preset", "train.steps", "train.max_minutes", "train.log_eve
 # today's default (the recipe's defaults changed on 2026-11-26 from eps + uniform), or
 # where it must stay so whatever the default becomes (no adversarial term before it existed).
 LEGACY_VALUES = {"diffusion.prediction": "eps", "diffusion.loss_weighting": "uniform",
-                 "diffusion.zero_terminal_snr": False, "loss.adversarial_weight": 0.0}
+                 "diffusion.zero_terminal_snr": False, "loss.adversarial_weight": 0.0,
+                 "model.text_conv": 0}
 
 
 def checkpoint_manager(stage_dir: str, keep: int = 3, create: bool = True,

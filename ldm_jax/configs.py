@@ -91,7 +91,10 @@ def _diffusion(c: ml_collections.ConfigDict, preset: str) -> None:
     c.model.context_tokens = 4  # crossattn: learned tokens per label
     c.model.context_dim = 64  # crossattn: width of each token; text: width of the text encoder
     c.model.text_layers = 2  # text: transformer blocks of the text encoder (model.heads heads)
-    c.model.text_conv = 0  # text: width of a convolution over character embeddings (0 = none)
+    # text: width of a convolution over the character embeddings (0 = none). 5 took held-out
+    # prompts from 93.0 % to 100 % at 1,200 steps (docs/results.md): a word gets the same
+    # features wherever a template puts it.
+    c.model.text_conv = 5
     # Compute dtype of the U-Net: float32 | bfloat16 (for GPU/TPU; parameters, gradients and
     # optimizer state stay float32, GroupNorm statistics and the loss are float32).
     c.model.dtype = "float32"

@@ -142,11 +142,13 @@ def test_config_from_stored_fills_fields_added_later():
     old = configs.get_config("ldm", "cpu-quick").to_dict()
     del old["model"]["conditioning"], old["model"]["label_dropout"]
     old["optim"]["lr"] = 3e-4
-    del old["diffusion"]["prediction"], old["diffusion"]["loss_weighting"]
+    del old["diffusion"]["prediction"], old["diffusion"]["loss_weighting"], old["model"]["text_conv"]
     c = checkpoints.config_from_stored(old)
     assert c.model.conditioning == "none" and c.model.label_dropout == 0.1
     # Written before the recipe options: it was an eps model with the uniform loss.
     assert c.diffusion.prediction == "eps" and c.diffusion.loss_weighting == "uniform"
+    # ... and before the text encoder's character convolution (default 5 today).
+    assert c.model.text_conv == 0 and configs.get_config("ldm").model.text_conv == 5
     assert c.optim.lr == 3e-4 and tuple(c.model.ch_mult) == (1, 2)
     configs.validate(c)
 

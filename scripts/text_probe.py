@@ -1,0 +1,48 @@
+"""Does a text LDM's prompt encoder tell the digits apart on prompts it never saw? A probe
+of the encoder alone, no sampling: mean-pool its outputs over each prompt's tokens, fit one
+mean per digit on the training (template, spelling) pairs, and classify the held-out pairs
+by the nearest mean. Prints the accuracy over all, and per held-out pair.
+
+    python scripts/text_probe.py runs/text
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+
+from ldm_jax import cli, sample, text
+
+
+def pooled(encoder, params, pairs) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Mean-pooled encoder outputs of every digit in every pair, their digits, pair names."""
+    prompts = [(text.make_prompt(d, t, s), d, f"{t} | {s}") for d in range(10) for t, s in pairs]
+    tokens = jnp.asarray(text.encode_batch([p for p, _, _ in prompts]))
+    h, mask = encoder.apply({"params": params}, tokens)
+    m = np.asarray(mask, np.float32)[..., None]
+    return (np.asarray(h) * m).sum(1) / m.sum(1), np.array([d for _, d, _ in prompts]), \
+        [k for _, _, k in prompts]
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        sys.exit("usage: python scripts/text_probe.py WORKDIR  (a text-conditioned ldm)")
+    cli.setup_jax()
+    gen = sample.load_generator(sys.argv[1], "ldm")
+    if not sample.is_text(gen):
+        sys.exit(f"{sys.argv[1]}/ldm is not text-conditioned")
+    enc, params = gen.unet.text_encoder, gen.params["text_encoder"]
+    train_x, train_y, _ = pooled(enc, params, text.TRAIN_PAIRS)
+    test_x, test_y, names = pooled(enc, params, text.HELD_OUT_PAIRS)
+    means = np.stack([train_x[train_y == d].mean(0) for d in range(10)])
+    nearest = lambda x: ((x[:, None] - means[None]) ** 2).sum(-1).argmin(1)
+    ok = nearest(test_x) == test_y
+    print(f"train pairs {np.mean(nearest(train_x) == train_y):.3f}  held-out pairs {ok.mean():.3f}")
+    for name in sorted(set(names)):
+        print(f"  {name:40s} {ok[np.array(names) == name].mean():.2f}")
+
+
+if __name__ == "__main__":
+    main()
