@@ -36,6 +36,8 @@ RECIPES = {  # name -> LDM overrides of today's cpu-quick default (v + min_snr, 
     "v+minsnr": {},
     "v+minsnr+ztsnr": {"diffusion.zero_terminal_snr": True},
     "cosine": {"diffusion.schedule": "cosine"},
+    "seed1": {"seed": 1},  # the default again, with another seed: the noise of one row
+    "cosine+seed1": {"diffusion.schedule": "cosine", "seed": 1},
     "ema0.99": {"optim.ema_decay": 0.99},
     "ema0.9999": {"optim.ema_decay": 0.9999},
     "bs64": {"data.batch_size": 64},
