@@ -164,7 +164,8 @@ _jit_permutation = jax.jit(epoch_permutation, static_argnums=0)
 def _permutation(num_examples: int, seed: int, epoch: int, shuffle: str) -> np.ndarray:
     """One epoch's shuffle, drawn once per epoch rather than once per step."""
     if shuffle == "jax":
-        perm = np.array(_jit_permutation(num_examples, seed, epoch))
+        with jax.ensure_compile_time_eval():  # concrete even when called inside a jit trace
+            perm = np.array(_jit_permutation(num_examples, seed, epoch))
     elif shuffle == "numpy":
         perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
     else:

@@ -362,7 +362,7 @@ def write_report(result: dict, out_dir: str) -> str:
     rows = [(s, r["quality"][s]) for s in r["quality"]]
     for name, q in rows:
         inc = f" {_fmt(r['inception'].get(name))} |" if r.get("inception") else ""
-        lines.append(f"| {name} | " + " | ".join(_fmt(q[k]) for k in QUALITY + COVERAGE)
+        lines.append(f"| {name} | " + " | ".join(_fmt(q.get(k)) for k in QUALITY + COVERAGE)
                      + " |" + inc)
     lines += ["", "`real (train vs test)` is the floor: N training images scored as if they "
               "were samples. `recognisable`: the share of images whose top class probability "

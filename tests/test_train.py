@@ -191,6 +191,7 @@ def test_gather_rows_of_a_row_split_dataset():
     np.testing.assert_array_equal(np.asarray(out["y"]), y[idx])
 
 
+@pytest.mark.slow  # three smoke trainings (~30 s): CI margin
 def test_a_run_keeps_the_shuffle_of_its_first_run(tmp_path, monkeypatch):
     """A run begun with numpy's shuffle (before the jax one) resumes with it."""
     c = configs.get_config("vae", "smoke")
