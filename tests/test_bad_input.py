@@ -212,7 +212,8 @@ def test_positional_argument_is_refused(tmp_path, monkeypatch, module, args, mes
     ("pixel", "--config.model.context_dim=0", "model.context_dim must be >= 1, got 0"),
     ("pixel", "--config.model.num_res_blocks=-1", "model.num_res_blocks must be >= 0, got -1"),
     ("classifier", "--config.model.feature_dim=0", "model.feature_dim must be >= 1, got 0"),
-    ("pixel", "--config.diffusion.timesteps=10", "diffusion: linear schedule with T=10"),
+    ("pixel", "--config.diffusion.schedule=linear --config.diffusion.timesteps=10",
+     "diffusion: linear schedule with T=10"),
     ("pixel", "--config.sample.eta=-1", "sample.eta must be in [0, 1], got -1.0"),
 ])
 def test_bad_config_number(tmp_path, stage, override, message):
