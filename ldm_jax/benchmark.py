@@ -92,7 +92,6 @@ class StepTimer:
         c.data.max_examples = max(4 * c.data.batch_size, 1024)  # timing does not need all data
         self.task = task = stages.TASKS[c.stage](c, workdir)
         params, model_state = task.init(jax.random.key(0))
-        self.params = params
         self.state = train.TrainState.create(apply_fn=None, params=params,
                                              tx=train.make_optimizer(c.optim, c.train.steps),
                                              ema_params=jax.tree.map(jnp.copy, params),
@@ -129,7 +128,7 @@ def bench_train(workdir: str, stage: str, steps: int, matched: bool = False) -> 
     digest_s = _timed(checkpoints.state_digests, timer.state, repeats=3)
     state_mb = sum(x.nbytes for x in jax.tree.leaves(timer.state)) / 2**20
     return dict(stage=stage, matched=matched, what="train", batch_size=c.data.batch_size,
-                params=count_params(timer.params), train_compile_s=timer.compile_s,
+                params=count_params(timer.state.params), train_compile_s=timer.compile_s,
                 train_s_per_iter=float(np.median(times)), train_steps_timed=steps,
                 state_mb=state_mb, digest_s=float(np.median(digest_s)), **peak_memory())
 

@@ -266,7 +266,7 @@ def _run(c: ml_collections.ConfigDict, workdir: str, task: stages.Task,
     start, spent = resumed.get("step", 0), resumed.get("train_seconds", 0.0)
     # A run keeps the shuffle of its first run (runs begun before the jax shuffle: numpy).
     shuffle = resumed.get("shuffle", "numpy") if restored is not None else data.SHUFFLES[0]
-    get_batch = stages.batcher(c, task.arrays, shuffle) if task.arrays else task.get_batch
+    get_batch = stages.batcher(c, task.arrays, shuffle)
     # On an accelerator the training set (images, or the LDM's encoded latents: 60,000 x
     # 7x7x4 floats is 47 MB) is split over the devices once, and each step draws its batch
     # inside the jitted step. On the CPU the host is the device: batches are sliced in
