@@ -396,12 +396,16 @@ def write_report(result: dict, out_dir: str) -> str:
         a = r["autoencoder"]
         lines += ["## First stage (workdir/vae): reconstructions of the 10,000 test images", "",
                   "| reg | latent | perceptual weight | adversarial weight | MSE | PSNR dB | rFID "
-                  "| perplexity | codes used |",
-                  "|---" * 9 + "|",
+                  "| perplexity | codes used |" + (" Inception rFID |" if "inception_rfid" in a else ""),
+                  "|---" * (9 + ("inception_rfid" in a)) + "|",
                   f"| {a['reg']} | {'×'.join(map(str, a['latent_shape']))} | "
                   f"{_fmt(a['perceptual_weight'])} | {_fmt(a.get('adversarial_weight', 0.0))} | "
                   f"{a['mse']:.5f} | {a['psnr']:.2f} | "
-                  f"{_fmt(a['rfid'])} | {_fmt(a.get('perplexity'))} | {_fmt(a.get('codes_used'))} |",
+                  f"{_fmt(a['rfid'])} | {_fmt(a.get('perplexity'))} | {_fmt(a.get('codes_used'))} |"
+                  + (f" {_fmt(a['inception_rfid'])} |" if "inception_rfid" in a else ""),
+                  ""] + ([f"Inception rFID: {a['inception_n']:,} test images against their "
+                          "reconstructions; the floor at that N is the Inception FID of "
+                          "`real (train vs test)` above."] if "inception_rfid" in a else []) + [
                   "", "![reconstructions](reconstructions.png)", ""]
     for stage, rows in (r.get("guidance") or {}).items():
         lines += [f"## Classifier-free guidance ({stage})", "",
@@ -469,7 +473,8 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
     train_images, _ = data.load("package", "train")
     coverage = lambda images: metrics.class_coverage(prob_fn(images), test_labels, RECOGNISABLE)
     rng = np.random.default_rng(0)
-    test_n = test_images[rng.choice(len(test_images), min(num, len(test_images)), replace=False)]
+    test_idx = rng.choice(len(test_images), min(num, len(test_images)), replace=False)
+    test_n = test_images[test_idx]
     train_n = train_images[rng.choice(len(train_images), num, replace=False)]
     real_n = feat_fn(test_n)
 
@@ -514,6 +519,9 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
             ref = inc_fn(test_n)
             inception_fid = {s: metrics.fid_from_features(ref, inc_fn(x)) for s, x in samples.items()}
             inception_fid["real (train vs test)"] = metrics.fid_from_features(ref, inc_fn(train_n))
+            if autoencoder is not None:  # rFID: the same N test images, reconstructed
+                autoencoder["inception_rfid"] = metrics.fid_from_features(ref, inc_fn(recons[test_idx]))
+                autoencoder["inception_n"] = len(test_idx)
 
     cost_rows = {}
     if cost:

@@ -29,7 +29,8 @@ import numpy as np
 
 from ldm_jax import benchmark, cli, configs, evaluate, features, metrics, sample, train
 
-RECIPES = {  # name -> LDM overrides of today's cpu-quick default (v + min_snr, linear)
+RECIPES = {  # name -> LDM overrides of today's cpu-quick default (v + min_snr, cosine)
+    "default": {},  # today's default as is: the reference of the rows trained after it
     "eps": {"diffusion.prediction": "eps", "diffusion.loss_weighting": "uniform"},
     "v": {"diffusion.prediction": "v", "diffusion.loss_weighting": "uniform"},
     "eps+minsnr": {"diffusion.prediction": "eps", "diffusion.loss_weighting": "min_snr"},
@@ -45,12 +46,14 @@ RECIPES = {  # name -> LDM overrides of today's cpu-quick default (v + min_snr, 
     "ch32": {"model.ch": 32},
     "ch96": {"model.ch": 96},
     "res2": {"model.num_res_blocks": 2},
+    "lr2e-3": {"optim.lr": 2e-3},
 }
 TIME_MATCHED = ("bs64", "bs256", "ch32", "ch96", "res2")
 FIRST_STAGES = {  # name -> VAE overrides (cpu-quick otherwise)
     "base": {},
     "adv": {"loss.adversarial_weight": 0.5, "loss.adversarial_start": 600},
     "lat2": {"model.latent_ch": 2},
+    "vae600": {"train.steps": 600},  # half the VAE steps: is the first stage's time worth it?
 }
 SAMPLERS = "ddim-50,ddim-20,dpmpp2m-20"
 

@@ -155,3 +155,30 @@ def test_report_without_cost_links_only_what_exists(tmp_path):
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
         assert (tmp_path / link).is_file(), link
     assert "cost.png" not in report and "| 2.0 | 0.9000 |" in report
+
+
+@pytest.mark.slow  # ~15 s quiet: 10,000 reconstructions and their classifier features; CI margin
+def test_evaluate_inception_rfid_is_the_test_subset_against_its_reconstructions(
+        smoke_workdir, tmp_path, monkeypatch):
+    """evaluate --inception on a workdir with only a VAE: the Inception rFID is the FID of the
+    N test images the floor uses against their own reconstructions (here with a cheap stand-in
+    for the Inception features, so any other subset or order of images gives another value)."""
+    import shutil
+    from ldm_jax import checkpoints, inception, metrics
+    shutil.copytree(os.path.join(smoke_workdir, "vae"), tmp_path / "vae")
+    feats = lambda imgs: np.asarray(imgs, np.float32).reshape(len(imgs), -1)[:, 300:304]
+    monkeypatch.setattr(inception, "load_params", lambda: {})
+    monkeypatch.setattr(inception, "make_feature_fn", lambda params, batch_size: feats)
+    num = 40
+    result = evaluate.evaluate(str(tmp_path), "smoke", num=num, inception=True, cost=False)
+    test_images, _ = data.load("package", "test")
+    idx = np.random.default_rng(0).choice(len(test_images), num, replace=False)  # evaluate's subset
+    _, recons = evaluate.autoencoder_quality(checkpoints.load_vae(str(tmp_path)), test_images[idx],
+                                             feats, feats(test_images[idx]))
+    ae = result["autoencoder"]
+    assert ae["inception_n"] == num
+    assert ae["inception_rfid"] == pytest.approx(
+        metrics.fid_from_features(feats(test_images[idx]), feats(recons)), rel=1e-6)
+    assert ae["inception_rfid"] > 0 and set(result["inception"]) == {"real (train vs test)"}
+    report = open(tmp_path / "eval" / "report.md").read()
+    assert "Inception rFID |" in report and f"{num} test images against their" in report
