@@ -1,0 +1,66 @@
+"""Classifier FID against training wall clock, one curve per LDM workdir (issue 10's plot of
+the old and the new recipe): every kept checkpoint of each W/ldm is sampled (DPM-Solver++(2M),
+20 steps, EMA parameters) and scored on the committed classifier's features against the
+10,000 test images; its x is the training seconds metrics.jsonl logged at that step.
+
+    python scripts/fid_vs_time.py --runs=old:runs/curve/old,new:runs/curve/new \
+        --num=600 --out=docs/fid_vs_time.png
+
+Writes OUT (the plot) and OUT with .json (the points).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+import jax
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ldm_jax import checkpoints, cli, evaluate, features, metrics, sample  # noqa: E402
+
+
+def curve(workdir: str, num: int, feat_fn, real_all) -> list[dict]:
+    stage_dir = os.path.join(workdir, "ldm")
+    times = {}
+    for line in open(os.path.join(stage_dir, "metrics.jsonl")):
+        row = json.loads(line)
+        times[row["step"]] = row["time"]
+    points = []
+    for step in checkpoints.step_dirs(stage_dir):
+        gen = sample.load_generator(workdir, "ldm", step)
+        images = sample.generate(gen, num, jax.random.key(1), "dpmpp2m", 20, progress=False)
+        fid = metrics.fid_from_features(real_all, feat_fn(images))
+        points.append(dict(step=step, train_s=times[step], fid=fid))
+        print(f"{workdir} step {step}: {times[step]:.0f} s, FID {fid:.1f}", file=sys.stderr)
+    return points
+
+
+def main() -> None:
+    args = dict(a.lstrip("-").split("=", 1) for a in sys.argv[1:])
+    # LABEL:PATH,LABEL:PATH,...; a label may hold commas, a path may not
+    runs = re.findall(r"(.+?):([^,:]+)(?:,|$)", args["runs"])
+    num, out = int(args.get("num", 600)), args.get("out", "fid_vs_time.png")
+    cli.setup_jax()
+    feat_fn = features.feature_fn(features.DEFAULT_PATH)
+    real_all = evaluate.reference_features(feat_fn, features.DEFAULT_PATH)
+    result = {label: curve(w, num, feat_fn, real_all) for label, w in runs}
+    json.dump(result, open(os.path.splitext(out)[0] + ".json", "w"), indent=1)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in result.items():
+        ax.plot([p["train_s"] / 60 for p in points], [p["fid"] for p in points], "o-", label=label)
+    ax.set_xlabel("LDM training wall clock (minutes, 2-core CPU)")
+    ax.set_ylabel("classifier FID (600 samples)")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
