@@ -394,18 +394,19 @@ def write_report(result: dict, out_dir: str) -> str:
     lines += ["![samples](samples.png)", ""] + (["![cost](cost.png)", ""] if r["cost"] else [])
     if r.get("autoencoder"):
         a = r["autoencoder"]
+        inc_rfid = "inception_rfid" in a  # evaluate --inception: one more column and its note
         lines += ["## First stage (workdir/vae): reconstructions of the 10,000 test images", "",
                   "| reg | latent | perceptual weight | adversarial weight | MSE | PSNR dB | rFID "
-                  "| perplexity | codes used |" + (" Inception rFID |" if "inception_rfid" in a else ""),
-                  "|---" * (9 + ("inception_rfid" in a)) + "|",
+                  "| perplexity | codes used |" + (" Inception rFID |" if inc_rfid else ""),
+                  "|---" * (9 + inc_rfid) + "|",
                   f"| {a['reg']} | {'×'.join(map(str, a['latent_shape']))} | "
                   f"{_fmt(a['perceptual_weight'])} | {_fmt(a.get('adversarial_weight', 0.0))} | "
                   f"{a['mse']:.5f} | {a['psnr']:.2f} | "
                   f"{_fmt(a['rfid'])} | {_fmt(a.get('perplexity'))} | {_fmt(a.get('codes_used'))} |"
-                  + (f" {_fmt(a['inception_rfid'])} |" if "inception_rfid" in a else ""),
+                  + (f" {_fmt(a['inception_rfid'])} |" if inc_rfid else ""),
                   ""] + ([f"Inception rFID: {a['inception_n']:,} test images against their "
                           "reconstructions; the floor at that N is the Inception FID of "
-                          "`real (train vs test)` above."] if "inception_rfid" in a else []) + [
+                          "`real (train vs test)` above."] if inc_rfid else []) + [
                   "", "![reconstructions](reconstructions.png)", ""]
     for stage, rows in (r.get("guidance") or {}).items():
         lines += [f"## Classifier-free guidance ({stage})", "",

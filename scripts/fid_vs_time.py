@@ -6,7 +6,7 @@ the old and the new recipe): every kept checkpoint of each W/ldm is sampled (DPM
     python scripts/fid_vs_time.py --runs=old:runs/curve/old,new:runs/curve/new \
         --num=600 --out=docs/fid_vs_time.png
 
-Writes OUT (the plot) and OUT with .json (the points).
+Writes OUT (the plot); each point is printed on stderr.
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ def main() -> None:
     feat_fn = features.feature_fn(features.DEFAULT_PATH)
     real_all = evaluate.reference_features(feat_fn, features.DEFAULT_PATH)
     result = {label: curve(w, num, feat_fn, real_all) for label, w in runs}
-    json.dump(result, open(os.path.splitext(out)[0] + ".json", "w"), indent=1)
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, points in result.items():
         ax.plot([p["train_s"] / 60 for p in points], [p["fid"] for p in points], "o-", label=label)

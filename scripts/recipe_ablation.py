@@ -47,13 +47,10 @@ RECIPES = {  # name -> LDM overrides of today's cpu-quick default (v + min_snr, 
     "ch96": {"model.ch": 96},
     "res2": {"model.num_res_blocks": 2},
     "lr2e-3": {"optim.lr": 2e-3},
-    "ch16": {"model.ch": 16},
-    "ch32+bs64": {"model.ch": 32, "data.batch_size": 64},
     "ch32+lr2e-3": {"model.ch": 32, "optim.lr": 2e-3},
     "ch32+bs64+lr2e-3": {"model.ch": 32, "data.batch_size": 64, "optim.lr": 2e-3},
 }
-TIME_MATCHED = ("bs64", "bs256", "ch32", "ch96", "res2", "ch16", "ch32+bs64", "ch32+lr2e-3",
-                "ch32+bs64+lr2e-3")
+TIME_MATCHED = ("bs64", "bs256", "ch32", "ch96", "res2", "ch32+lr2e-3", "ch32+bs64+lr2e-3")
 FIRST_STAGES = {  # name -> VAE overrides (cpu-quick otherwise)
     "base": {},
     "adv": {"loss.adversarial_weight": 0.5, "loss.adversarial_start": 600},
