@@ -513,7 +513,9 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
     if inception:
         from ldm_jax import inception as inc  # pylint: disable=import-outside-toplevel
         try:
-            inc_fn = inc.make_feature_fn(inc.load_params(), batch_size=10)
+            # Batches of 10 keep the CPU's memory low; an accelerator wants bigger ones.
+            batch = 10 if jax.default_backend() == "cpu" else 250
+            inc_fn = inc.make_feature_fn(inc.load_params(), batch_size=batch)
         except FileNotFoundError as e:
             print(f"evaluate: Inception FID skipped: {str(e).splitlines()[0]}", file=sys.stderr)
         else:

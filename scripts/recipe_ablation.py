@@ -5,6 +5,10 @@ sampled with several samplers, scored on the committed classifier's features.
     python scripts/recipe_ablation.py --root=runs/recipe --ldm_steps=600 --num=1000
     python scripts/recipe_ablation.py ... --recipes=v+minsnr --first_stage=adv
     python scripts/recipe_ablation.py ... --recipes=v+minsnr --samplers=ddim-10,dpmpp2m-10
+    python scripts/recipe_ablation.py --root=runs/recipe_px --stage=pixel --ldm_steps=480 \
+        --recipes=default,2020 --samplers=ddim-50
+
+With --stage=pixel the rows are pixel models (no VAE) under the same names and overrides.
 
 Every LDM shares the VAE of ROOT/base/vae (copied into each workdir, so each LDM is bound
 to identical weights). --first_stage=NAME trains the VAE of FIRST_STAGES[NAME] into
@@ -32,6 +36,9 @@ from ldm_jax import benchmark, cli, configs, evaluate, features, metrics, sample
 RECIPES = {  # name -> LDM overrides of today's cpu-quick default (v + min_snr, cosine)
     "default": {},  # today's default as is: the reference of the rows trained after it
     "eps": {"diffusion.prediction": "eps", "diffusion.loss_weighting": "uniform"},
+    # The recipe before issue 10, whole: eps target, uniform weighting, linear betas.
+    "2020": {"diffusion.prediction": "eps", "diffusion.loss_weighting": "uniform",
+             "diffusion.schedule": "linear"},
     "v": {"diffusion.prediction": "v", "diffusion.loss_weighting": "uniform"},
     "eps+minsnr": {"diffusion.prediction": "eps", "diffusion.loss_weighting": "min_snr"},
     "v+minsnr": {},
@@ -81,12 +88,14 @@ def main() -> None:
     first_stage = args.get("first_stage", "base")
     samplers = [(x.split("-")[0], int(x.split("-")[1]))
                 for x in args.get("samplers", SAMPLERS).split(",")]
+    stage = args.get("stage", "ldm")
     suffix = "" if first_stage == "base" else f"@{first_stage}"
     cli.setup_jax()
     base = os.path.join(root, "base" + suffix)
-    vae = configs.get_config("vae", "cpu-quick")
-    configs.apply_overrides(vae, {"train.steps": vae_steps, **FIRST_STAGES[first_stage]})
-    train.train_and_evaluate(vae, base)
+    if stage == "ldm":
+        vae = configs.get_config("vae", "cpu-quick")
+        configs.apply_overrides(vae, {"train.steps": vae_steps, **FIRST_STAGES[first_stage]})
+        train.train_and_evaluate(vae, base)
 
     feat_fn = features.feature_fn(features.DEFAULT_PATH)
     probs_fn = features.probabilities_fn(features.DEFAULT_PATH)
@@ -95,15 +104,15 @@ def main() -> None:
     results = json.load(open(out_path)) if os.path.isfile(out_path) else {}
     for name in (r + suffix for r in recipes):
         w = os.path.join(root, name)
-        if not os.path.isdir(os.path.join(w, "vae")):
+        if stage == "ldm" and not os.path.isdir(os.path.join(w, "vae")):
             shutil.copytree(os.path.join(base, "vae"), os.path.join(w, "vae"))
         recipe = name.split("@")[0]
-        c = configs.get_config("ldm", "cpu-quick")
+        c = configs.get_config(stage, "cpu-quick")
         configs.apply_overrides(c, {"train.steps": ldm_steps, **RECIPES[recipe]})
         if recipe in TIME_MATCHED:
             plan_key = f"{name} | plan"
             if plan_key not in results:
-                base_c = configs.get_config("ldm", "cpu-quick")
+                base_c = configs.get_config(stage, "cpu-quick")
                 configs.apply_overrides(base_c, {"train.steps": ldm_steps})
                 results[plan_key] = matched_steps(c, base_c, w, ldm_steps)
                 json.dump(results, open(out_path, "w"), indent=1)
@@ -111,8 +120,8 @@ def main() -> None:
             print(f"{name}: {results[plan_key]}", file=sys.stderr)
         t0 = time.time()
         train.train_and_evaluate(c, w)
-        rows = [json.loads(line) for line in open(os.path.join(w, "ldm", "metrics.jsonl"))]
-        gen = sample.load_generator(w, "ldm")
+        rows = [json.loads(line) for line in open(os.path.join(w, stage, "metrics.jsonl"))]
+        gen = sample.load_generator(w, stage)
         for sampler, steps in samplers:
             key = f"{name} | {sampler}-{steps}"
             if key in results and results[key].get("identity") == gen.identity:
