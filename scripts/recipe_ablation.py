@@ -56,8 +56,12 @@ RECIPES = {  # name -> LDM overrides of today's cpu-quick default (v + min_snr, 
     "lr2e-3": {"optim.lr": 2e-3},
     "ch32+lr2e-3": {"model.ch": 32, "optim.lr": 2e-3},
     "ch32+bs64+lr2e-3": {"model.ch": 32, "data.batch_size": 64, "optim.lr": 2e-3},
+    # rows against that winner (today's cpu-quick LDM), at the README job's 4,000 steps
+    "lr4e-3": {"optim.lr": 4e-3},
+    "post_mean": {"latent.posterior": "mean"},  # train on posterior means, not samples
+    "bs32": {"data.batch_size": 32},
 }
-TIME_MATCHED = ("bs64", "bs256", "ch32", "ch96", "res2", "ch32+lr2e-3", "ch32+bs64+lr2e-3")
+TIME_MATCHED = ("bs64", "bs256", "ch32", "ch96", "res2", "ch32+lr2e-3", "ch32+bs64+lr2e-3", "bs32")
 FIRST_STAGES = {  # name -> VAE overrides (cpu-quick otherwise)
     "base": {},
     "adv": {"loss.adversarial_weight": 0.5, "loss.adversarial_start": 600},
