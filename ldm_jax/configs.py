@@ -130,6 +130,8 @@ def _diffusion(c: ml_collections.ConfigDict, preset: str) -> None:
         # width-64 LDM, the budget of docs/results.md's equal-time comparison.
         if c.stage == "ldm":
             c.model.ch, c.data.batch_size, c.optim.lr = 32, 64, 2e-3
+        else:  # pixel at 480 steps: lr 2e-3 gave classifier FID 117.5 against 187.6 for 5e-4
+            c.optim.lr = 2e-3
         c.train.steps = 4_000 if c.stage == "ldm" else 480
     else:
         c.model.ch = 128
