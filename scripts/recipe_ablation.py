@@ -58,6 +58,7 @@ RECIPES = {  # name -> LDM overrides of today's cpu-quick default (v + min_snr, 
     "ch32+bs64+lr2e-3": {"model.ch": 32, "data.batch_size": 64, "optim.lr": 2e-3},
     # rows against that winner (today's cpu-quick LDM), at the README job's 4,000 steps
     "lr4e-3": {"optim.lr": 4e-3},
+    "lr4e-3+seed1": {"optim.lr": 4e-3, "seed": 1},
     "post_mean": {"latent.posterior": "mean"},  # train on posterior means, not samples
     "bs32": {"data.batch_size": 32},
 }
