@@ -117,6 +117,17 @@ class StepTimer:
         return times
 
 
+def median_step_s_in_turns(timers: list[StepTimer], rounds: int = 4,
+                           per_round: int = 5) -> list[float]:
+    """Median seconds per step of each timer, timed in turns (rounds x per_round steps
+    each), so a slow spell of a shared machine falls on all of them alike."""
+    times = [[] for _ in timers]
+    for _ in range(rounds):
+        for t, timer in zip(times, timers):
+            t += timer.time(per_round)
+    return [float(np.median(t)) for t in times]
+
+
 def bench_train(workdir: str, stage: str, steps: int, matched: bool = False) -> dict:
     """Median seconds per optimizer step of this stage's stored config (fresh parameters);
     matched: of the pixel model with the LDM's configuration."""

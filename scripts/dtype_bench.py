@@ -13,14 +13,13 @@ import json
 import sys
 
 import jax
-import numpy as np
 
 from ldm_jax import benchmark, cli, configs
 
 
 def main() -> None:
     args = dict(a.lstrip("-").split("=", 1) for a in sys.argv[1:])
-    preset, rounds, per_round = args.get("preset", "full"), 4, 10
+    preset = args.get("preset", "full")
     cli.setup_jax()
     for stage in args.get("stages", "ldm,pixel").split(","):
         timers = {}
@@ -28,11 +27,8 @@ def main() -> None:
             c = configs.get_config(stage, preset)
             c.model.dtype = dtype
             timers[dtype] = benchmark.StepTimer(c, args["workdir"])
-        times = {k: [] for k in timers}
-        for _ in range(rounds):
-            for k, timer in timers.items():
-                times[k] += timer.time(per_round)
-        med = {k: float(np.median(v)) for k, v in times.items()}
+        med = dict(zip(timers, benchmark.median_step_s_in_turns(list(timers.values()),
+                                                                per_round=10)))
         print(json.dumps(dict(stage=stage, preset=preset, s_per_step=med,
                               bf16_speedup=med["float32"] / med["bfloat16"],
                               device=jax.devices()[0].device_kind)), flush=True)

@@ -54,7 +54,7 @@ def main() -> None:
     for label, points in result.items():
         ax.plot([p["train_s"] / 60 for p in points], [p["fid"] for p in points], "o-", label=label)
     ax.set_xlabel("LDM training wall clock (minutes, 2-core CPU)")
-    ax.set_ylabel("classifier FID (600 samples)")
+    ax.set_ylabel(f"classifier FID ({num} samples)")
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=7)
     fig.tight_layout()

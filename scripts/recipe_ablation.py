@@ -76,11 +76,7 @@ def matched_steps(c, base, workdir: str, steps: int, rounds: int = 4, per_round:
     """Steps of config c that cost the wall clock of `steps` steps of config base: both
     compiled, then timed in turns (medians over rounds x per_round steps each)."""
     timers = [benchmark.StepTimer(x, workdir) for x in (base, c)]
-    times = [[], []]
-    for _ in range(rounds):
-        for t, timer in zip(times, timers):
-            t += timer.time(per_round)
-    base_s, row_s = (float(np.median(t)) for t in times)
+    base_s, row_s = benchmark.median_step_s_in_turns(timers, rounds, per_round)
     return dict(base_step_s=base_s, row_step_s=row_s, steps=max(1, round(steps * base_s / row_s)))
 
 
