@@ -128,7 +128,7 @@ def _diffusion(c: ml_collections.ConfigDict, preset: str) -> None:
         # At the README job's budget (2026-11-27, docs/results.md) lr 4e-3 beat 2e-3 with both
         # seeds tried (61.8 and 67.7 against 67.8 and 68.8), while batch 32 (at matched time)
         # and width 48 did not. The VAE's batch 64 frees ~2 minutes: 1,000 more LDM steps.
-        # VAE 1200 x 0.12 s + LDM 5000 x 0.1 s: the README's pipeline in about 12 minutes.
+        # VAE 1200 x 0.11 s + LDM 5000 x 0.12 s: the README's pipeline in about 13 minutes.
         # Pixel 480 x ~2 s matches the wall clock of VAE 1500 + LDM 1600 steps of the
         # width-64 LDM, the budget of docs/results.md's equal-time comparison.
         if c.stage == "ldm":
