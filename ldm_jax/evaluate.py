@@ -81,21 +81,22 @@ def quality(real_all: np.ndarray, real_n: np.ndarray, fake: np.ndarray) -> dict:
     return {k: float(out[k]) for k in QUALITY}
 
 
-def save_samples(out_dir: str, gen, images: np.ndarray, steps: int) -> None:
+def save_samples(out_dir: str, gen, images: np.ndarray, steps: int, eta: float = 0.0) -> None:
     """The quality samples, with what they were drawn from (see cached_samples)."""
     np.savez_compressed(os.path.join(out_dir, f"{gen.stage}_samples.npz"), images=images,
                         identity=np.array(gen.identity), model_step=gen.step, sampler="ddim",
-                        ddim_steps=steps, seed=SAMPLE_SEED)
+                        ddim_steps=steps, ddim_eta=float(eta), seed=SAMPLE_SEED)
 
 
-def cached_samples(out_dir: str, gen, num: int, steps: int) -> np.ndarray | None:
+def cached_samples(out_dir: str, gen, num: int, steps: int, eta: float = 0.0) -> np.ndarray | None:
     """Samples an earlier evaluate run saved for these very weights (gen.identity, the
-    digest of the parameters that sample), sampler, steps, seed and size, else None. A file
-    without an identity (written before it was recorded) is never reused."""
+    digest of the parameters that sample), sampler, steps, eta, seed and size, else None. A
+    file without an identity or an eta (written before they were recorded) is never reused."""
     path = os.path.join(out_dir, f"{gen.stage}_samples.npz")
     if not os.path.isfile(path) or not gen.identity:
         return None
-    want = dict(identity=gen.identity, sampler="ddim", ddim_steps=steps, seed=SAMPLE_SEED)
+    want = dict(identity=gen.identity, sampler="ddim", ddim_steps=steps, ddim_eta=float(eta),
+                seed=SAMPLE_SEED)
     try:
         with np.load(path, allow_pickle=False) as z:
             if (all(k in z.files for k in want) and "images" in z.files
@@ -352,7 +353,8 @@ def _fmt(v, digits=3):
 def write_report(result: dict, out_dir: str) -> str:
     r = result
     lines = [f"# ldm_jax evaluation: {r['workdir']}", "",
-             f"`{r['command']}` — {r['num']} samples per model, DDIM {r['ddim_steps']} steps, "
+             f"`{r['command']}` — {r['num']} samples per model, DDIM {r['ddim_steps']} steps "
+             f"(eta {r.get('ddim_eta', 0.0):g}), "
              f"device {r['device']}, {r['date']}.", "",
              "## Quality (MNIST-classifier features; FID against the 10,000 test images, "
              f"PRDC against {r['num']} test images)", "",
@@ -444,7 +446,10 @@ def write_report(result: dict, out_dir: str) -> str:
 
 def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int | None = None,
              classifier: str | None = None, inception: bool = False, cost: bool = True,
-             command: str = "", step: int | None = None, sweeps: bool = True) -> dict:
+             command: str = "", step: int | None = None, sweeps: bool = True,
+             eta: float = 0.0) -> dict:
+    """eta is the DDIM eta of the quality samples (0: deterministic; 1: DDPM-like, which
+    scored far better on an under-trained LDM, docs/results.md); the sweeps keep eta 0."""
     stages = trained_stages(workdir)
     has_vae = os.path.isdir(os.path.join(workdir, "vae", "checkpoints"))
     if not stages and not has_vae:
@@ -482,12 +487,13 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
     samples, q = {}, {}
     for s, gen in gens.items():
         steps = min(ddim_steps or steps_default, gen.sched.num_timesteps)
-        samples[s] = cached_samples(out_dir, gen, num, steps)
+        samples[s] = cached_samples(out_dir, gen, num, steps, eta)
         if samples[s] is None:  # sample, and keep them so a rerun skips this part
             t = time.time()
-            samples[s] = sample.generate(gen, num, jax.random.key(SAMPLE_SEED), "ddim", steps)
+            samples[s] = sample.generate(gen, num, jax.random.key(SAMPLE_SEED), "ddim", steps,
+                                         eta=eta)
             print(f"{s}: {num} samples in {time.time() - t:.0f}s", file=sys.stderr)
-            save_samples(out_dir, gen, samples[s], steps)
+            save_samples(out_dir, gen, samples[s], steps, eta)
         q[s] = dict(quality(real_all, real_n, feat_fn(samples[s])), **coverage(samples[s]))
     q["real (train vs test)"] = dict(quality(real_all, real_n, feat_fn(train_n)),
                                      **coverage(train_n))
@@ -539,7 +545,8 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
             print(f"{s}: cost measured", file=sys.stderr)
 
     result = dict(workdir=workdir, command=command, preset=preset, num=num,
-                  ddim_steps=ddim_steps or steps_default, device=jax.devices()[0].device_kind,
+                  ddim_steps=ddim_steps or steps_default, ddim_eta=float(eta),
+                  device=jax.devices()[0].device_kind,
                   date=time.strftime("%Y-%m-%d"), quality=q, inception=inception_fid,
                   cost=cost_rows, guidance=guidance, text=prompt_rows, autoencoder=autoencoder,
                   classifier=os.path.abspath(classifier))
@@ -562,6 +569,9 @@ def define_flags(fv) -> None:
     flags.DEFINE_integer("num", None, "Samples per model (default: from --preset).", flag_values=fv)
     flags.DEFINE_integer("steps", None, "DDIM steps of the quality samples (default: preset).",
                          flag_values=fv)
+    flags.DEFINE_float("eta", 0.0, "DDIM eta of the quality samples in [0, 1]: 0 deterministic "
+                       "(the default, as in docs/results.md unless it says otherwise), 1 "
+                       "DDPM-like.", flag_values=fv)
     flags.DEFINE_string("classifier", None, "Feature classifier npz (default: the committed one).",
                         flag_values=fv)
     flags.DEFINE_bool("inception", False, "Also compute FID on InceptionV3 features (slow on CPU).",
@@ -585,6 +595,8 @@ def main(argv: list[str] | None = None) -> None:
         for name in ("num", "steps"):
             if fv[name].value is not None and fv[name].value <= 0:
                 raise cli.UsageError(f"--{name} must be positive, got {fv[name].value}")
+        if not 0.0 <= fv.eta <= 1.0:
+            raise cli.UsageError(f"--eta must be in [0, 1], got {fv.eta}")
         if fv.num is not None and not MIN_NUM <= fv.num <= configs.MNIST_TRAIN_IMAGES:
             raise cli.UsageError(
                 f"--num must be between {MIN_NUM} (density and coverage use 5 nearest "
@@ -595,7 +607,7 @@ def main(argv: list[str] | None = None) -> None:
         cli.setup_jax()
         command = "python -m ldm_jax.evaluate " + " ".join(argv[1:])
         result = evaluate(fv.workdir, fv.preset, fv.num, fv.steps, fv.classifier, fv.inception,
-                          fv.cost, command, fv.step, fv.sweeps)
+                          fv.cost, command, fv.step, fv.sweeps, fv.eta)
     except (cli.UsageError, configs.ConfigError, data.DataError, features.ClassifierError,
             FileNotFoundError) as e:
         cli.fail(prog, e)

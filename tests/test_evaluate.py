@@ -3,6 +3,7 @@
 import json
 import re
 import os
+import types
 
 import chex
 import jax
@@ -98,7 +99,7 @@ def test_evaluate_smoke_writes_report_with_floor(smoke_workdir):
     assert ae["reg"] == "kl" and ae["latent_shape"] == [7, 7, 4] and ae["mse"] > 0
     # PSNR and rFID against hand values: test_autoencoder_quality_against_hand_values.
     assert np.isfinite(ae["psnr"]) and ae["psnr"] > 0 and ae["rfid"] > 0
-    assert result["cost"] == {}
+    assert result["cost"] == {} and result["ddim_eta"] == 0.0
     for name in ("report.md", "samples.png", "reconstructions.png", "ldm_samples.npz"):
         assert os.path.getsize(os.path.join(out, name)) > 0
     report = open(os.path.join(out, "report.md")).read()
@@ -129,6 +130,23 @@ def test_autoencoder_quality_against_hand_values():
     assert out["psnr"] == pytest.approx(13.979400086720377, abs=1e-4)
     assert out["rfid"] == pytest.approx(7803.0, rel=1e-6)
     assert out["reg"] == "kl" and out["latent_shape"] == [7, 7, 4] and out["steps"] == 3
+
+
+def test_cached_samples_are_keyed_by_eta(tmp_path):
+    """Samples drawn with one DDIM eta are never reused as those of another."""
+    gen = types.SimpleNamespace(stage="ldm", identity="abc", step=3)
+    images = np.arange(4 * 28 * 28, dtype=np.uint8).reshape(4, 28, 28)
+    evaluate.save_samples(str(tmp_path), gen, images, 5, eta=1.0)
+    np.testing.assert_array_equal(evaluate.cached_samples(str(tmp_path), gen, 4, 5, eta=1.0), images)
+    assert evaluate.cached_samples(str(tmp_path), gen, 4, 5, eta=0.0) is None
+    assert evaluate.cached_samples(str(tmp_path), gen, 4, 5) is None
+    assert evaluate.cached_samples(str(tmp_path), gen, 4, 6, eta=1.0) is None
+
+
+def test_evaluate_rejects_eta_outside_unit_interval(tmp_path):
+    r = run_module("evaluate", f"--workdir={tmp_path}", "--preset=smoke", "--eta=1.5")
+    assert r.returncode == 2 and "--eta must be in [0, 1]" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "eval").exists()
 
 
 def test_evaluate_without_models_exits_2(tmp_path):
