@@ -17,9 +17,8 @@ from ldm_jax import cli, evaluate, features, metrics, sample
 
 
 def main() -> None:
-    stage = "ldm"
     args = [a for a in sys.argv[1:] if not a.startswith("--stage=")]
-    stage = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--stage=")), stage)
+    stage = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--stage=")), "ldm")
     workdir, num, specs = args[0], int(args[1]), args[2:]
     cli.setup_jax()
     feat_fn = features.feature_fn(features.DEFAULT_PATH)
