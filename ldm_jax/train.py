@@ -249,6 +249,12 @@ def _run(c: ml_collections.ConfigDict, workdir: str, task: stages.Task,
     mesh = data_mesh()
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     init_key, train_key = jax.random.split(jax.random.key(c.seed))
+    # Every input of the step is committed to the mesh, so the step compiles once: an
+    # uncommitted key or tally on the first call would compile it a second time when the
+    # committed outputs come back in (a second ~13 s compilation of the smoke step here).
+    # (jit rather than device_put: it places values on every process's devices alike.)
+    commit = jax.jit(lambda x: x, out_shardings=replicated)
+    train_key = commit(train_key)
     tx = make_optimizer(c.optim, schedule_steps)
 
     def init_state(key):
@@ -316,7 +322,8 @@ def _run(c: ml_collections.ConfigDict, workdir: str, task: stages.Task,
                                                      ema_decay=c.optim.ema_decay),
                                    state, task.get_batch(start), train_key)[1]
     skipped_before = resumed.get("skipped_nonfinite", 0)
-    tally = _empty_tally(metric_shapes, skipped_before)
+    new_tally = lambda *a: commit(_empty_tally(metric_shapes, *a))
+    tally = new_tally(skipped_before)
     t0 = t_log = time.time()
     stopped_by, step_log = None, start
     bar = tqdm(total=c.train.steps, initial=start, desc=c.stage, disable=not is_main,
@@ -355,7 +362,7 @@ def _run(c: ml_collections.ConfigDict, workdir: str, task: stages.Task,
                            time=spent + now - t0,
                            steps_per_sec=(step + 1 - step_log) / max(now - t_log, 1e-9))
                 t_log, step_log = now, step + 1
-                tally = _empty_tally(metric_shapes, nonfinite, int(host["first_bad"]))
+                tally = new_tally(nonfinite, int(host["first_bad"]))
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
                 if is_main:
                     with open(log_path, "a") as f:

@@ -76,9 +76,14 @@ def _final_params(workdir, stage="vae"):
     return params, meta
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+def test_resume_equals_uninterrupted(tmp_path, caplog):
     c = configs.get_config("vae", "smoke")
-    train.train_and_evaluate(c, str(tmp_path / "full"))
+    # The step compiles once per run, across its log-interval resets (not again when the
+    # committed outputs of the first step come back in).
+    with jax.log_compiles(True), caplog.at_level("WARNING"):
+        train.train_and_evaluate(c, str(tmp_path / "full"))
+    compiles = [r for r in caplog.records if "Compiling jit(_tally_step)" in r.getMessage()]
+    assert c.train.steps > c.train.log_every and len(compiles) == 1, len(compiles)
     train.train_and_evaluate(c, str(tmp_path / "split"), stop_at_step=3)
     _, meta = _final_params(str(tmp_path / "split"))
     assert meta["step"] == 3 and not meta["finished"]
