@@ -26,25 +26,31 @@ from ldm_jax import configs, models
 # Config fields that may change between a run and its resumption.
 RESUMABLE_FIELDS = ("preset", "train.steps", "train.max_minutes", "train.log_every",
                     "train.ckpt_every", "train.keep_checkpoints", "train.skip_nonfinite",
-                    "sample.sampler", "sample.steps", "sample.eta", "model.dtype")
+                    "sample.sampler", "sample.steps", "sample.eta", "sample.guide_weight",
+                    "model.dtype")
 
 # What a stored config that lacks a field was trained with, where that differs from
 # today's default (the recipe's defaults changed on 2026-11-26 from eps + uniform), or
 # where it must stay so whatever the default becomes (no adversarial term before it existed).
 LEGACY_VALUES = {"diffusion.prediction": "eps", "diffusion.loss_weighting": "uniform",
                  "diffusion.zero_terminal_snr": False, "loss.adversarial_weight": 0.0,
-                 "model.text_conv": 0}
+                 "model.text_conv": 0, "sample.guide_step": 0, "sample.guide_weight": 0.0}
 
 
 def checkpoint_manager(stage_dir: str, keep: int = 3, create: bool = True,
-                       partial: bool = False) -> ocp.CheckpointManager:
-    """Checkpoints of state (Orbax PyTree), config and meta (JSON) under stage_dir/checkpoints.
+                       partial: bool = False, preserve: tuple[int, ...] = ()) -> ocp.CheckpointManager:
+    """Checkpoints of state (Orbax PyTree), config and meta (JSON) under stage_dir/checkpoints:
+    the newest `keep`, and the steps in `preserve` for good (an autoguidance guide).
 
     partial=True opens them read-only for restoring a subtree (the EMA parameters)."""
     state = ocp.PyTreeCheckpointHandler() if partial else ocp.StandardCheckpointHandler()
+    policy = ocp.checkpoint_managers.LatestN(keep)
+    if preserve:
+        policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+            [policy, ocp.checkpoint_managers.CustomSteps(list(preserve))])
     return ocp.CheckpointManager(
         os.path.join(os.path.abspath(stage_dir), "checkpoints"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create),
+        options=ocp.CheckpointManagerOptions(preservation_policy=policy, create=create),
         item_handlers=dict(state=state, config=ocp.JsonCheckpointHandler(),
                            meta=ocp.JsonCheckpointHandler()))
 

@@ -10,7 +10,9 @@ The modern recipe is a set of options, each off by default: a network predicting
 (Salimans & Ho 2022) or x_0 instead of eps, wrapped into an eps_fn by
 `eps_fn_from_model` so every sampler and guidance take it unchanged; Min-SNR-gamma loss
 weights (Hang et al. 2023); zero-terminal-SNR schedules (Lin et al. 2024); and the
-DPM-Solver++(2M) sampler (Lu et al. 2022).
+DPM-Solver++(2M) sampler (Lu et al. 2022). Guidance: classifier-free (Ho & Salimans 2021)
+for conditional models, and autoguidance by an earlier checkpoint of the same run (Karras et
+al. 2024), which needs no condition.
 """
 
 from __future__ import annotations
@@ -572,4 +574,19 @@ def guided_eps_fn(eps_fn: Callable[[Array, Array, Array], Array], labels: Array,
         eps = eps_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), y)
         cond, uncond = eps[:b], eps[b:]
         return (1.0 + w) * cond - w * uncond
+    return guided
+
+
+def autoguided_eps_fn(eps_fn: EpsFn, guide_eps_fn: EpsFn, w: float | Array) -> EpsFn:
+    """Autoguidance (Karras et al. 2024): eps = (1 + w) * eps(x, t) - w * eps_guide(x, t).
+
+    The guide is a weaker version of the same model (here the EMA weights of an earlier
+    checkpoint of the same run); extrapolating away from its errors sharpens the samples
+    without a condition, so it works for unconditional models, where classifier-free
+    guidance cannot. The same w convention as `guided_eps_fn` (the paper's weight is 1 + w):
+    w = 0 is the model alone. Both eps_fns take (x, t, *args) (a condition passes through
+    to both, so classifier-free guidance can wrap the result); w may be traced.
+    """
+    def guided(x: Array, t: Array, *args) -> Array:
+        return (1.0 + w) * eps_fn(x, t, *args) - w * guide_eps_fn(x, t, *args)
     return guided

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -81,17 +82,21 @@ def quality(real_all: np.ndarray, real_n: np.ndarray, fake: np.ndarray) -> dict:
     return {k: float(out[k]) for k in QUALITY}
 
 
-def save_samples(out_dir: str, gen, images: np.ndarray, steps: int, eta: float = 0.0) -> None:
+def save_samples(out_dir: str, gen, images: np.ndarray, steps: int, eta: float = 0.0,
+                 autoguidance: float = 0.0) -> None:
     """The quality samples, with what they were drawn from (see cached_samples)."""
     np.savez_compressed(os.path.join(out_dir, f"{gen.stage}_samples.npz"), images=images,
                         identity=np.array(gen.identity), model_step=gen.step, sampler="ddim",
-                        ddim_steps=steps, ddim_eta=float(eta), seed=SAMPLE_SEED)
+                        ddim_steps=steps, ddim_eta=float(eta), seed=SAMPLE_SEED,
+                        autoguidance=float(autoguidance))
 
 
-def cached_samples(out_dir: str, gen, num: int, steps: int, eta: float = 0.0) -> np.ndarray | None:
+def cached_samples(out_dir: str, gen, num: int, steps: int, eta: float = 0.0,
+                   autoguidance: float = 0.0) -> np.ndarray | None:
     """Samples an earlier evaluate run saved for these very weights (gen.identity, the
-    digest of the parameters that sample), sampler, steps, eta, seed and size, else None. A
-    file without an identity or an eta (written before they were recorded) is never reused."""
+    digest of the parameters that sample), sampler, steps, eta, autoguidance, seed and size,
+    else None. A file without an identity or an eta (written before they were recorded) is
+    never reused; one without an autoguidance weight was drawn without it (w = 0)."""
     path = os.path.join(out_dir, f"{gen.stage}_samples.npz")
     if not os.path.isfile(path) or not gen.identity:
         return None
@@ -99,7 +104,9 @@ def cached_samples(out_dir: str, gen, num: int, steps: int, eta: float = 0.0) ->
                 seed=SAMPLE_SEED)
     try:
         with np.load(path, allow_pickle=False) as z:
+            stored_w = z["autoguidance"].item() if "autoguidance" in z.files else 0.0
             if (all(k in z.files for k in want) and "images" in z.files
+                    and stored_w == float(autoguidance)
                     and all(z[k].item() == v for k, v in want.items())
                     and len(z["images"]) == num):
                 print(f"{gen.stage}: reusing {num} samples from {path}", file=sys.stderr)
@@ -354,7 +361,9 @@ def write_report(result: dict, out_dir: str) -> str:
     r = result
     lines = [f"# ldm_jax evaluation: {r['workdir']}", "",
              f"`{r['command']}` — {r['num']} samples per model, DDIM {r['ddim_steps']} steps "
-             f"(eta {r.get('ddim_eta', 0.0):g}), "
+             f"(eta {r.get('ddim_eta', 0.0):g}"
+             + "".join(f"; {k} autoguidance {w:g}" for k, w in
+                       (r.get("autoguidance") or {}).items() if w) + "), "
              f"device {r['device']}, {r['date']}.", "",
              "## Quality (MNIST-classifier features; FID against the 10,000 test images, "
              f"PRDC against {r['num']} test images)", "",
@@ -447,9 +456,11 @@ def write_report(result: dict, out_dir: str) -> str:
 def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int | None = None,
              classifier: str | None = None, inception: bool = False, cost: bool = True,
              command: str = "", step: int | None = None, sweeps: bool = True,
-             eta: float = 0.0) -> dict:
+             eta: float = 0.0, autoguidance: float = 0.0) -> dict:
     """eta is the DDIM eta of the quality samples (0: deterministic; 1: DDPM-like, which
-    scored far better on an under-trained LDM, docs/results.md); the sweeps keep eta 0."""
+    scored far better on an under-trained LDM, docs/results.md); the sweeps keep eta 0.
+    autoguidance is w for each stage that kept a guide checkpoint (sample.guide_step);
+    stages without one sample without it, and metrics.json records which did."""
     stages = trained_stages(workdir)
     has_vae = os.path.isdir(os.path.join(workdir, "vae", "checkpoints"))
     if not stages and not has_vae:
@@ -484,16 +495,20 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
     train_n = train_images[rng.choice(len(train_images), num, replace=False)]
     real_n = feat_fn(test_n)
 
-    samples, q = {}, {}
+    samples, q, guided = {}, {}, {}
     for s, gen in gens.items():
         steps = min(ddim_steps or steps_default, gen.sched.num_timesteps)
-        samples[s] = cached_samples(out_dir, gen, num, steps, eta)
+        guided[s] = autoguidance if gen.guide_params is not None else 0.0
+        if autoguidance and not guided[s]:
+            print(f"{s}: no guide checkpoint (sample.guide_step); sampled without "
+                  "autoguidance", file=sys.stderr)
+        samples[s] = cached_samples(out_dir, gen, num, steps, eta, guided[s])
         if samples[s] is None:  # sample, and keep them so a rerun skips this part
             t = time.time()
             samples[s] = sample.generate(gen, num, jax.random.key(SAMPLE_SEED), "ddim", steps,
-                                         eta=eta)
+                                         eta=eta, autoguidance=guided[s])
             print(f"{s}: {num} samples in {time.time() - t:.0f}s", file=sys.stderr)
-            save_samples(out_dir, gen, samples[s], steps, eta)
+            save_samples(out_dir, gen, samples[s], steps, eta, guided[s])
         q[s] = dict(quality(real_all, real_n, feat_fn(samples[s])), **coverage(samples[s]))
     q["real (train vs test)"] = dict(quality(real_all, real_n, feat_fn(train_n)),
                                      **coverage(train_n))
@@ -546,6 +561,7 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
 
     result = dict(workdir=workdir, command=command, preset=preset, num=num,
                   ddim_steps=ddim_steps or steps_default, ddim_eta=float(eta),
+                  autoguidance={s: float(w) for s, w in guided.items()},
                   device=jax.devices()[0].device_kind,
                   date=time.strftime("%Y-%m-%d"), quality=q, inception=inception_fid,
                   cost=cost_rows, guidance=guidance, text=prompt_rows, autoencoder=autoencoder,
@@ -572,6 +588,9 @@ def define_flags(fv) -> None:
     flags.DEFINE_float("eta", 0.0, "DDIM eta of the quality samples in [0, 1]: 0 deterministic "
                        "(the default, as in docs/results.md unless it says otherwise), 1 "
                        "DDPM-like.", flag_values=fv)
+    flags.DEFINE_float("autoguidance", 0.0, "Autoguidance w >= 0 of the quality samples, for "
+                       "each model that kept a guide checkpoint (sample.guide_step); 0 (the "
+                       "default) samples the model alone.", flag_values=fv)
     flags.DEFINE_string("classifier", None, "Feature classifier npz (default: the committed one).",
                         flag_values=fv)
     flags.DEFINE_bool("inception", False, "Also compute FID on InceptionV3 features (slow on CPU).",
@@ -597,6 +616,9 @@ def main(argv: list[str] | None = None) -> None:
                 raise cli.UsageError(f"--{name} must be positive, got {fv[name].value}")
         if not 0.0 <= fv.eta <= 1.0:
             raise cli.UsageError(f"--eta must be in [0, 1], got {fv.eta}")
+        if not 0.0 <= fv.autoguidance < math.inf:  # also refuses nan
+            raise cli.UsageError(f"--autoguidance must be a finite number >= 0, got "
+                                 f"{fv.autoguidance}")
         if fv.num is not None and not MIN_NUM <= fv.num <= configs.MNIST_TRAIN_IMAGES:
             raise cli.UsageError(
                 f"--num must be between {MIN_NUM} (density and coverage use 5 nearest "
@@ -607,7 +629,7 @@ def main(argv: list[str] | None = None) -> None:
         cli.setup_jax()
         command = "python -m ldm_jax.evaluate " + " ".join(argv[1:])
         result = evaluate(fv.workdir, fv.preset, fv.num, fv.steps, fv.classifier, fv.inception,
-                          fv.cost, command, fv.step, fv.sweeps, fv.eta)
+                          fv.cost, command, fv.step, fv.sweeps, fv.eta, fv.autoguidance)
     except (cli.UsageError, configs.ConfigError, data.DataError, features.ClassifierError,
             FileNotFoundError) as e:
         cli.fail(prog, e)

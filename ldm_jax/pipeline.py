@@ -7,8 +7,8 @@
 Each stage is the same `train_and_evaluate` that `python -m ldm_jax.train` runs, so a
 killed pipeline resumes where it stopped when rerun; `--config.<stage>.*` overrides one
 stage's config. The grid is workdir/<stage>_samples.png, drawn with the stage's
-sample.{sampler, steps, eta} and seed 0; its .npz records which weights and settings made
-it. A rerun redraws nothing that is up to date, refuses (exit 2) to replace a grid drawn
+sample.{sampler, steps, eta, guide_weight} and seed 0; its .npz records which weights and
+settings made it. A rerun redraws nothing that is up to date, refuses (exit 2) to replace a grid drawn
 with other settings, and keeps a grid of an earlier model beside the new one.
 `--report` then runs `ldm_jax.evaluate` on the workdir.
 """
@@ -62,8 +62,14 @@ def stage_configs(fv) -> list[ml_collections.ConfigDict]:
     return cfgs
 
 
-def samples_request(num: int, steps: int, sampler: str, eta: float) -> dict:
-    return dict(num=num, seed=SEED, sampler=sampler, steps=steps, eta=eta)
+def samples_request(num: int, steps: int, sampler: str, eta: float,
+                    autoguidance: float = 0.0) -> dict:
+    return dict(num=num, seed=SEED, sampler=sampler, steps=steps, eta=eta,
+                autoguidance=autoguidance)
+
+
+# What a grid saved before a setting was recorded was drawn with.
+REQUEST_DEFAULTS = dict(autoguidance=0.0)
 
 
 def saved_samples_info(npz_path: str) -> dict | None:
@@ -84,7 +90,7 @@ def check_saved_samples(workdir: str, stage: str, request: dict) -> None:
     info = saved_samples_info(path)
     if info is None:
         return
-    old = {k: info.get(k) for k in request}
+    old = {k: info.get(k, REQUEST_DEFAULTS.get(k)) for k in request}
     if old != request:
         diff = ", ".join(f"{k}={old[k]}" for k in request if old[k] != request[k]) or "unknown"
         raise cli.UsageError(f"{path} holds samples drawn with other settings ({diff}); move "
@@ -107,7 +113,8 @@ def write_samples(workdir: str, gen: sample.Generator, request: dict) -> str:
                 os.replace(base + ext, old + ext)
         note = f"; the earlier grid is now {old}.png"
     images = sample.generate(gen, request["num"], jax.random.key(SEED), request["sampler"],
-                             request["steps"], request["eta"])
+                             request["steps"], request["eta"],
+                             autoguidance=request["autoguidance"])
     np.savez_compressed(base + ".npz", images=images, provenance=np.array(json.dumps(provenance)))
     sample.save_grid(images, base + ".png")
     return (f"wrote {base}.png ({request['num']} samples, {request['sampler']} "
@@ -142,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
             checkpoints.check_resumable(c, os.path.join(fv.workdir, c.stage))
             if c.stage in configs.DIFFUSION_STAGES:
                 requests[c.stage] = samples_request(fv.num, c.sample.steps, c.sample.sampler,
-                                                    c.sample.eta)
+                                                    c.sample.eta, c.sample.guide_weight)
                 check_saved_samples(fv.workdir, c.stage, requests[c.stage])
         cli.setup_jax()
         t0 = time.time()

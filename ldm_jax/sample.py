@@ -2,6 +2,7 @@
 
     python -m ldm_jax.sample --workdir=runs/demo --stage=ldm --num=64 --out=grid.png
         [--sampler=ddpm|ddim|dpmpp2m] [--steps=K] [--eta=0.0] [--seed=0] [--step=N]
+        [--autoguidance=W]   # guided by the run's earlier checkpoint (sample.guide_step)
     python -m ldm_jax.sample --workdir=runs/cond --stage=ldm --label=7 --guidance=3.0 --out=7s.png
     python -m ldm_jax.sample --workdir=runs/text --stage=ldm --prompt="a handwritten seven" \
         --prompt="3" --guidance=3 --num=16 --out=prompts.png   # one grid row per prompt
@@ -45,9 +46,12 @@ class Generator:
     vae_vars: Any = None  # {'params': EMA parameters, **model state} of the first stage
     scale_factor: float = 1.0
     step: int = 0
-    # SHA-256 of the weights that sample (U-Net EMA parameters, and the VAE's for an LDM):
-    # what a cache of samples or a set of saved samples is keyed on.
+    # SHA-256 of the weights that sample (U-Net EMA parameters, the VAE's for an LDM, and
+    # the guide's): what a cache of samples or a set of saved samples is keyed on.
     identity: str = ""
+    # Autoguidance: the EMA parameters of this run at sample.guide_step (None: not kept).
+    guide_params: Any = None
+    guide_step: int = 0
 
 
 def load_generator(workdir: str, stage: str, step: int | None = None) -> Generator:
@@ -63,15 +67,32 @@ def load_generator(workdir: str, stage: str, step: int | None = None) -> Generat
     params, cfg, meta = restored
     if cfg.get("stage") != stage:
         raise configs.ConfigError(f"{stage_dir} holds a {cfg.get('stage')!r} checkpoint")
+    guide_step = cfg.get("sample", {}).get("guide_step", 0)
+    guide = None
+    if guide_step and guide_step in checkpoints.step_dirs(stage_dir):
+        guide = checkpoints.load_checkpoint(stage_dir, guide_step)[0]
     common = dict(stage=stage, unet=models.build_unet(cfg["model"]), params=params,
-                  sched=models.build_schedule(cfg["diffusion"]), config=cfg, step=meta["step"])
+                  sched=models.build_schedule(cfg["diffusion"]), config=cfg, step=meta["step"],
+                  guide_params=guide, guide_step=guide_step if guide is not None else 0)
+    weights = {"unet": params} if guide is None else {"unet": params, "guide": guide}
     if stage == "pixel":
-        return Generator(shape=(28, 28, 1), identity=checkpoints.tree_digest(params), **common)
+        identity = checkpoints.tree_digest(params if guide is None else weights)
+        return Generator(shape=(28, 28, 1), identity=identity, **common)
     vae, vae_vars, _, _ = checkpoints.load_vae(workdir, step=meta["vae_step"])
-    identity = checkpoints.tree_digest({"unet": params, "vae": vae_vars,
+    identity = checkpoints.tree_digest({**weights, "vae": vae_vars,
                                         "scale": np.float64(meta["scale_factor"])})
     return Generator(shape=tuple(meta["latent_shape"]), vae=vae, vae_vars=vae_vars,
                      scale_factor=meta["scale_factor"], identity=identity, **common)
+
+
+def check_autoguidance(gen: Generator, w: float) -> None:
+    """w > 0 needs the guide checkpoint that training kept (sample.guide_step)."""
+    if w > 0 and gen.guide_params is None:
+        step = gen.config.get("sample", {}).get("guide_step", 0)
+        raise configs.ConfigError(
+            f"autoguidance needs an earlier checkpoint of this {gen.stage} run, and "
+            + (f"step {step} (sample.guide_step) is no longer in its checkpoints" if step else
+               "it was trained without sample.guide_step") + "; sample with --autoguidance=0")
 
 
 def is_conditional(gen: Generator) -> bool:
@@ -96,9 +117,12 @@ def null_conditions(gen: Generator, n: int) -> np.ndarray:
 
 
 def sample_fn(gen: Generator, n: int, sampler: str = "ddim", steps: int = 100,
-              eta: float = 0.0, keep_trajectory: bool = False):
+              eta: float = 0.0, keep_trajectory: bool = False, autoguidance: float = 0.0):
     """A jitted (key, labels=None, guidance=0.0) -> images [n, 28, 28, 1] in [-1, 1]
     (and the chain, if asked).
+
+    autoguidance w > 0 samples with eps = (1 + w) eps - w eps_guide, the guide being the
+    run's kept earlier checkpoint (diffusion.autoguided_eps_fn); it doubles the U-Net calls.
 
     For a conditional model, labels [n] picks the digits, or for a text model tokens
     [n, L] (text.encode_batch) the prompts (None: the null label or empty prompt, i.e.
@@ -107,6 +131,7 @@ def sample_fn(gen: Generator, n: int, sampler: str = "ddim", steps: int = 100,
     """
     if sampler not in SAMPLERS:
         raise configs.ConfigError(f"unknown sampler {sampler!r}; choose {', '.join(SAMPLERS)}")
+    check_autoguidance(gen, autoguidance)
     clip = bool(gen.config["diffusion"]["clip_x0"])
     shape = (n, *gen.shape)
     conditional = is_conditional(gen)
@@ -119,12 +144,17 @@ def sample_fn(gen: Generator, n: int, sampler: str = "ddim", steps: int = 100,
 
     prediction = models.prediction(gen.config["diffusion"])
 
-    @jax.jit
-    def run(params, key, labels, guidance):
+    def eps_of(params):
         # The network's output (eps, v or x0) becomes eps in one place; guidance and every
         # sampler then work on eps.
         net_fn = models.unet_fn(gen.unet, gen.config["model"], params)
-        eps_fn = diffusion.eps_fn_from_model(net_fn, gen.sched, prediction)
+        return diffusion.eps_fn_from_model(net_fn, gen.sched, prediction)
+
+    @jax.jit
+    def run(params, guide_params, key, labels, guidance):
+        eps_fn = eps_of(params)
+        if autoguidance > 0:
+            eps_fn = diffusion.autoguided_eps_fn(eps_fn, eps_of(guide_params), autoguidance)
         if conditional:
             eps_fn = diffusion.guided_eps_fn(eps_fn, labels, null_label(gen), guidance)
         if sampler == "ddpm":
@@ -145,7 +175,8 @@ def sample_fn(gen: Generator, n: int, sampler: str = "ddim", steps: int = 100,
         labels = jnp.asarray(null if labels is None else labels, jnp.int32)
         if labels.shape != null.shape:
             raise ValueError(f"labels must have shape {null.shape}, got {labels.shape}")
-        return run(gen.params, key, labels, jnp.float32(guidance))
+        return run(gen.params, gen.guide_params if autoguidance > 0 else None, key, labels,
+                   jnp.float32(guidance))
     call.run = run  # the jitted function, for ahead-of-time compilation in benchmarks
     return call
 
@@ -153,11 +184,12 @@ def sample_fn(gen: Generator, n: int, sampler: str = "ddim", steps: int = 100,
 def generate(gen: Generator, num: int, key: jax.Array, sampler: str = "ddim", steps: int = 100,
              eta: float = 0.0, batch_size: int = 256, progress: bool = True,
              labels: np.ndarray | None = None, guidance: float = 0.0,
-             prompts: list[str] | None = None) -> np.ndarray:
+             prompts: list[str] | None = None, autoguidance: float = 0.0) -> np.ndarray:
     """num samples as uint8 [num, 28, 28], in fixed-size batches (one compilation).
 
     labels [num] (class-conditional models) or prompts, num strings (text-conditioned
-    models; '' is the unconditional model); neither: unconditional. guidance is w."""
+    models; '' is the unconditional model); neither: unconditional. guidance is w of
+    classifier-free guidance, autoguidance w of the guide checkpoint's (see sample_fn)."""
     if labels is not None and (not is_conditional(gen) or is_text(gen)):
         raise configs.ConfigError(f"the {gen.stage} model in this workdir is not "
                                   "class-conditional; it cannot take --label")
@@ -169,7 +201,7 @@ def generate(gen: Generator, num: int, key: jax.Array, sampler: str = "ddim", st
             raise ValueError(f"{len(prompts)} prompts for {num} samples")
         labels = text.encode_batch(prompts)
     batch = min(batch_size, num)
-    run = sample_fn(gen, batch, sampler, steps, eta)
+    run = sample_fn(gen, batch, sampler, steps, eta, autoguidance=autoguidance)
     out = []
     for i in tqdm(range(math.ceil(num / batch)), desc=f"sample {gen.stage}", disable=not progress):
         y = None
@@ -225,6 +257,10 @@ def define_flags(fv) -> None:
     flags.DEFINE_float("guidance", 0.0, "Classifier-free guidance w >= 0: eps = (1 + w) * "
                        "eps(z, c) - w * eps(z, null) (null: the null label, or the empty "
                        "prompt); w = 0 is plain conditional sampling.", flag_values=fv)
+    flags.DEFINE_float("autoguidance", None, "Autoguidance w >= 0: eps = (1 + w) * eps - w * "
+                       "eps_guide, the guide being this run's earlier checkpoint at "
+                       "sample.guide_step; works unconditionally (default: the model config's "
+                       "sample.guide_weight; 0 = off).", flag_values=fv)
 
 
 def parse_labels(label: str | None, num: int) -> tuple[np.ndarray | None, int | None]:
@@ -282,6 +318,9 @@ def check_sampling_flags(fv) -> None:
         raise cli.UsageError(f"--eta must be in [0, 1], got {fv.eta}")
     if not fv.guidance >= 0.0 or not math.isfinite(fv.guidance):
         raise cli.UsageError(f"--guidance must be a finite number >= 0, got {fv.guidance}")
+    if fv.autoguidance is not None and not 0.0 <= fv.autoguidance < math.inf:
+        raise cli.UsageError(f"--autoguidance must be a finite number >= 0, got "
+                             f"{fv.autoguidance}")
     cli.check_seed(fv.seed)
 
 
@@ -329,6 +368,9 @@ def main(argv: list[str] | None = None) -> None:
         sampler = fv.sampler or gen.config["sample"].get("sampler", "ddim")
         steps = fv.steps or gen.config["sample"]["steps"]
         eta = gen.config["sample"].get("eta", 0.0) if fv.eta is None else fv.eta
+        autoguidance = gen.config["sample"].get("guide_weight", 0.0) \
+            if fv.autoguidance is None else fv.autoguidance
+        check_autoguidance(gen, autoguidance)
         if sampler != "ddpm" and steps > gen.sched.num_timesteps:
             raise cli.UsageError(f"--steps={steps} exceeds the {gen.sched.num_timesteps} "
                                  "timesteps of this model")
@@ -336,7 +378,8 @@ def main(argv: list[str] | None = None) -> None:
         cli.fail(prog, e)
     try:
         images = generate(gen, fv.num, jax.random.key(fv.seed), sampler, steps, eta,
-                          fv.batch_size, labels=labels, guidance=fv.guidance, prompts=prompts)
+                          fv.batch_size, labels=labels, guidance=fv.guidance, prompts=prompts,
+                          autoguidance=autoguidance)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing written", file=sys.stderr)
         sys.exit(130)

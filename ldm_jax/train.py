@@ -288,7 +288,10 @@ def _run(c: ml_collections.ConfigDict, workdir: str, task: stages.Task,
     else:
         step_fn = jax.jit(functools.partial(_tally_step, **kwargs), donate_argnums=(0, 1))
     finished = stop_at_step is None and is_finished(c, start, spent)
-    mgr = checkpoints.checkpoint_manager(stage_dir, c.train.keep_checkpoints)
+    # An autoguidance guide (sample.guide_step) is saved when reached and kept for good.
+    guide_step = c.sample.guide_step if c.stage in configs.DIFFUSION_STAGES else 0
+    mgr = checkpoints.checkpoint_manager(stage_dir, c.train.keep_checkpoints,
+                                         preserve=(guide_step,) if guide_step else ())
     is_main = jax.process_index() == 0
     if finished:
         mgr.close()
@@ -375,7 +378,7 @@ def _run(c: ml_collections.ConfigDict, workdir: str, task: stages.Task,
             if over_budget:
                 stopped_by = "max_minutes"
                 break
-            if (step + 1) % c.train.ckpt_every == 0 and not last:
+            if ((step + 1) % c.train.ckpt_every == 0 or step + 1 == guide_step) and not last:
                 save(state, False, spent + time.time() - t0, check_finite(tally))
     except KeyboardInterrupt:
         bar.close()

@@ -86,6 +86,8 @@ def test_incompatible_workdir_is_left_byte_identical(smoke_workdir):
     (["--label=3"], "is unconditional; drop --label"),
     (["--stage=vae"], "cannot sample stage 'vae'"),
     (["--steps=100000"], "exceeds the 50 timesteps"),
+    (["--autoguidance=-1"], "--autoguidance must be a finite number >= 0, got -1.0"),
+    (["--autoguidance=1"], "it was trained without sample.guide_step; sample with --autoguidance=0"),
 ])
 def test_sample_bad_input(smoke_workdir, tmp_path, args, message):
     r = run_module("sample", f"--workdir={smoke_workdir}", f"--out={tmp_path / 'g.png'}", *args)
@@ -215,6 +217,11 @@ def test_positional_argument_is_refused(tmp_path, monkeypatch, module, args, mes
     ("pixel", "--config.diffusion.schedule=linear --config.diffusion.timesteps=10",
      "diffusion: linear schedule with T=10"),
     ("pixel", "--config.sample.eta=-1", "sample.eta must be in [0, 1], got -1.0"),
+    ("pixel", "--config.sample.guide_step=6",
+     "sample.guide_step must be 0 (none) or an earlier step than train.steps=6, got 6"),
+    ("ldm", "--config.sample.guide_weight=1", "sample.guide_weight > 0 needs sample.guide_step"),
+    ("pixel", "--config.sample.guide_weight=-1 --config.sample.guide_step=2",
+     "sample.guide_weight must be a finite number >= 0, got -1.0"),
 ])
 def test_bad_config_number(tmp_path, stage, override, message):
     r = run_main("train", f"--stage={stage}", "--preset=smoke", f"--workdir={tmp_path / 'w'}",

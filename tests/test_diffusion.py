@@ -284,6 +284,27 @@ def test_ddpm_guidance_matches_closed_form():
         assert_moments(np.asarray(x)[np.asarray(labels) == c], mean, std, n=N // 2)
 
 
+def test_autoguidance_matches_closed_form():
+    """Autoguidance with exact scores of two Gaussians (the model's N(MU, S^2) and a worse
+    guide's, wider and off-centre): eps = (1 + w) eps - w eps_guide is affine in x, so DDIM's
+    output moments follow from the same float64 recursion; w = 0 is the model alone."""
+    steps, guide_mu, guide_s = 50, 0.1, 0.5
+    ab = np.cumprod(1 - linear_betas(T))
+    sched = d.make_schedule("linear", T)
+    model, guide = gaussian_eps_fn(ab, MU, S), gaussian_eps_fn(ab, guide_mu, guide_s)
+    run = jax.jit(lambda k, w: d.ddim_sample(d.autoguided_eps_fn(model, guide, w), sched, k,
+                                             SHAPE, steps, 1.0))
+    a_m, b_m = eps_affine(ab, MU, S)
+    a_g, b_g = eps_affine(ab, guide_mu, guide_s)
+    stds = []
+    for w in (0.0, 1.0):
+        mean, std = ddim_moments(ab, ddim_steps_ref(T, steps), 1.0, (1 + w) * a_m - w * a_g,
+                                 (1 + w) * b_m - w * b_g)
+        assert_moments(run(jax.random.key(3), w), mean, std)
+        stds.append(std)
+    assert stds[1] < stds[0] - 0.01  # pushing away from the wider guide narrows the samples
+
+
 # Clipping x_0 to [-1, 1] makes the update nonlinear: the reference is a float64 numpy Monte
 # Carlo of the same chain (Ho Eq. 7 with the clipped x_0 for DDPM; Song Eq. 12 with eps
 # recomputed from the clipped x_0 for DDIM, as improved-diffusion does). Data N(0.6, 0.5^2)

@@ -1,0 +1,95 @@
+"""Autoguidance from an earlier checkpoint of the same run (sample.guide_step / guide_weight):
+training keeps the guide, sampling with it is the model itself when the guide is the model,
+and the CLIs record and check it."""
+
+import dataclasses
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import run_module
+from ldm_jax import checkpoints, configs, evaluate, sample, train
+
+
+@pytest.fixture(scope="module")
+def guided_workdir(smoke_workdir, tmp_path_factory):
+    """smoke_workdir's VAE with an LDM that keeps step 2 as its guide (and 1 other)."""
+    workdir = str(tmp_path_factory.mktemp("guided"))
+    shutil.copytree(os.path.join(smoke_workdir, "vae"), os.path.join(workdir, "vae"))
+    c = configs.get_config("ldm", "smoke")
+    c.sample.guide_step, c.sample.guide_weight, c.train.keep_checkpoints = 2, 1.0, 1
+    train.train_and_evaluate(c, workdir)
+    return workdir
+
+
+def test_training_keeps_the_guide_beside_the_newest(guided_workdir):
+    # Saves at 2 (the guide, off the ckpt_every=3 grid), 3 and 6; keep_checkpoints=1 drops 3.
+    assert checkpoints.step_dirs(os.path.join(guided_workdir, "ldm")) == [2, 6]
+    gen = sample.load_generator(guided_workdir, "ldm")
+    assert gen.step == 6 and gen.guide_step == 2 and gen.guide_params is not None
+    guide = checkpoints.load_checkpoint(os.path.join(guided_workdir, "ldm"), 2)[0]
+    assert checkpoints.tree_digest(gen.guide_params) == checkpoints.tree_digest(guide)
+    assert checkpoints.tree_digest(guide) != checkpoints.tree_digest(gen.params)
+
+
+def test_autoguidance_by_the_model_itself_is_the_model_alone(guided_workdir):
+    """(1 + w) eps - w eps = eps: with the model as its own guide, any w gives the unguided
+    samples (float32 rounding only); the real guide changes them."""
+    gen = sample.load_generator(guided_workdir, "ldm")
+    key = jax.random.key(0)
+    draw = lambda g, w: sample.sample_fn(g, 8, "ddim", 5, 1.0, autoguidance=w)(key)
+    alone = np.asarray(draw(gen, 0.0))
+    itself = np.asarray(draw(dataclasses.replace(gen, guide_params=gen.params), 2.0))
+    guided = np.asarray(draw(gen, 2.0))
+    np.testing.assert_allclose(itself, alone, atol=2e-4)
+    assert np.abs(guided - alone).max() > 1e-2
+
+
+def test_sample_cli_uses_the_config_weight_and_the_flag_overrides_it(guided_workdir, tmp_path):
+    out = {}
+    for name, args in (("config", []), ("one", ["--autoguidance=1"]), ("off", ["--autoguidance=0"])):
+        r = run_module("sample", f"--workdir={guided_workdir}", f"--out={tmp_path / name}.png",
+                       "--num=4", *args)
+        assert r.returncode == 0, r.stderr[-2000:]
+        with np.load(tmp_path / f"{name}.npz", allow_pickle=False) as z:
+            out[name] = z["images"]
+    np.testing.assert_array_equal(out["config"], out["one"])  # the config's guide_weight is 1
+    assert (out["one"] != out["off"]).any()
+
+
+def test_a_lost_guide_is_one_line_exit_2(guided_workdir, tmp_path):
+    workdir = tmp_path / "w"
+    shutil.copytree(guided_workdir, workdir)
+    shutil.rmtree(workdir / "ldm" / "checkpoints" / "2")
+    r = run_module("sample", f"--workdir={workdir}", f"--out={tmp_path / 'g.png'}", "--num=4")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "step 2 (sample.guide_step) is no longer in its checkpoints" in r.stderr
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_cached_samples_are_keyed_by_autoguidance(tmp_path):
+    gen = dataclasses.make_dataclass("G", ["stage", "identity", "step"])("ldm", "abc", 3)
+    images = np.arange(4 * 28 * 28, dtype=np.uint8).reshape(4, 28, 28)
+    evaluate.save_samples(str(tmp_path), gen, images, 5, eta=1.0, autoguidance=1.5)
+    np.testing.assert_array_equal(
+        evaluate.cached_samples(str(tmp_path), gen, 4, 5, eta=1.0, autoguidance=1.5), images)
+    assert evaluate.cached_samples(str(tmp_path), gen, 4, 5, eta=1.0) is None
+    assert evaluate.cached_samples(str(tmp_path), gen, 4, 5, eta=1.0, autoguidance=1.0) is None
+
+
+def test_pipeline_reads_a_grid_saved_before_autoguidance_as_unguided(tmp_path):
+    """A grid whose provenance predates the setting was drawn without it: it matches a
+    request with w = 0 and refuses to be replaced by one with w > 0."""
+    from ldm_jax import cli, pipeline
+    old = pipeline.samples_request(16, 5, "ddim", 1.0)
+    del old["autoguidance"]
+    np.savez(tmp_path / "ldm_samples.npz", images=np.zeros((1, 28, 28), np.uint8),
+             provenance=np.array(json.dumps(old)))
+    pipeline.check_saved_samples(str(tmp_path), "ldm", pipeline.samples_request(16, 5, "ddim", 1.0))
+    with pytest.raises(cli.UsageError, match=r"other settings \(autoguidance=0.0\)"):
+        pipeline.check_saved_samples(str(tmp_path), "ldm",
+                                     pipeline.samples_request(16, 5, "ddim", 1.0, 1.5))
