@@ -154,11 +154,10 @@ def bench_generate(workdir: str, stage: str, batch: int, ddim_repeats: int,
     for name, sampler, steps, repeats in (("ddim10", "ddim", min(10, T), ddim_repeats),
                                           ("ddim50", "ddim", min(50, T), ddim_repeats),
                                           ("ddpm", "ddpm", T, ddpm_repeats)):
-        run = sample.sample_fn(gen, batch, sampler, steps).run
-        args = (gen.params, jax.random.key(0),
-                jnp.asarray(sample.null_conditions(gen, batch)), jnp.float32(0.0))
+        fn = sample.sample_fn(gen, batch, sampler, steps)
+        args = fn.run_args(jax.random.key(0))
         t = time.perf_counter()
-        compiled = run.lower(*args).compile()
+        compiled = fn.run.lower(*args).compile()
         out[f"{name}_compile_s"] = time.perf_counter() - t
         times = _timed(compiled, *args, repeats=repeats)
         out[f"{name}_images_per_s"] = batch / float(np.median(times))

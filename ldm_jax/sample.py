@@ -169,15 +169,20 @@ def sample_fn(gen: Generator, n: int, sampler: str = "ddim", steps: int = 100,
         x, traj = out if keep_trajectory else (out, None)
         return (jnp.clip(decode(x), -1, 1), traj) if keep_trajectory else jnp.clip(decode(x), -1, 1)
 
-    def call(key, labels=None, guidance=0.0):
-        """labels: int [n] for class models, prompt tokens [n, L] for text models."""
+    def run_args(key, labels=None, guidance=0.0) -> tuple:
+        """The arguments of `run` for one call (labels: int [n] for class models, prompt
+        tokens [n, L] for text models)."""
         null = null_conditions(gen, n)
         labels = jnp.asarray(null if labels is None else labels, jnp.int32)
         if labels.shape != null.shape:
             raise ValueError(f"labels must have shape {null.shape}, got {labels.shape}")
-        return run(gen.params, gen.guide_params if autoguidance > 0 else None, key, labels,
-                   jnp.float32(guidance))
-    call.run = run  # the jitted function, for ahead-of-time compilation in benchmarks
+        return (gen.params, gen.guide_params if autoguidance > 0 else None, key, labels,
+                jnp.float32(guidance))
+
+    def call(key, labels=None, guidance=0.0):
+        return run(*run_args(key, labels, guidance))
+    # The jitted function and its arguments, for ahead-of-time compilation in benchmarks.
+    call.run, call.run_args = run, run_args
     return call
 
 

@@ -40,11 +40,12 @@ def test_autoguidance_by_the_model_itself_is_the_model_alone(guided_workdir):
     """(1 + w) eps - w eps = eps: with the model as its own guide, any w gives the unguided
     samples (float32 rounding only); the real guide changes them."""
     gen = sample.load_generator(guided_workdir, "ldm")
-    key, null = jax.random.key(0), sample.null_conditions(gen, 8)
+    key = jax.random.key(0)
     alone = np.asarray(sample.sample_fn(gen, 8, "ddim", 5, 1.0)(key))
-    run = sample.sample_fn(gen, 8, "ddim", 5, 1.0, autoguidance=2.0).run  # one compilation
-    itself = np.asarray(run(gen.params, gen.params, key, null, 0.0))
-    guided = np.asarray(run(gen.params, gen.guide_params, key, null, 0.0))
+    fn = sample.sample_fn(gen, 8, "ddim", 5, 1.0, autoguidance=2.0)  # one compilation
+    params, guide, *rest = fn.run_args(key)
+    itself = np.asarray(fn.run(params, params, *rest))
+    guided = np.asarray(fn.run(params, guide, *rest))
     np.testing.assert_allclose(itself, alone, atol=2e-4)
     assert np.abs(guided - alone).max() > 1e-2
 
