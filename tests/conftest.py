@@ -26,9 +26,13 @@ jax.config.update("jax_disable_most_optimizations",
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # One persistent XLA compilation cache for the session, shared with the CLI subprocesses
-# (cli.setup_jax reads LDM_JAX_CACHE): the same smoke step compiled again by a resumed,
-# killed or second-process run is loaded, not rebuilt. Starts empty, so nothing stale.
-os.environ["LDM_JAX_CACHE"] = tempfile.mkdtemp(prefix="ldm_jax_test_xla_")
+# (cli.setup_jax reads LDM_JAX_CACHE) and with the other xdist workers (they inherit the
+# controller's environment, which made the directory): the same smoke step compiled again
+# by a resumed, killed or second-process run, or by the other worker, is loaded, not
+# rebuilt. Starts empty, so nothing stale.
+if "LDM_JAX_TEST_CACHE" not in os.environ:
+    os.environ["LDM_JAX_TEST_CACHE"] = tempfile.mkdtemp(prefix="ldm_jax_test_xla_")
+os.environ["LDM_JAX_CACHE"] = os.environ["LDM_JAX_TEST_CACHE"]
 cli.setup_jax()
 
 
