@@ -214,7 +214,8 @@ def check_resumable(c, stage_dir: str) -> None:
         k = diff[0]
         raise configs.ConfigError(
             f"{stage_dir} was trained with {k}={old_flat.get(k)!r}, not {new_flat.get(k)!r} "
-            f"({len(diff)} field(s) differ); use another workdir to train a new model")
+            f"({len(diff)} field(s) differ); use another workdir to train a new model, or set "
+            f"{k}={old_flat.get(k)!r} to resume this one")
 
 
 def _restore_readers_view(stage_dir: str, step: int, with_state: bool):
