@@ -50,6 +50,20 @@ def test_autoguidance_by_the_model_itself_is_the_model_alone(guided_workdir):
     assert np.abs(guided - alone).max() > 1e-2
 
 
+def test_pixel_model_guided_by_itself_is_the_model_alone(smoke_workdir):
+    """The pixel path (no decoder, x_0 clipped): the model as its own guide gives the
+    unguided samples; a guide with other weights changes them."""
+    gen = sample.load_generator(smoke_workdir, "pixel")
+    gen = dataclasses.replace(gen, guide_params=gen.params, guide_step=1)
+    key = jax.random.key(0)
+    alone = np.asarray(sample.sample_fn(gen, 4, "ddim", 5, 1.0)(key))
+    fn = sample.sample_fn(gen, 4, "ddim", 5, 1.0, autoguidance=2.0)
+    params, _, *rest = fn.run_args(key)
+    other = jax.tree_util.tree_map(lambda p: p * 0.5, params)
+    np.testing.assert_allclose(np.asarray(fn.run(params, params, *rest)), alone, atol=2e-4)
+    assert np.abs(np.asarray(fn.run(params, other, *rest)) - alone).max() > 1e-2
+
+
 def test_sample_cli_uses_the_config_weight_and_the_flag_overrides_it(guided_workdir, tmp_path):
     out = {}
     for name, args in (("config", []), ("off", ["--autoguidance=0"])):
