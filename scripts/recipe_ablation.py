@@ -62,6 +62,11 @@ RECIPES = {  # name -> LDM overrides of today's cpu-quick default (v + min_snr, 
     "post_mean": {"latent.posterior": "mean"},  # train on posterior means, not samples
     "bs32": {"data.batch_size": 32},
     "lr4e-3+bs32": {"optim.lr": 4e-3, "data.batch_size": 32},
+    # The pixel rows' 2020 recipe at the cpu-quick pixel settings of its time (lr 5e-4,
+    # batch 128), with a second seed: --stage=pixel --ldm_steps=480
+    "2020px+seed1": {"diffusion.prediction": "eps", "diffusion.loss_weighting": "uniform",
+                     "diffusion.schedule": "linear", "optim.lr": 5e-4,
+                     "data.batch_size": 128, "seed": 1},
     "ch48": {"model.ch": 48},  # a wider U-Net, fewer steps: does 4,000 steps' budget want more width?
 }
 TIME_MATCHED = ("bs64", "bs256", "ch32", "ch96", "res2", "ch32+lr2e-3", "ch32+bs64+lr2e-3", "bs32",
