@@ -28,6 +28,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ldm_jax import checkpoints, cli, configs, data, models, sample, stages, train
 
@@ -84,31 +85,38 @@ def matched_generator(workdir: str) -> sample.Generator:
 
 
 class StepTimer:
-    """The compiled train step of config c on fresh parameters, timed a few steps at a
-    time (so two configs can be timed in turns on a noisy machine)."""
+    """The compiled train step of config c on fresh parameters, on the training loop's
+    data mesh (parameters replicated, batch split over the devices), timed a few steps at
+    a time (so two configs can be timed in turns on a noisy machine)."""
 
     def __init__(self, c, workdir: str):
         c = c.copy_and_resolve_references()
         c.data.max_examples = max(4 * c.data.batch_size, 1024)  # timing does not need all data
         self.task = task = stages.TASKS[c.stage](c, workdir)
+        mesh = cli.data_mesh(c.data.batch_size)
+        replicated = NamedSharding(mesh, P())
+        self.sharded = NamedSharding(mesh, P("data"))
         params, model_state = task.init(jax.random.key(0))
-        self.state = train.TrainState.create(apply_fn=None, params=params,
-                                             tx=train.make_optimizer(c.optim, c.train.steps),
-                                             ema_params=jax.tree.map(jnp.copy, params),
-                                             model_state=model_state)
+        self.state = jax.device_put(train.TrainState.create(
+            apply_fn=None, params=params, tx=train.make_optimizer(c.optim, c.train.steps),
+            ema_params=jax.tree.map(jnp.copy, params), model_state=model_state), replicated)
         step = jax.jit(functools.partial(train.train_step, loss_fn=task.loss_fn,
                                          ema_decay=c.optim.ema_decay))
-        self.key, self.i = jax.random.key(1), 0
+        self.key, self.i = jax.device_put(jax.random.key(1), replicated), 0
+        self.devices = mesh.size
         t = time.perf_counter()
-        self.compiled = step.lower(self.state, task.get_batch(0), self.key).compile()
+        self.compiled = step.lower(self.state, self.batch(0), self.key).compile()
         self.compile_s = time.perf_counter() - t
         self.time(1)  # warm-up
+
+    def batch(self, step: int) -> dict:
+        return {k: jax.device_put(v, self.sharded) for k, v in self.task.get_batch(step).items()}
 
     def time(self, steps: int) -> list[float]:
         """Seconds of each of the next `steps` steps (batch on the host, as the CPU loop)."""
         times = []
         for _ in range(steps):
-            b = self.task.get_batch(self.i)
+            b = self.batch(self.i)
             t = time.perf_counter()
             self.state, m = self.compiled(self.state, b, jax.random.fold_in(self.key, self.i))
             jax.block_until_ready(m["loss"])
@@ -139,6 +147,7 @@ def bench_train(workdir: str, stage: str, steps: int, matched: bool = False) -> 
     digest_s = _timed(checkpoints.state_digests, timer.state, repeats=3)
     state_mb = sum(x.nbytes for x in jax.tree.leaves(timer.state)) / 2**20
     return dict(stage=stage, matched=matched, what="train", batch_size=c.data.batch_size,
+                devices=timer.devices,
                 params=count_params(timer.state.params), train_compile_s=timer.compile_s,
                 train_s_per_iter=float(np.median(times)), train_steps_timed=steps,
                 state_mb=state_mb, digest_s=float(np.median(digest_s)), **peak_memory())

@@ -114,12 +114,6 @@ def train_step(state: TrainState, batch: dict, key: Array, *, loss_fn: stages.Lo
 # ----------------------------------------------------------------------------- Loop
 
 
-def data_mesh() -> jax.sharding.Mesh:
-    # Auto axes: XLA propagates the batch sharding; parameters stay replicated.
-    return jax.make_mesh((jax.device_count(),), ("data",),
-                         axis_types=(jax.sharding.AxisType.Auto,))
-
-
 def is_finished(c: ml_collections.ConfigDict, step: int, train_seconds: float) -> bool:
     """A run is finished at train.steps, or once its cumulative training time (over every
     resume) reaches train.max_minutes: a budget stop is final for that budget."""
@@ -225,7 +219,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
     if os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise configs.ConfigError(f"{workdir} is a stage directory; pass its parent as --workdir")
     checkpoints.check_resumable(c, stage_dir)
-    if c.data.batch_size % jax.device_count():
+    if jax.process_count() > 1 and c.data.batch_size % jax.device_count():
         raise configs.ConfigError(f"data.batch_size={c.data.batch_size} does not split over "
                                   f"{jax.device_count()} devices")
     newest = checkpoints.stored_meta(stage_dir) or {}
@@ -246,7 +240,7 @@ def _run(c: ml_collections.ConfigDict, workdir: str, task: stages.Task,
         (checkpoints.stored_config(stage_dir) or {}).get("train", {}).get("steps", c.train.steps))
 
     # Model and optimizer, replicated over a 1-D data mesh.
-    mesh = data_mesh()
+    mesh = cli.data_mesh(c.data.batch_size)
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     init_key, train_key = jax.random.split(jax.random.key(c.seed))
     # Every input of the step is committed to the mesh, so the step compiles once: an
@@ -312,7 +306,7 @@ def _run(c: ml_collections.ConfigDict, workdir: str, task: stages.Task,
         meta = dict(task.meta(variables), step=int(state.step), finished=finished,
                     train_seconds=train_seconds, schedule_steps=schedule_steps,
                     skipped_nonfinite=nonfinite, digests=checkpoints.state_digests(state),
-                    shuffle=shuffle, **extra)
+                    shuffle=shuffle, devices=mesh.size, **extra)
         mgr.save(int(state.step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(c.to_dict()),
             meta=ocp.args.JsonSave(meta)), force=True)

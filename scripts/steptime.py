@@ -17,4 +17,4 @@ c = configs.get_config(stage, "cpu-quick")
 timer = benchmark.StepTimer(c, workdir)
 t = timer.time(n)
 print(json.dumps(dict(stage=stage, flags=os.environ.get("XLA_FLAGS", ""), median_s=float(np.median(t)),
-                      compile_s=timer.compile_s, n=n)), flush=True)
+                      compile_s=timer.compile_s, devices=timer.devices, n=n)), flush=True)

@@ -4,6 +4,8 @@
 import functools
 import json
 import os
+import subprocess
+import sys
 
 import chex
 import jax
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import run_module
-from ldm_jax import checkpoints, configs, data, stages, train
+from ldm_jax import checkpoints, cli, configs, data, stages, train
 
 
 
@@ -106,9 +108,35 @@ def test_four_devices_match_one_device(tmp_path):
     one = _train_in_subprocess(str(tmp_path / "d1"), 1)
     four = _train_in_subprocess(str(tmp_path / "d4"), 4)
     np.testing.assert_allclose([l["loss"] for l in four], [l["loss"] for l in one], rtol=1e-5)
-    a, _ = _final_params(str(tmp_path / "d1"))
-    b, _ = _final_params(str(tmp_path / "d4"))
+    a, meta_a = _final_params(str(tmp_path / "d1"))
+    b, meta_b = _final_params(str(tmp_path / "d4"))
+    assert (meta_a["devices"], meta_b["devices"]) == (1, 4)  # the mesh each was trained on
     chex.assert_trees_all_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+DEVICE_PROBE = (
+    "import jax; from ldm_jax import cli; cli.setup_jax(); "
+    "print(jax.device_count(), cli.data_mesh(6).size, cli.data_mesh(16).size, cli.data_mesh().size)")
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({"LDM_JAX_CPU_DEVICES": "4"}, "4 3 4 4"),  # the mesh: the most devices that split the batch
+    ({"LDM_JAX_CPU_DEVICES": "4", "XLA_FLAGS": "--xla_force_host_platform_device_count=3"},
+     "3 3 2 3"),  # a count the user set in XLA_FLAGS is kept
+])
+def test_cpu_device_count_and_the_mesh_that_splits_the_batch(env, expected):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | env | {"JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-c", DEVICE_PROBE], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == expected
+
+
+@pytest.mark.parametrize("cores,expected", [(1, 1), (2, 2), (3, 2), (6, 4), (8, 8), (64, 8)])
+def test_cpu_devices_is_a_power_of_two_per_core(monkeypatch, cores, expected):
+    monkeypatch.delenv("LDM_JAX_CPU_DEVICES", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert cli.cpu_devices() == expected
 
 
 @pytest.mark.parametrize("args,message", [
@@ -185,7 +213,7 @@ def test_device_data_split_over_four_devices_matches_host_batches_on_one(tmp_pat
 
 def test_gather_rows_of_a_row_split_dataset():
     """gather_rows against numpy indexing, with rows padded to the device count."""
-    mesh = train.data_mesh()
+    mesh = cli.data_mesh()
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     x = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)
     y = np.arange(7, dtype=np.int32) * 10
