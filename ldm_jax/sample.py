@@ -17,6 +17,7 @@ The LDM runs the whole reverse chain on latents and decodes once at the end.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -25,6 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -150,7 +152,18 @@ def sample_fn(gen: Generator, n: int, sampler: str = "ddim", steps: int = 100,
         net_fn = models.unet_fn(gen.unet, gen.config["model"], params)
         return diffusion.eps_fn_from_model(net_fn, gen.sched, prediction)
 
-    @jax.jit
+    # One process: the batch is split over the devices (cli.data_mesh; on a CPU one per
+    # core), the parameters replicated. Multi-process runs sample on one device.
+    mesh = cli.data_mesh(n) if jax.process_count() == 1 else None
+    if mesh is not None and mesh.size > 1:
+        replicate = lambda tree: jax.device_put(tree, NamedSharding(mesh, P()))
+        out = NamedSharding(mesh, P("data"))
+        out_shardings = (out, NamedSharding(mesh, P(None, "data"))) if keep_trajectory else out
+    else:
+        replicate, out_shardings = (lambda tree: tree), None
+    params, guide_params = replicate((gen.params, gen.guide_params if autoguidance > 0 else None))
+
+    @functools.partial(jax.jit, out_shardings=out_shardings)
     def run(params, guide_params, key, labels, guidance):
         eps_fn = eps_of(params)
         if autoguidance > 0:
@@ -176,8 +189,7 @@ def sample_fn(gen: Generator, n: int, sampler: str = "ddim", steps: int = 100,
         labels = jnp.asarray(null if labels is None else labels, jnp.int32)
         if labels.shape != null.shape:
             raise ValueError(f"labels must have shape {null.shape}, got {labels.shape}")
-        return (gen.params, gen.guide_params if autoguidance > 0 else None, key, labels,
-                jnp.float32(guidance))
+        return (params, guide_params, *replicate((key, labels, jnp.float32(guidance))))
 
     def call(key, labels=None, guidance=0.0):
         return run(*run_args(key, labels, guidance))
@@ -392,8 +404,9 @@ def main(argv: list[str] | None = None) -> None:
     if prompts is not None:  # a fixed-width unicode array: it loads with allow_pickle=False
         extra["prompts"] = np.array([text.normalize(p) for p in prompts])
     npz = write_samples(fv.out, images, ncol, **extra)
-    print(f"wrote {fv.out} and {npz} ({len(images)} {fv.stage} samples, {sampler})",
-          file=sys.stderr)
+    devices = cli.data_mesh(min(fv.batch_size, fv.num)).size  # what sample_fn split over
+    print(f"wrote {fv.out} and {npz} ({len(images)} {fv.stage} samples, {sampler}, "
+          f"{devices} device{'s' * (devices > 1)})", file=sys.stderr)
 
 if __name__ == "__main__":
     main()
