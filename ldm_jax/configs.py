@@ -133,12 +133,13 @@ def _diffusion(c: ml_collections.ConfigDict, preset: str) -> None:
         # At the README job's budget (2026-11-27, docs/results.md) lr 4e-3 beat 2e-3 with both
         # seeds tried (61.8 and 67.7 against 67.8 and 68.8), while batch 32 (at matched time)
         # and width 48 did not. The VAE's batch 64 frees ~2 minutes: 1,000 more LDM steps.
-        # VAE 1200 x 0.12 s + LDM 4600 x 0.12 s: the README's pipeline in about 13-14
-        # minutes (5,000 LDM steps took 13:10 on 2026-11-27 05:03 but 15:06 at 07:15 on the
-        # same, slower machine: 4,600 keeps the job under 15 minutes on a slow day).
-        # Pixel 1,050 x ~1.7 s (480 x ~3.5 s at batch 128) matches the wall clock of VAE
-        # 1500 + LDM 1600 steps of the width-64 LDM, the budget of docs/results.md's
-        # equal-time comparison.
+        # The README's pipeline: VAE 1,200 + LDM 4,600 steps took 11 min 26 s on one CPU
+        # device (install included; 15:06 for 5,000 LDM steps on a slow day). Data parallel
+        # over one device per core (cli.setup_jax) the LDM step went from 0.110 to 0.074 s
+        # and the VAE's from 0.10 to 0.06 s on 2 cores, and that saving is 7,000 LDM steps.
+        # Pixel: 1,050 steps at ~1.6 s on one device matched the wall clock of VAE 1500 +
+        # LDM 1600 steps of the width-64 LDM (docs/results.md's equal-time comparison);
+        # at 1.09 s on two devices the same minutes are 1,500 steps.
         if c.stage == "ldm":
             c.model.ch, c.data.batch_size, c.optim.lr = 32, 64, 4e-3
             # Stochastic DDIM (eta 1) at 50 steps: classifier FID 35.4 against 55.5 for
@@ -162,7 +163,7 @@ def _diffusion(c: ml_collections.ConfigDict, preset: str) -> None:
             # recognisable share 0.807 against 0.730 (w = 1: 56.5 and 0.780).
             c.sample.sampler, c.sample.steps, c.sample.eta = "ddim", 50, 1.0
             c.sample.guide_step, c.sample.guide_weight = 200, 2.0
-        c.train.steps = 4_600 if c.stage == "ldm" else 1_050
+        c.train.steps = 7_000 if c.stage == "ldm" else 1_500
     else:
         c.model.ch = 128
         c.model.num_res_blocks = 2
