@@ -16,6 +16,12 @@ import pytest
 # notebook kernel compile the same way as this process (equality tests compare them).
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
+# One CPU device per test process (cli.setup_jax would give one per core): the two xdist
+# workers already keep the cores busy, and one device compiles faster (the suite took 8:45
+# with one device per core). Splitting over devices is tested explicitly: test_train.py and
+# test_sample_cli.py run 1 against 4 devices.
+os.environ.setdefault("LDM_JAX_CPU_DEVICES", "1")
+
 import jax  # noqa: E402  (after the environment above)
 
 from ldm_jax import cli  # noqa: E402
