@@ -132,6 +132,16 @@ def test_cpu_device_count_and_the_mesh_that_splits_the_batch(env, expected):
     assert r.stdout.strip().splitlines()[-1] == expected
 
 
+@pytest.mark.parametrize("value", ["0", "two"])
+def test_a_bad_cpu_device_count_exits_2_and_writes_nothing(tmp_path, value):
+    workdir = tmp_path / "run"
+    r = run_module("train", "--stage=vae", "--preset=smoke", f"--workdir={workdir}",
+                   env={"LDM_JAX_CPU_DEVICES": value})
+    assert r.returncode == 2, r.stderr[-1500:]
+    assert len(r.stderr.strip().splitlines()) == 1 and "LDM_JAX_CPU_DEVICES must be" in r.stderr
+    assert not workdir.exists()
+
+
 @pytest.mark.parametrize("cores,expected", [(1, 1), (2, 2), (3, 2), (6, 4), (8, 8), (64, 8)])
 def test_cpu_devices_is_a_power_of_two_per_core(monkeypatch, cores, expected):
     monkeypatch.delenv("LDM_JAX_CPU_DEVICES", raising=False)
