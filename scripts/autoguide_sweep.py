@@ -10,23 +10,19 @@ by an earlier checkpoint, for several weights w (eps = (1 + w) eps - w eps_guide
 
 The guide can be any checkpoint of the same stage, for an LDM one on the same VAE (train with
 --config.train.ckpt_every=500 --config.train.keep_checkpoints=20 to keep them all). One JSON
-line per w; samples in batches of 200, batch i drawn with fold_in(key(evaluate's seed), i).
+line per w; samples by sample.generate in batches of 200, batch i drawn with
+fold_in(key(evaluate's seed), i).
 """
+import dataclasses
 import json
 import os
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax import cli, data, diffusion, evaluate, features, metrics, models, nets, sample
-
-
-def eps_of(gen, params):
-    return diffusion.eps_fn_from_model(models.unet_fn(gen.unet, gen.config["model"], params),
-                                       gen.sched, models.prediction(gen.config["diffusion"]))
+from ldm_jax import cli, data, evaluate, features, metrics, nets, sample
 
 
 def main() -> None:
@@ -53,24 +49,14 @@ def main() -> None:
     guide = sample.load_generator(guide_dir, stage, int(guide_step) if guide_step else None)
     if guide.scale_factor != model.scale_factor:
         raise SystemExit("the guide was trained on another VAE")
-    n = min(num, 200)
-
-    @jax.jit
-    def run(params, guide_params, key, w):
-        eps = diffusion.autoguided_eps_fn(eps_of(model, params), eps_of(guide, guide_params), w)
-        z = diffusion.ddim_sample(eps, model.sched, key, (n, *model.shape), steps, eta,
-                                  bool(model.config["diffusion"]["clip_x0"]))
-        if model.vae is None:
-            return jnp.clip(z, -1, 1)
-        return jnp.clip(model.vae.apply(model.vae_vars, z / model.scale_factor,
-                                        method=nets.VAE.decode), -1, 1)
+    model = dataclasses.replace(model, guide_params=guide.params)
 
     for w in ws:
-        t, key = time.time(), jax.random.key(evaluate.SAMPLE_SEED)
-        xs = np.concatenate([data.to_uint8(np.asarray(run(model.params, guide.params,
-                                                          jax.random.fold_in(key, i),
-                                                          jnp.float32(w))))
-                             for i in range(-(-num // n))])[:num]
+        t = time.time()
+        # Batches of 200, batch i drawn with fold_in(key(evaluate's seed), i); split over the
+        # CPU devices like every sample; one compilation per w.
+        xs = sample.generate(model, num, jax.random.key(evaluate.SAMPLE_SEED), "ddim", steps, eta,
+                             batch_size=200, progress=False, autoguidance=w)
         hist = np.bincount(probs_fn(xs).argmax(-1), minlength=10)
         print(json.dumps(dict(stage=stage, steps=steps, eta=eta, guide=guide_spec, w=w, num=num,
                               fid=metrics.fid_from_features(real, feat_fn(xs)),
