@@ -118,6 +118,14 @@ def null_conditions(gen: Generator, n: int) -> np.ndarray:
     return np.broadcast_to(null, (n, *null.shape)).copy()
 
 
+def sample_mesh(n: int) -> jax.sharding.Mesh | None:
+    """The mesh a batch of n samples is split over (the parameters replicated): in one
+    process, cli.data_mesh's devices (on a CPU one per core); None for one device, and in
+    multi-process runs, which sample on one device."""
+    mesh = cli.data_mesh(n) if jax.process_count() == 1 else None
+    return mesh if mesh is not None and mesh.size > 1 else None
+
+
 def sample_fn(gen: Generator, n: int, sampler: str = "ddim", steps: int = 100,
               eta: float = 0.0, keep_trajectory: bool = False, autoguidance: float = 0.0):
     """A jitted (key, labels=None, guidance=0.0) -> images [n, 28, 28, 1] in [-1, 1]
@@ -152,10 +160,8 @@ def sample_fn(gen: Generator, n: int, sampler: str = "ddim", steps: int = 100,
         net_fn = models.unet_fn(gen.unet, gen.config["model"], params)
         return diffusion.eps_fn_from_model(net_fn, gen.sched, prediction)
 
-    # One process: the batch is split over the devices (cli.data_mesh; on a CPU one per
-    # core), the parameters replicated. Multi-process runs sample on one device.
-    mesh = cli.data_mesh(n) if jax.process_count() == 1 else None
-    if mesh is not None and mesh.size > 1:
+    mesh = sample_mesh(n)
+    if mesh is not None:
         replicate = lambda tree: jax.device_put(tree, NamedSharding(mesh, P()))
         out = NamedSharding(mesh, P("data"))
         out_shardings = (out, NamedSharding(mesh, P(None, "data"))) if keep_trajectory else out
@@ -404,7 +410,8 @@ def main(argv: list[str] | None = None) -> None:
     if prompts is not None:  # a fixed-width unicode array: it loads with allow_pickle=False
         extra["prompts"] = np.array([text.normalize(p) for p in prompts])
     npz = write_samples(fv.out, images, ncol, **extra)
-    devices = cli.data_mesh(min(fv.batch_size, fv.num)).size  # what sample_fn split over
+    mesh = sample_mesh(min(fv.batch_size, fv.num))  # what generate split its batches over
+    devices = mesh.size if mesh is not None else 1
     print(f"wrote {fv.out} and {npz} ({len(images)} {fv.stage} samples, {sampler}, "
           f"{devices} device{'s' * (devices > 1)})", file=sys.stderr)
 
