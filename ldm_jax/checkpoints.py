@@ -34,7 +34,8 @@ RESUMABLE_FIELDS = ("preset", "train.steps", "train.max_minutes", "train.log_eve
 # where it must stay so whatever the default becomes (no adversarial term before it existed).
 LEGACY_VALUES = {"diffusion.prediction": "eps", "diffusion.loss_weighting": "uniform",
                  "diffusion.zero_terminal_snr": False, "loss.adversarial_weight": 0.0,
-                 "model.text_conv": 0, "sample.guide_step": 0, "sample.guide_weight": 0.0}
+                 "model.text_conv": 0, "sample.guide_step": 0, "sample.guide_weight": 0.0,
+                 "autoencoder.likelihood": "gaussian", "data.holdout": 0}
 
 
 def checkpoint_manager(stage_dir: str, keep: int = 3, create: bool = True,

@@ -13,7 +13,7 @@ import math
 
 import ml_collections
 
-from ldm_jax import diffusion
+from ldm_jax import diffusion, nets
 
 STAGES = ("vae", "ldm", "pixel", "classifier")
 PRESETS = ("smoke", "cpu-quick", "full")
@@ -37,6 +37,7 @@ def _common(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.data.dir = ""  # read IDX files from here instead of the package copy ('' = package)
     c.data.batch_size = 128  # global batch, split over all devices and processes
     c.data.max_examples = 0  # use only the first N training images (0 = all 60,000)
+    c.data.holdout = 0  # never train on the last N training images: the validation split for choices
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 2e-4  # peak learning rate of AdamW
@@ -186,6 +187,9 @@ def get_config(stage: str, preset: str = "full") -> ml_collections.ConfigDict:
         c.model.groups = 8  # GroupNorm groups
         c.autoencoder = ml_collections.ConfigDict()
         c.autoencoder.reg = "kl"  # first-stage regulariser: kl (Gaussian posterior) | vq (codebook)
+        # Decoder output: bernoulli (logits, cross-entropy; saturates to exact 0 and 255) |
+        # gaussian (a mean under squared error; leaves a faint haze on the background).
+        c.autoencoder.likelihood = "bernoulli"
         c.autoencoder.codebook_size = 256  # vq: number of codes
         c.autoencoder.codebook_decay = 0.99  # vq: EMA decay of code counts and sums
         c.autoencoder.dead_code_threshold = 1.0  # vq: restart codes used < this many times per batch (EMA)
@@ -322,13 +326,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for name, value in positive.items():
         if not value > 0:
             raise ConfigError(f"{name} must be positive, got {value}")
-    if c.data.max_examples < 0 or c.train.max_minutes < 0 or c.optim.warmup_steps < 0:
-        raise ConfigError("data.max_examples, train.max_minutes and optim.warmup_steps must be >= 0")
+    if min(c.data.max_examples, c.data.holdout, c.train.max_minutes, c.optim.warmup_steps) < 0:
+        raise ConfigError("data.max_examples, data.holdout, train.max_minutes and "
+                          "optim.warmup_steps must be >= 0")
     if not 0.0 <= c.optim.ema_decay < 1.0:
         raise ConfigError(f"optim.ema_decay must be in [0, 1), got {c.optim.ema_decay}")
     if c.data.max_examples and c.data.max_examples < c.data.batch_size:
         raise ConfigError(f"data.max_examples={c.data.max_examples} is smaller than one batch "
                           f"({c.data.batch_size})")
+    if c.data.holdout + c.data.batch_size > MNIST_TRAIN_IMAGES:
+        raise ConfigError(f"data.holdout={c.data.holdout} leaves fewer than one batch of the "
+                          f"{MNIST_TRAIN_IMAGES:,} training images")
     if c.data.batch_size > MNIST_TRAIN_IMAGES:
         raise ConfigError(f"data.batch_size={c.data.batch_size} is larger than the "
                           f"{MNIST_TRAIN_IMAGES:,} training images")
@@ -363,6 +371,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
         ae = c.autoencoder
         if ae.reg not in ("kl", "vq"):
             raise ConfigError(f"autoencoder.reg must be kl or vq, got {ae.reg!r}")
+        if ae.likelihood not in nets.LIKELIHOODS:
+            raise ConfigError(f"autoencoder.likelihood must be {'|'.join(nets.LIKELIHOODS)}, "
+                              f"got {ae.likelihood!r}")
         if ae.codebook_size < 2 or not 0.0 <= ae.codebook_decay < 1.0 \
                 or ae.commitment_weight < 0 or ae.dead_code_threshold < 0:
             raise ConfigError("autoencoder needs codebook_size >= 2, codebook_decay in [0, 1), "

@@ -345,3 +345,18 @@ def class_coverage(probs, ref_labels, threshold: float = 0.9) -> Dict[str, objec
     return dict(recognisable=float(np.mean(probs.max(1) > threshold)),
                 class_hist=(counts / counts.sum()).tolist(),
                 class_kl=float(np.sum(ref[nz] * np.log(ref[nz] / smoothed[nz]))))
+
+
+# --------------------------------------------------------------------------
+# Pixel statistics
+# --------------------------------------------------------------------------
+
+
+def pixel_stats(images) -> Dict[str, float]:
+    """Shares of uint8 pixels [N, 28, 28] that are exactly 0, in 1-15 (a faint background
+    haze, which Inception features weigh heavily) and above 250 (saturated strokes)."""
+    x = np.asarray(images)
+    if x.dtype != np.uint8:
+        raise TypeError(f"expected uint8 images, got {x.dtype}")
+    return dict(zero=float(np.mean(x == 0)), haze=float(np.mean((x >= 1) & (x <= 15))),
+                saturated=float(np.mean(x > 250)))

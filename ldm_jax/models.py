@@ -18,7 +18,8 @@ def build_vae(cfg) -> nets.VAE:
                     num_res_blocks=m["num_res_blocks"], groups=m["groups"],
                     reg=ae.get("reg", "kl"), num_codes=ae.get("codebook_size", 256),
                     codebook_decay=ae.get("codebook_decay", 0.99),
-                    dead_threshold=ae.get("dead_code_threshold", 1.0))
+                    dead_threshold=ae.get("dead_code_threshold", 1.0),
+                    likelihood=ae.get("likelihood", "gaussian"))
 
 
 # The key of the discriminator's parameters inside a VAE stage's params tree (present only

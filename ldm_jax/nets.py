@@ -344,6 +344,13 @@ class VectorQuantizer(nn.Module):
 
 
 REGULARISERS = ("kl", "vq")
+LIKELIHOODS = ("gaussian", "bernoulli")
+
+
+def decoder_image(out: Array, likelihood: str) -> Array:
+    """The decoder's output [B, 28, 28, 1] -> image in [-1, 1]: itself for 'gaussian' (a mean
+    trained by squared error), 2 sigmoid(out) - 1 for 'bernoulli' (logits of the intensity)."""
+    return 2.0 * jax.nn.sigmoid(out) - 1.0 if likelihood == "bernoulli" else out
 
 
 class VAE(nn.Module):
@@ -362,10 +369,13 @@ class VAE(nn.Module):
     num_codes: int = 256  # vq only
     codebook_decay: float = 0.99  # vq only
     dead_threshold: float = 1.0  # vq only
+    likelihood: str = "gaussian"  # what the decoder outputs: see decoder_image
 
     def setup(self):
         if self.reg not in REGULARISERS:
             raise ValueError(f"reg must be one of {REGULARISERS}, got {self.reg!r}")
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
         out_ch = 2 * self.latent_ch if self.reg == "kl" else self.latent_ch
         self.encoder = Encoder(self.channels, out_ch, self.num_res_blocks, self.groups)
         self.decoder = Decoder(self.channels, self.num_res_blocks, self.groups)
@@ -387,15 +397,16 @@ class VAE(nn.Module):
 
     def decode(self, z: Array) -> Array:
         """z [B, s, s, latent_ch] (pre-quantisation for vq) -> x [B, 28, 28, 1]."""
-        return self.decoder(self.quantize(z)[0])
+        return decoder_image(self.decoder(self.quantize(z)[0]), self.likelihood)
 
     def reconstruct(self, x: Array) -> tuple[Array, dict]:
         """x [B, 28, 28, 1] -> (decode(posterior mean) [B, 28, 28, 1], quantiser info)."""
         zq, info = self.quantize(self.encode(x)[0])
-        return self.decoder(zq), info
+        return decoder_image(self.decoder(zq), self.likelihood), info
 
     def __call__(self, x: Array, key: Array) -> tuple[Array, dict]:
-        """x [B, 28, 28, 1] -> (reconstruction [B, 28, 28, 1], info): mean and logvar
+        """x [B, 28, 28, 1] -> (decoder output [B, 28, 28, 1]: the image for 'gaussian', its
+        logits for 'bernoulli'; decoder_image maps it to [-1, 1], info): mean and logvar
         [B, s, s, c] for kl; commit, perplexity, codes_used, index for vq."""
         mean, logvar = self.encode(x)
         if self.reg == "kl":

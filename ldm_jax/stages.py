@@ -56,9 +56,20 @@ def kl_divergence(mean: Array, logvar: Array) -> Array:
     return 0.5 * jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3))
 
 
+def reconstruction_nll(out: Array, x: Array, likelihood: str) -> Array:
+    """-log p(x | decoder output), summed over pixels, up to a constant: [B].
+    gaussian: sum of squares of out - x. bernoulli: out are logits of the intensity
+    t = (x + 1) / 2 in [0, 1], and the cross-entropy softplus(out) - t out is minimal where
+    sigmoid(out) = t, so exact 0 and 255 (most of MNIST) pull the logits to -inf and +inf."""
+    if likelihood == "gaussian":
+        return jnp.sum(jnp.square(out - x), axis=(1, 2, 3))
+    t = (x + 1.0) / 2.0
+    return jnp.sum(jax.nn.softplus(out) - t * out, axis=(1, 2, 3))
+
+
 def vae_loss(model: nets.VAE, c, perceptual, disc, params, model_state, batch, key):
     """First-stage loss, per image, averaged over the batch:
-    1. reconstruction: sum of squares over pixels;
+    1. reconstruction: reconstruction_nll under the model's likelihood;
     2. perceptual (if perceptual_weight > 0): classifier-feature distance to the input;
     3. regulariser: kl_weight * KL(q(z|x) || N(0, I)) for kl, commitment_weight *
        ||z_e - sg(q)||^2 for vq (whose codebook takes its EMA step in model_state);
@@ -67,17 +78,18 @@ def vae_loss(model: nets.VAE, c, perceptual, disc, params, model_state, batch, k
     x = batch["image"]  # [B, 28, 28, 1]
     z_key, vq_key = jax.random.split(key)
     vae_params, disc_params = models.split_discriminator(params)
+    to_image = functools.partial(nets.decoder_image, likelihood=model.likelihood)
 
-    def forward(p):  # VAE params -> (recon [B, 28, 28, 1], (info, new model_state))
+    def forward(p):  # VAE params -> (decoder output [B, 28, 28, 1], (info, new model_state))
         (recon, info), new_state = model.apply({"params": p, **model_state}, x, z_key,
                                                rngs={"vq": vq_key}, mutable=list(model_state))
         return recon, (info, new_state)
 
-    def reconstruction(recon):  # 1 + 2: L_rec, which the adversarial weight balances against
-        rec = jnp.mean(jnp.sum(jnp.square(recon - x), axis=(1, 2, 3)))
+    def reconstruction(out):  # 1 + 2: L_rec, which the adversarial weight balances against
+        rec = jnp.mean(reconstruction_nll(out, x, model.likelihood))
         metrics = dict(recon=rec)
         if c.loss.perceptual_weight > 0:
-            metrics["perceptual"] = jnp.mean(perceptual(recon, x))
+            metrics["perceptual"] = jnp.mean(perceptual(to_image(out), x))
             rec = rec + c.loss.perceptual_weight * metrics["perceptual"]
         return rec, metrics
 
@@ -99,7 +111,8 @@ def vae_loss(model: nets.VAE, c, perceptual, disc, params, model_state, batch, k
         loss = loss + c.autoencoder.commitment_weight * info["commit"]
     if disc is not None:
         adversarial, adv_metrics = adversarial_terms(
-            disc, disc_params, x, recon, rec_cotangent, last_layer_vjp, c.loss, batch["step"])
+            disc, disc_params, x, recon, rec_cotangent, last_layer_vjp, c.loss, batch["step"],
+            to_image)
         loss = loss + adversarial
         metrics.update(adv_metrics)
     return loss, (metrics, new_state)
@@ -134,7 +147,8 @@ def adaptive_weight(rec_grad: Array, g_grad: Array, eps: float = 1e-4,
 
 
 def adversarial_terms(disc: nets.PatchDiscriminator, disc_params, x: Array, recon: Array,
-                      rec_cotangent: Array, last_layer_vjp, loss_cfg, step: Array):
+                      rec_cotangent: Array, last_layer_vjp, loss_cfg, step: Array,
+                      to_image=lambda out: out):
     """The adversarial part of the first-stage loss, and its metrics:
 
         on(step) * (adversarial_weight * sg(lambda) * L_G(theta; sg(phi)) + L_D(phi; sg(x_hat)))
@@ -142,15 +156,17 @@ def adversarial_terms(disc: nets.PatchDiscriminator, disc_params, x: Array, reco
     L_G = -mean D(x_hat) reaches only the VAE (theta): the discriminator's parameters phi
     are stopped in it. L_D, the hinge loss on x and the stopped x_hat, reaches only phi. So
     one gradient of the sum updates both players, neither through the other's loss.
-    lambda is adaptive_weight of dL_rec/dx_hat (rec_cotangent [B, 28, 28, 1]) and dL_G/dx_hat,
+    recon is the decoder's output, to_image maps it to x_hat (nets.decoder_image).
+    lambda is adaptive_weight of dL_rec/dout (rec_cotangent [B, 28, 28, 1]) and dL_G/dout,
     each pulled back to the decoder's last kernel by last_layer_vjp. Before
     loss_cfg.adversarial_start both terms are exactly 0 and the discriminator does not train.
     """
     frozen = jax.lax.stop_gradient(disc_params)
-    g_loss, g_vjp = jax.vjp(lambda r: -jnp.mean(disc.apply({"params": frozen}, r)), recon)
+    g_loss, g_vjp = jax.vjp(lambda r: -jnp.mean(disc.apply({"params": frozen}, to_image(r))),
+                            recon)
     lam = jax.lax.stop_gradient(adaptive_weight(
         last_layer_vjp(rec_cotangent)[0], last_layer_vjp(g_vjp(jnp.ones_like(g_loss))[0])[0]))
-    fake = jax.lax.stop_gradient(recon)
+    fake = jax.lax.stop_gradient(to_image(recon))
     logits = disc.apply({"params": disc_params}, jnp.concatenate([x, fake]))  # [2B, 7, 7, 1]
     d_loss = hinge_d_loss(logits[:len(x)], logits[len(x):])
     on = step >= loss_cfg.adversarial_start
@@ -181,8 +197,18 @@ def latent_stats(vae: nets.VAE, variables: dict, images: np.ndarray, seed: int =
                 latent_shape=list(mean.shape[1:]))
 
 
-def _train_images(c) -> tuple[np.ndarray, np.ndarray]:
+def train_split(c) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 training images [N, 28, 28] and labels [N], without the last data.holdout."""
     images, labels = data.load(c.data.source, "train", c.data.dir or None)
+    if c.data.holdout >= len(images):
+        raise configs.ConfigError(f"data.holdout={c.data.holdout} leaves no training images "
+                                  f"of {len(images)}")
+    keep = len(images) - c.data.holdout
+    return images[:keep], labels[:keep]
+
+
+def _train_images(c) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = train_split(c)
     n = c.data.max_examples or len(images)
     return data.to_float(images[:n]), labels[:n].astype(np.int32)
 

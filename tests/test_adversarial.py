@@ -47,10 +47,11 @@ def adv():
             dec = dict(vae_params["decoder"], Conv_2=dict(out, kernel=w))
             return vae.apply({"params": dict(vae_params, decoder=dec)}, x, z_key,
                              rngs={"vq": vq_key})[0]
-        def losses(w):  # [L_rec, L_G]
+        def losses(w):  # [L_rec, L_G]; r is the decoder's output (logits for bernoulli)
             r = recon(w)
-            return jnp.stack([jnp.mean(jnp.sum(jnp.square(r - x), axis=(1, 2, 3))),
-                              -jnp.mean(disc.apply({"params": disc_params}, r))])
+            image = nets.decoder_image(r, vae.likelihood)
+            return jnp.stack([jnp.mean(stages.reconstruction_nll(r, x, vae.likelihood)),
+                              -jnp.mean(disc.apply({"params": disc_params}, image))])
         return jax.jacrev(losses)(out["kernel"])  # [2, 3, 3, 8, 1]
 
     @jax.jit

@@ -1,0 +1,102 @@
+"""The first stage's output likelihood (why samples have MNIST's black background) and the
+validation holdout that defaults are chosen on."""
+
+import hashlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ldm_jax import configs, data, nets, stages, train
+
+
+def test_bernoulli_nll_matches_float64_cross_entropy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 4, (3, 28, 28, 1))
+    t = rng.uniform(0, 1, logits.shape)
+    t[0] = 0.0  # exact black, as 80 % of MNIST
+    p = 1.0 / (1.0 + np.exp(-logits))
+    ref = -np.sum(t * np.log(p) + (1 - t) * np.log1p(-p), axis=(1, 2, 3))
+    got = stages.reconstruction_nll(jnp.asarray(logits, jnp.float32),
+                                    jnp.asarray(2 * t - 1, jnp.float32), "bernoulli")
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5)
+    gauss = stages.reconstruction_nll(jnp.asarray(logits, jnp.float32),
+                                      jnp.asarray(2 * t - 1, jnp.float32), "gaussian")
+    np.testing.assert_allclose(np.asarray(gauss), np.sum((logits - (2 * t - 1)) ** 2, (1, 2, 3)),
+                               rtol=1e-5)
+
+
+def test_decoder_image_maps_logits_into_the_image_range():
+    out = jnp.array([-50.0, -8.0, 0.0, 8.0, 50.0])
+    np.testing.assert_allclose(nets.decoder_image(out, "bernoulli"),
+                               2 / (1 + np.exp(-np.asarray(out, np.float64))) - 1, atol=1e-6)
+    np.testing.assert_array_equal(nets.decoder_image(out, "gaussian"), out)
+    u8 = data.to_uint8(np.broadcast_to(nets.decoder_image(out, "bernoulli")[:, None, None, None],
+                                       (5, 28, 28, 1)))
+    assert u8[0].max() == 0 and u8[-1].min() == 255  # saturates at both ends
+
+
+@pytest.fixture(scope="module")
+def short_vae(tmp_path_factory):
+    """A smoke-sized first stage trained 400 steps with each likelihood, on the same data
+    (about a minute each on 2 cores, so the test that uses it is marked slow)."""
+    out = {}
+    for likelihood in ("bernoulli", "gaussian"):
+        c = configs.get_config("vae", "smoke")
+        c.autoencoder.likelihood = likelihood
+        c.train.steps, c.train.ckpt_every, c.train.log_every = 400, 400, 100
+        c.optim.lr = 3e-3
+        workdir = str(tmp_path_factory.mktemp(likelihood))
+        train.train_and_evaluate(c, workdir)
+        from ldm_jax import checkpoints
+        out[likelihood] = checkpoints.load_vae(workdir)
+    return out
+
+
+def _reconstruct(first_stage, images_u8):
+    vae, variables, _, _ = first_stage
+    rec = vae.apply(variables, data.to_float(images_u8), method=nets.VAE.reconstruct)[0]
+    return data.to_uint8(np.asarray(rec))
+
+
+@pytest.mark.slow
+def test_bernoulli_first_stage_reconstructs_black_as_exact_zero(short_vae):
+    black = np.zeros((4, 28, 28), np.uint8)
+    assert _reconstruct(short_vae["bernoulli"], black).max() == 0
+    # The background of real digits too: almost every pixel that is 0 stays exactly 0.
+    test = data.load("package", "test")[0][:200]
+    rec = _reconstruct(short_vae["bernoulli"], test)
+    assert np.mean(rec[test == 0] == 0) > 0.95
+    # The squared-error decoder, trained alike, leaves the haze this likelihood removes.
+    rec_g = _reconstruct(short_vae["gaussian"], test)
+    assert np.mean(rec_g[test == 0] == 0) < np.mean(rec[test == 0] == 0)
+
+
+def _row_hashes(images: np.ndarray) -> set:
+    return {hashlib.md5(x.tobytes()).hexdigest() for x in images}
+
+
+def test_holdout_images_never_appear_in_a_training_batch():
+    c = configs.get_config("vae", "smoke")
+    c.data.max_examples, c.data.holdout, c.data.batch_size = 0, 59_000, 250
+    configs.validate(c)
+    train_u8, _ = data.load("package", "train")
+    held = _row_hashes(train_u8[-c.data.holdout:])
+    task = stages.TASKS["vae"](c, workdir=None)
+    assert len(task.arrays["image"]) == 60_000 - c.data.holdout
+    seen = set()
+    for step in range(8):  # two epochs of 1,000 images
+        seen |= _row_hashes(data.to_uint8(task.get_batch(step)["image"]))
+    assert len(seen) > 900 and not seen & held
+    c.data.holdout = 59_990
+    with pytest.raises(configs.ConfigError, match="holdout"):
+        configs.validate(c)
+
+
+def test_a_first_stage_stored_without_a_likelihood_stays_gaussian():
+    from ldm_jax import checkpoints, models
+    stored = configs.get_config("vae", "smoke").to_dict()
+    del stored["autoencoder"]["likelihood"]  # written before the field existed
+    assert checkpoints.config_from_stored(stored).autoencoder.likelihood == "gaussian"
+    assert models.build_vae(stored).likelihood == "gaussian"
