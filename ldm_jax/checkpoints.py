@@ -67,7 +67,41 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 class CheckpointError(configs.ConfigError):
-    """A checkpoint that is damaged, incomplete or unreadable; the message is one line."""
+    """A checkpoint that cannot be used (damaged, or not what it should be); one line."""
+
+
+class CheckpointDamaged(CheckpointError):
+    """Integrity evidence against a checkpoint: files missing or garbled, no commit marker,
+    or arrays that differ from their digests. Only these are ever moved aside."""
+
+
+# Restore errors that are evidence of damaged files (tensorstore/Orbax wording); any other
+# error (tree mismatch, out of memory, an Orbax change) leaves the checkpoint in place.
+_DAMAGE_WORDS = ("DATA_LOSS", "NOT_FOUND", "No such file", "corrupt", "checksum", "crc",
+                 "Error decoding", "truncated", "Unexpected end", "JSON",
+                 "Expecting", "decompress", "Failed to decode", "OUT_OF_RANGE")
+_RESOURCE_WORDS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "OOM")
+
+
+def _restore_error(e: BaseException, where: str) -> CheckpointError:
+    """The one-line error for an exception raised while Orbax restored a checkpoint: damage
+    (CheckpointDamaged) only on evidence of damaged files, else a plain CheckpointError."""
+    chain = []
+    while e is not None and e not in chain:  # Orbax rewraps tensorstore's error
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    words = " ".join(str(x) for x in chain)
+    root = chain[-1]
+    text = f"{type(root).__name__}: {str(root).splitlines()[0][:160] if str(root) else ''}"
+    if any(isinstance(x, MemoryError) for x in chain) or any(w in words for w in _RESOURCE_WORDS):
+        return CheckpointError(f"{where} could not be restored: out of memory ({text}); "
+                               "it is intact as far as is known and was left in place")
+    if any(isinstance(x, (FileNotFoundError, json.JSONDecodeError)) for x in chain) or \
+            any(w in words for w in _DAMAGE_WORDS):
+        return CheckpointDamaged(f"{where} is unreadable ({text})")
+    return CheckpointError(f"{where} could not be restored ({text}); no sign of damage, so it "
+                           "was left in place: check the Orbax version and the code it was "
+                           "written with")
 
 
 def step_dirs(stage_dir: str) -> list[int]:
@@ -88,9 +122,9 @@ def _read_json_items(stage_dir: str, step: int) -> dict:
     d = _step_dir(stage_dir, step)
     where = f"checkpoint step {step} in {stage_dir}"
     if not os.path.isfile(os.path.join(d, "commit_success.txt")):
-        raise CheckpointError(f"{where} is incomplete (no commit_success.txt)")
+        raise CheckpointDamaged(f"{where} is incomplete (no commit_success.txt)")
     if not os.path.isdir(os.path.join(d, "state")):
-        raise CheckpointError(f"{where} has no state/ directory")
+        raise CheckpointDamaged(f"{where} has no state/ directory")
     out = {}
     for name, path in (("orbax", "_CHECKPOINT_METADATA"), ("config", "config/metadata"),
                        ("meta", "meta/metadata")):
@@ -98,10 +132,33 @@ def _read_json_items(stage_dir: str, step: int) -> dict:
             with open(os.path.join(d, path)) as fh:
                 out[name] = json.load(fh)
         except (OSError, ValueError) as e:
-            raise CheckpointError(f"{where}: {path} is unreadable ({type(e).__name__})") from None
+            raise CheckpointDamaged(f"{where}: {path} is unreadable ({type(e).__name__})") from None
         if not isinstance(out[name], dict):
-            raise CheckpointError(f"{where}: {path} is not a JSON object")
+            raise CheckpointDamaged(f"{where}: {path} is not a JSON object")
+    _check_step_name(stage_dir, step, out["meta"])
     return out
+
+
+def _check_step_name(stage_dir: str, step: int, meta: dict) -> None:
+    """The directory name must be the step its meta records (renamed or swapped directories
+    would otherwise pass one step's weights off as another's)."""
+    if "step" in meta and meta["step"] != step:
+        raise CheckpointError(
+            f"{_step_dir(stage_dir, step)} holds the checkpoint of step {meta['step']} "
+            f"(its meta.step), not step {step}: step directories were renamed or swapped; "
+            "give each its own step back before using or training this run")
+
+
+def check_step_names(stage_dir: str) -> None:
+    """_check_step_name for every step directory whose meta reads (damage is found later)."""
+    for step in step_dirs(stage_dir):
+        try:
+            with open(os.path.join(_step_dir(stage_dir, step), "meta", "metadata")) as fh:
+                meta = json.load(fh)
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict):
+            _check_step_name(stage_dir, step, meta)
 
 
 def _stored_json(stage_dir: str, item: str, step: int | None = None) -> dict | None:
@@ -111,7 +168,7 @@ def _stored_json(stage_dir: str, item: str, step: int | None = None) -> dict | N
     for s in reversed(step_dirs(stage_dir)):
         try:
             return _read_json_items(stage_dir, s)[item]
-        except CheckpointError:
+        except CheckpointDamaged:
             continue
     return None
 
@@ -181,8 +238,8 @@ def verify(tree: dict, meta: dict, where: str, whole: bool = False) -> None:
     if whole:
         bad += sorted(set(saved) - set(got))
     if bad:
-        raise CheckpointError(f"{where} is damaged: {len(bad)} array(s) differ from the "
-                              f"digests saved with them (first: {bad[0]})")
+        raise CheckpointDamaged(f"{where} is damaged: {len(bad)} array(s) differ from the "
+                                f"digests saved with them (first: {bad[0]})")
 
 
 def config_from_stored(stored: dict) -> ml_collections.ConfigDict:
@@ -235,9 +292,8 @@ def _restore_readers_view(stage_dir: str, step: int, with_state: bool):
         restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             target, ocp.checkpoint_utils.construct_restore_args(target))))
         mgr.close()
-    except Exception as e:  # tensorstore, Orbax and JSON errors alike: the file is damaged
-        raise CheckpointError(f"{where} is unreadable ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    except Exception as e:  # pylint: disable=broad-except
+        raise _restore_error(e, where) from None
     state = restored["state"]
     verify(state, items["meta"], where, whole=True)
     model_state = (state.get("model_state") or {}) if with_state else {}
@@ -266,6 +322,7 @@ def load_checkpoint(stage_dir: str, step: int | None = None, with_state: bool = 
     digests saved with them. A damaged, incomplete or unreadable checkpoint raises
     CheckpointError, whose one line names the newest intact step and how to use it.
     """
+    check_step_names(stage_dir)
     steps = step_dirs(stage_dir)
     if not steps:
         return None
@@ -276,46 +333,92 @@ def load_checkpoint(stage_dir: str, step: int | None = None, with_state: bool = 
                               f"{', '.join(map(str, steps))}")
     try:
         ema, model_state, cfg, meta = _restore_readers_view(stage_dir, step, with_state)
-    except CheckpointError as e:
+    except CheckpointDamaged as e:
         intact = newest_intact_step(stage_dir, below=step)
-        raise CheckpointError(f"{e}; " + (f"the newest intact checkpoint is step {intact}: "
-                                          f"pass --step={intact} to use it" if intact is not None
-                                          else "no older checkpoint is intact")) from None
+        raise CheckpointDamaged(f"{e}; " + (f"the newest intact checkpoint is step {intact}: "
+                                            f"pass --step={intact} to use it" if intact is not None
+                                            else "no older checkpoint is intact")) from None
     if with_state:
         return ema, model_state, cfg, meta
     return ema, cfg, meta
 
 
+def _tree_mismatch(stored, target) -> str | None:
+    """The first difference between a checkpoint's stored state tree (Orbax metadata) and
+    the state this run builds, as 'path: why', or None if paths, shapes and dtypes agree."""
+    def leaves(tree):
+        flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda m: hasattr(m, "shape"))[0]
+        return {jax.tree_util.keystr(p, simple=True, separator="/"): (tuple(m.shape), str(m.dtype))
+                for p, m in flat}
+    have, want = leaves(dict(stored) if not hasattr(stored, "params") else stored), leaves(target)
+    for key in sorted(set(have) | set(want)):
+        if key not in have or key not in want:
+            return f"{key}: {'not in this run' if key in have else 'not in the checkpoint'}"
+        if have[key] != want[key]:
+            return f"{key}: stored {have[key][0]} {have[key][1]}, this run {want[key][0]} {want[key][1]}"
+    return None
+
+
+def _restore_into(stage_dir: str, step: int, target):
+    """(state, meta) of one checkpoint restored into `target` and verified; CheckpointDamaged
+    on integrity evidence, CheckpointError for anything else (the checkpoint stays)."""
+    where = f"checkpoint step {step} in {stage_dir}"
+    items = _read_json_items(stage_dir, step)
+    mgr = checkpoint_manager(stage_dir, create=False)
+    try:
+        try:
+            stored = mgr.item_metadata(step)["state"]  # what readers parse (_sharding, _METADATA)
+        except Exception as e:  # pylint: disable=broad-except
+            raise _restore_error(e, where) from None
+        mismatch = _tree_mismatch(stored, target)
+        if mismatch:  # a config edited on disk, or changed code: the files are fine
+            raise CheckpointError(
+                f"{where} holds a state that does not fit this run's model ({mismatch}); it "
+                "was left in place: resume with the config and code it was written with, or "
+                "train in a new workdir")
+        try:
+            state = mgr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target)))["state"]
+        except Exception as e:  # pylint: disable=broad-except
+            raise _restore_error(e, where) from None
+    finally:
+        mgr.close()
+    verify(state, items["meta"], where, whole=True)
+    return state, items["meta"]
+
+
+def _quarantine(stage_dir: str, step: int, error: CheckpointError) -> str:
+    """Moves a damaged step directory to checkpoints/corrupt-<step>[.n] (never deletes it)."""
+    base = os.path.join(stage_dir, "checkpoints", f"corrupt-{step}")
+    aside, n = base, 1
+    while os.path.exists(aside):
+        n += 1
+        aside = f"{base}.{n}"
+    os.replace(_step_dir(stage_dir, step), aside)
+    print(f"{error}; moved it to {aside}", file=sys.stderr)
+    return aside
+
+
 def restore_for_training(stage_dir: str, target, quarantine: bool = True):
     """(state, meta) of the newest checkpoint that restores into `target` and matches its
-    digests, or (None, None) if there is none. Each newer damaged one is moved aside to
-    checkpoints/corrupt-<step>/ (never deleted), with one line saying so."""
-    for step in reversed(step_dirs(stage_dir)):
-        where = f"checkpoint step {step} in {stage_dir}"
+    digests, or (None, None) if stage_dir has none. Each newer one with integrity evidence
+    against it (CheckpointDamaged) is moved aside to checkpoints/corrupt-<step>/, with one
+    line saying so; any other error is raised with every checkpoint left in place, and so
+    is the case where none is intact (a run never restarts from 0 over checkpoints)."""
+    check_step_names(stage_dir)
+    steps = step_dirs(stage_dir)
+    for step in reversed(steps):
         try:
-            items = _read_json_items(stage_dir, step)
-            mgr = checkpoint_manager(stage_dir, create=False)
-            try:
-                mgr.item_metadata(step)["state"]  # what readers parse (_sharding, _METADATA)
-                state = mgr.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target)))["state"]
-            except Exception as e:  # pylint: disable=broad-except
-                raise CheckpointError(f"{where} is unreadable ({type(e).__name__})") from None
-            finally:
-                mgr.close()
-            verify(state, items["meta"], where, whole=True)
-            return state, items["meta"]
-        except CheckpointError as e:
+            return _restore_into(stage_dir, step, target)
+        except CheckpointDamaged as e:
             if quarantine and jax.process_index() == 0:
-                aside = _step_dir(stage_dir, step).replace(f"{os.sep}{step}", f"{os.sep}corrupt-{step}")
-                n = 1
-                while os.path.exists(aside if n == 1 else f"{aside}.{n}"):
-                    n += 1
-                aside = aside if n == 1 else f"{aside}.{n}"
-                os.replace(_step_dir(stage_dir, step), aside)
-                print(f"{e}; moved it to {aside} and resuming from an older one",
-                      file=sys.stderr)
+                _quarantine(stage_dir, step, e)
             _sync(f"quarantine-{step}")
+    if steps:
+        raise CheckpointError(
+            f"no checkpoint in {stage_dir} is intact ({len(steps)} damaged" +
+            (", moved to checkpoints/corrupt-*" if quarantine else "") +
+            "); rerun to train from step 0, or restore them from a copy")
     return None, None
 
 
@@ -346,18 +449,19 @@ def stage_lock(stage_dir: str):
         os.close(fd)
 
 
-def load_vae(workdir: str, step: int | None = None):
+def load_vae(workdir: str, step: int | None = None, digest: str | None = None):
     """(model, variables, config dict, meta) of the finished VAE in workdir/vae at `step`
     (default: its latest); variables is {'params': EMA parameters, **model state (the VQ
     codebook)}, without the adversarial loss's discriminator (the whole checkpoint is
-    verified first). An LDM passes the VAE step it was trained on."""
+    verified first). An LDM passes the VAE step and weight digest it was trained on (its
+    meta's vae_step, vae_digest); a VAE with other weights is refused."""
     vae_dir = os.path.join(workdir, "vae")
     if step is not None and step not in step_dirs(vae_dir):
         raise configs.ConfigError(f"{vae_dir} no longer holds step {step}, the VAE this model "
                                   "was trained on; retrain the model in a new workdir")
     try:
         restored = load_checkpoint(vae_dir, step, with_state=True)
-    except CheckpointError as e:
+    except CheckpointDamaged as e:
         if step is None:
             raise
         raise CheckpointError(f"the VAE this model was trained on is damaged: "
@@ -372,4 +476,11 @@ def load_vae(workdir: str, step: int | None = None):
         raise configs.ConfigError(f"the VAE in {vae_dir} stopped at step {meta['step']} of "
                                   f"{cfg['train']['steps']}; rerun --stage=vae to finish it")
     params = models.split_discriminator(params)[0]
-    return models.build_vae(cfg), {"params": params, **model_state}, cfg, meta
+    # Decision (issue 26): the EMA encoder/decoder go with the live VQ codebook, which is
+    # itself an EMA of encoder outputs; there is no separate EMA codebook to pair them with.
+    variables = {"params": params, **model_state}
+    if digest is not None and tree_digest(variables) != digest:
+        raise CheckpointError(f"{vae_dir} step {meta['step']} is not the VAE the LDM in "
+                              f"{workdir}/ldm was trained on (weight digest differs); put that "
+                              "VAE back, or retrain the LDM in a new workdir")
+    return models.build_vae(cfg), variables, cfg, meta
