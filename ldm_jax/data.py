@@ -76,6 +76,8 @@ def read_idx(path: str, magic: int, md5: str) -> np.ndarray:
     offset = 8
     if magic == IMAGE_MAGIC:
         rows, cols = struct.unpack(">II", raw[8:16])
+        if (rows, cols) != (28, 28):  # every model here is built for MNIST's 28x28
+            raise DataError(f"{path}: images are {rows}x{cols}, expected 28x28 (MNIST)")
         dims, offset = (count, rows, cols), 16
     if len(raw) - offset != int(np.prod(dims)):
         raise DataError(f"{path}: header says {dims} but holds {len(raw) - offset} bytes of data")

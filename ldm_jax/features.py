@@ -60,6 +60,10 @@ def load_classifier(path: str | None = None) -> tuple[nets.Classifier, dict, dic
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ClassifierError(f"{path} is not a classifier npz: {reason}") from None
+    bad = sorted("/".join(k) for k, v in flat.items() if not np.isfinite(np.asarray(v)).all())
+    if bad:  # NaN weights give NaN features, which FID and PRDC would report as a score
+        raise ClassifierError(f"{path} holds non-finite weights ({len(bad)} array(s), first: "
+                              f"{bad[0]})")
     model = nets.Classifier(feature_dim=int(meta.get("feature_dim", 128)))
     expected = traverse_util.flatten_dict(jax.eval_shape(
         model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"])
@@ -91,7 +95,10 @@ def _batched(fn, batch: int) -> Callable[[np.ndarray], np.ndarray]:
             if pad:
                 chunk = np.concatenate([chunk, np.zeros((pad, 28, 28), np.uint8)])
             out.append(np.asarray(jitted(data.to_float(chunk)))[:batch - pad])
-        return np.concatenate(out)
+        out = np.concatenate(out)
+        if np.issubdtype(out.dtype, np.floating) and not np.isfinite(out).all():
+            raise ClassifierError("the feature classifier returned non-finite values")
+        return out
     return apply
 
 
@@ -130,6 +137,8 @@ def perceptual_loss_fn(path: str | None = None) -> Callable[[Array, Array], Arra
     """(x [B, 28, 28, 1], y [B, 28, 28, 1], both in [-1, 1]) -> [B] perceptual distances on
     the committed classifier's conv activations; the classifier is frozen (no gradient to
     its weights, gradients flow to the images)."""
+    # Decision (issue 26): this is the network behind the classifier FID, so a VAE trained
+    # with it is scored by what it optimised; evaluate says so beside such numbers.
     model, params, _ = load_classifier(path)
     params = jax.lax.stop_gradient(params)
 

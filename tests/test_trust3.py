@@ -128,6 +128,22 @@ def test_item2_a_run_never_restarts_from_0_over_checkpoints(smoke_workdir, tmp_p
 # ----------------------------------------------------------------------------- 6. NaN classifier
 
 
+def test_item6_a_classifier_with_nan_weights_is_refused(tmp_path):
+    with np.load(features.DEFAULT_PATH, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    key = next(k for k in sorted(arrays) if not k.startswith("meta/"))
+    arrays[key] = np.full_like(arrays[key], np.nan)
+    np.savez(tmp_path / "nan.npz", **arrays)
+    with pytest.raises(features.ClassifierError, match="non-finite weights"):
+        features.load_classifier(str(tmp_path / "nan.npz"))
+    r = run_main("evaluate", f"--workdir={tmp_path}", "--preset=smoke",
+                 f"--classifier={tmp_path / 'nan.npz'}")
+    _one_line_exit_2(r, "holds non-finite weights")
+    nan_features = features._batched(lambda x: x.reshape(len(x), -1) * np.nan, 4)
+    with pytest.raises(features.ClassifierError, match="non-finite"):
+        nan_features(np.zeros((3, 28, 28), np.uint8))
+
+
 # ----------------------------------------------------------------------------- 7. quarantine path
 
 
@@ -177,6 +193,18 @@ def _write_idx(directory, split, images, labels):
         sums.append(f"{hashlib.md5(raw).hexdigest()}  {name}\n")
     with open(directory / "MD5SUMS", "a") as f:
         f.writelines(sums)
+
+
+def test_item10_images_of_another_size_are_refused(tmp_path):
+    d = tmp_path / "idx32"
+    d.mkdir()
+    _write_idx(d, "train", np.zeros((20, 32, 32), np.uint8), np.zeros(20, np.uint8))
+    with pytest.raises(data.DataError, match="images are 32x32, expected 28x28"):
+        data.load_mnist("train", str(d))
+    r = run_main("train", "--stage=vae", "--preset=smoke", f"--workdir={tmp_path / 'w'}",
+                 f"--config.data.dir={d}")
+    _one_line_exit_2(r, "images are 32x32, expected 28x28")
+    assert not (tmp_path / "w").exists()
 
 
 # ----------------------------------------------------------------------------- 11. Inception weights
