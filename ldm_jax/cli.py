@@ -4,8 +4,12 @@ errors with exit status 2, JAX start-up."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import signal
 import sys
+import tempfile
 from typing import Callable, NoReturn
 
 import jax
@@ -160,3 +164,62 @@ def setup_jax() -> None:
             jax.config.update("jax_num_cpu_devices", cpu_devices())
         except RuntimeError:  # a backend is already up (a caller in the same process): keep it
             pass
+
+
+@contextlib.contextmanager
+def atomic_output(path: str):
+    """Yields an open binary file under a unique temporary name beside `path` (tempfile:
+    two writers of one path never share it), renamed onto path when the block ends and
+    removed if it raises, so path is always a whole file, old or new."""
+    directory, base = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{base}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; outputs are read by others
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def is_no_space(e: BaseException | None) -> bool:
+    """Whether e, or an exception it was raised from, is ENOSPC (disk full), including the
+    message forms of Orbax and tensorstore, which rewrap it."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or \
+                "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Python next runs: handled like Ctrl-C, exit status 143."""
+
+
+def _raise_terminated(signum, frame):  # pylint: disable=unused-argument
+    raise Terminated()  # no message: the entry points then print Ctrl-C's "interrupted"
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block SIGTERM (kill, a scheduler's preemption) stops like Ctrl-C, with its
+    one line, instead of killing silently with status 143; the old handler comes back after."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave the default
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted_status(e: BaseException) -> int:
+    """128 + the signal: 143 for SIGTERM, 130 for Ctrl-C."""
+    return 143 if isinstance(e, Terminated) else 130

@@ -27,12 +27,13 @@ import os
 import subprocess
 import sys
 import time
+import zipfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax import checkpoints, cli, configs, data, features, metrics, nets, sample, text
+from ldm_jax import checkpoints, cli, configs, data, features, inception, metrics, nets, sample, text
 
 # Per preset: (samples per model, DDIM steps for the quality samples).
 PLAN = {"smoke": (128, 5), "cpu-quick": (2000, 50), "full": (10_000, 100)}
@@ -46,6 +47,10 @@ FIGURE_PROMPTS = ("7", "seven", "a handwritten 3", "number four, written by hand
                   "the handwritten number 5", "a drawing of an eight", "picture of digit 0", "")
 MIN_NUM = 6  # PRDC's k = 5 nearest neighbours need at least 6 samples
 SAMPLE_SEED = 1  # jax.random.key of the quality samples
+
+
+# What reading a cut-off or garbled .npz raises: such a cache is treated as absent.
+UNREADABLE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)
 
 
 def trained_stages(workdir: str) -> list[str]:
@@ -66,12 +71,15 @@ def reference_features(feat_fn, classifier_path: str) -> np.ndarray:
         digest = hashlib.md5(f.read()).hexdigest()[:12]
     path = os.path.join(_cache_dir(), f"mnist_test_features_{digest}.npz")
     if os.path.isfile(path):
-        with np.load(path, allow_pickle=False) as z:
-            return z["features"]
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return z["features"]
+        except UNREADABLE:  # a cut-off cache is no cache: compute it again
+            pass
     test_images, _ = data.load("package", "test")
     feats = feat_fn(test_images)
-    np.savez(path + ".tmp.npz", features=feats)
-    os.replace(path + ".tmp.npz", path)
+    with cli.atomic_output(path) as f:
+        np.savez(f, features=feats)
     return feats
 
 
@@ -84,11 +92,12 @@ def quality(real_all: np.ndarray, real_n: np.ndarray, fake: np.ndarray) -> dict:
 
 def save_samples(out_dir: str, gen, images: np.ndarray, steps: int, eta: float = 0.0,
                  autoguidance: float = 0.0) -> None:
-    """The quality samples, with what they were drawn from (see cached_samples)."""
-    np.savez_compressed(os.path.join(out_dir, f"{gen.stage}_samples.npz"), images=images,
-                        identity=np.array(gen.identity), model_step=gen.step, sampler="ddim",
-                        ddim_steps=steps, ddim_eta=float(eta), seed=SAMPLE_SEED,
-                        autoguidance=float(autoguidance))
+    """The quality samples, with what they were drawn from (see cached_samples), written
+    under a unique temporary name and renamed (a kill mid-write leaves the old file)."""
+    with cli.atomic_output(os.path.join(out_dir, f"{gen.stage}_samples.npz")) as f:
+        np.savez_compressed(f, images=images, identity=np.array(gen.identity),
+                            model_step=gen.step, sampler="ddim", ddim_steps=steps,
+                            ddim_eta=float(eta), seed=SAMPLE_SEED, autoguidance=float(autoguidance))
 
 
 def cached_samples(out_dir: str, gen, num: int, steps: int, eta: float = 0.0,
@@ -111,7 +120,7 @@ def cached_samples(out_dir: str, gen, num: int, steps: int, eta: float = 0.0,
                     and len(z["images"]) == num):
                 print(f"{gen.stage}: reusing {num} samples from {path}", file=sys.stderr)
                 return z["images"]
-    except (OSError, ValueError, EOFError):  # unreadable: sample again and overwrite it
+    except UNREADABLE:  # unreadable (cut off, garbled): sample again and overwrite it
         pass
     return None
 
@@ -247,9 +256,16 @@ def autoencoder_quality(first_stage: tuple, test_images: np.ndarray, feat_fn, re
         out.update({k: float(v) for k, v in usage.items()}, codebook_size=ae["codebook_size"])
     print("vae: " + ", ".join(f"{k} {v:.4g}" for k, v in out.items()
                              if isinstance(v, float)), file=sys.stderr)
+    if out["perceptual_weight"]:
+        print(f"vae: note: {PERCEPTUAL_NOTE}", file=sys.stderr)
     return out, recons
 
 
+# Decision (issue 26): a perceptual loss on the FID classifier is allowed, and said beside
+# every classifier number it flatters (prefer the Inception FID for such a VAE).
+PERCEPTUAL_NOTE = ("this VAE was trained with a perceptual loss on the same classifier's "
+                   "features that the classifier FID, rFID and PRDC use, which flatters them; "
+                   "compare with --inception")
 MATCHED = "pixel, LDM's U-Net"  # the cost row of the pixel model with the LDM's configuration
 
 
@@ -268,7 +284,12 @@ def run_benchmark(workdir: str, stage: str, what: str, preset: str) -> dict:
 def training_summary(workdir: str, stage: str) -> dict:
     """Steps and wall-clock of the training run, from its metrics.jsonl."""
     path = os.path.join(workdir, stage, "metrics.jsonl")
-    rows = [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
+    rows = []
+    for line in open(path) if os.path.isfile(path) else []:
+        try:  # a partly written last row (power lost) is skipped
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
     if not rows:
         return {}
     return dict(train_steps=rows[-1]["step"], train_wall_s=rows[-1]["time"],
@@ -380,6 +401,8 @@ def write_report(result: dict, out_dir: str) -> str:
               f"(committed classifier) exceeds {RECOGNISABLE}; `class_kl`: KL(test labels ‖ "
               "top classes of the images) in nats, 0 when every digit is drawn as often as in "
               "the test set (metrics.class_coverage; the histograms are in metrics.json).", ""]
+    if (r.get("autoencoder") or {}).get("perceptual_weight") and "ldm" in r["quality"]:
+        lines += [f"`ldm`: {PERCEPTUAL_NOTE}", ""]
     if r["cost"]:
         first = next(iter(r["cost"].values()))
         lines += ["## Cost", "",
@@ -415,7 +438,8 @@ def write_report(result: dict, out_dir: str) -> str:
                   f"{a['mse']:.5f} | {a['psnr']:.2f} | "
                   f"{_fmt(a['rfid'])} | {_fmt(a.get('perplexity'))} | {_fmt(a.get('codes_used'))} |"
                   + (f" {_fmt(a['inception_rfid'])} |" if inc_rfid else ""),
-                  ""] + ([f"Inception rFID: {a['inception_n']:,} test images against their "
+                  ""] + ([PERCEPTUAL_NOTE] if a["perceptual_weight"] else []) + (
+                  [f"Inception rFID: {a['inception_n']:,} test images against their "
                           "reconstructions; the floor at that N is the Inception FID of "
                           "`real (train vs test)` above."] if inc_rfid else []) + [
                   "", "![reconstructions](reconstructions.png)", ""]
@@ -473,12 +497,18 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
                              "training images the real-vs-real floor draws")
     # An unfinished or foreign VAE fails here, before anything is written. With an LDM,
     # the reconstructions are those of the VAE step it was trained on.
-    vae_step = None
+    vae_step = vae_digest = None
     if has_vae and "ldm" in stages:
         restored = checkpoints.load_checkpoint(os.path.join(workdir, "ldm"), step)
         vae_step = restored and restored[2].get("vae_step")
-    first_stage = checkpoints.load_vae(workdir, step=vae_step) if has_vae else None
+        vae_digest = restored and restored[2].get("vae_digest")
+    first_stage = (checkpoints.load_vae(workdir, step=vae_step, digest=vae_digest)
+                   if has_vae else None)
     gens = {s: sample.load_generator(workdir, s, step) for s in stages}  # fails before writing
+    for gen in gens.values():  # a step at or before its guide: refused, not sampled unguided
+        guide_step = gen.config.get("sample", {}).get("guide_step", 0)
+        if autoguidance and guide_step and gen.step <= guide_step:
+            sample.check_autoguidance(gen, autoguidance)
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
 
@@ -626,12 +656,16 @@ def main(argv: list[str] | None = None) -> None:
                 f"real-vs-real floor draws), got {fv.num}")
         cli.check_workdir(fv.workdir, must_exist=True)
         features.load_classifier(fv.classifier)
+        if fv.inception:  # a cut-off weights file fails now, not after the sampling
+            inception.check_weights_file(inception.default_weights_path())
         cli.setup_jax()
         command = "python -m ldm_jax.evaluate " + " ".join(argv[1:])
         result = evaluate(fv.workdir, fv.preset, fv.num, fv.steps, fv.classifier, fv.inception,
                           fv.cost, command, fv.step, fv.sweeps, fv.eta, fv.autoguidance)
     except (cli.UsageError, configs.ConfigError, data.DataError, features.ClassifierError,
             FileNotFoundError) as e:
+        cli.fail(prog, e)
+    except inception.InceptionWeightsError as e:
         cli.fail(prog, e)
     print(f"wrote {os.path.join(fv.workdir, 'eval', 'report.md')}", file=sys.stderr)
     for name, qs in result["quality"].items():

@@ -14,6 +14,7 @@ pool inside the Mixed blocks excludes the padding from its count, and the last b
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import Any, Callable
 
 import jax
@@ -272,6 +273,37 @@ def _missing_weights_message(path: str) -> str:
     )
 
 
+class InceptionWeightsError(ValueError):
+    """An Inception weights file that is cut off, garbled or non-finite; one line."""
+
+
+def check_weights_file(path: str) -> None:
+    """The cheap part of load_params's checks, for a command to run before any work: the
+    file, if it exists, is a whole zip archive (a cut-off one has no central directory)."""
+    if os.path.isfile(path) and not zipfile.is_zipfile(path):
+        raise InceptionWeightsError(f"{path} is not a whole .npz file of Inception weights "
+                                    "(cut off or garbled); convert it again")
+
+
+def _read_weights(path: str) -> dict:
+    """{('a', 'b'): float32 array} of a converted npz, every array read and finite."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(_missing_weights_message(path))
+    check_weights_file(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            flat = {tuple(k.split("/")): np.asarray(npz[k], np.float32) for k in npz.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InceptionWeightsError(f"{path} is not a readable Inception weights npz: "
+                                    f"{reason}; convert it again") from None
+    bad = sorted("/".join(k) for k, v in flat.items() if not np.isfinite(v).all())
+    if bad:
+        raise InceptionWeightsError(f"{path} holds non-finite weights ({len(bad)} array(s), "
+                                    f"first: {bad[0]}); convert it again")
+    return flat
+
+
 def load_params(path: str | None = None) -> dict:
     """Read a converted npz into the ``params`` pytree of ``InceptionV3``.
 
@@ -279,10 +311,7 @@ def load_params(path: str | None = None) -> dict:
     Names and shapes are checked against the module.
     """
     path = os.path.expanduser(path) if path is not None else default_weights_path()
-    if not os.path.isfile(path):
-        raise FileNotFoundError(_missing_weights_message(path))
-    with np.load(path, allow_pickle=False) as npz:
-        flat = {tuple(k.split("/")): np.asarray(npz[k], np.float32) for k in npz.files}
+    flat = _read_weights(path)
 
     abstract = jax.eval_shape(
         InceptionV3().init, jax.random.key(0), jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)
@@ -326,6 +355,9 @@ def make_feature_fn(
             outputs.append(features(params, batch))  # dispatched asynchronously
         if not outputs:
             return np.zeros((0, FEATURE_DIM), np.float32)
-        return np.concatenate([np.asarray(o) for o in outputs])[:n]
+        out = np.concatenate([np.asarray(o) for o in outputs])[:n]
+        if not np.isfinite(out).all():  # FID of NaN features would be a silent NaN or 0
+            raise InceptionWeightsError("the Inception network returned non-finite features")
+        return out
 
     return feature_fn

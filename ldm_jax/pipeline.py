@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+import zipfile
 
 import jax
 import ml_collections
@@ -74,14 +75,15 @@ REQUEST_DEFAULTS = dict(autoguidance=0.0)
 
 def saved_samples_info(npz_path: str) -> dict | None:
     """The provenance JSON stored in a pipeline grid's .npz ({} if it has none; None if
-    there is no such file)."""
+    there is no such file, or one that cannot be read: cut off by a kill or a full disk,
+    it is no grid and is drawn again)."""
     if not os.path.exists(npz_path):
         return None
     try:
         with np.load(npz_path, allow_pickle=False) as z:
             return json.loads(str(z["provenance"])) if "provenance" in z.files else {}
-    except (OSError, ValueError, KeyError):
-        return {}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
 
 
 def check_saved_samples(workdir: str, stage: str, request: dict) -> None:
@@ -115,13 +117,19 @@ def write_samples(workdir: str, gen: sample.Generator, request: dict) -> str:
     images = sample.generate(gen, request["num"], jax.random.key(SEED), request["sampler"],
                              request["steps"], request["eta"],
                              autoguidance=request["autoguidance"])
-    np.savez_compressed(base + ".npz", images=images, provenance=np.array(json.dumps(provenance)))
-    sample.save_grid(images, base + ".png")
+    with cli.atomic_output(base + ".npz") as f_npz, cli.atomic_output(base + ".png") as f_png:
+        np.savez_compressed(f_npz, images=images, provenance=np.array(json.dumps(provenance)))
+        sample.save_grid(images, f_png)
     return (f"wrote {base}.png ({request['num']} samples, {request['sampler']} "
             f"{request['steps']} steps){note}")
 
 
 def main(argv: list[str] | None = None) -> None:
+    with cli.sigterm_as_interrupt():  # SIGTERM: the one line Ctrl-C prints
+        _main(argv)
+
+
+def _main(argv: list[str] | None) -> None:
     prog = "ldm_jax.pipeline"
     fv = cli.parse_flags(
         prog, argv or sys.argv, define_flags, with_config=True,
@@ -166,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except (train.TrainingInterrupted, KeyboardInterrupt) as e:
         print(f"{prog}: {e or 'interrupted'}", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(getattr(e, "status", None) or cli.interrupted_status(e))
     if fv.report:
         from ldm_jax import evaluate  # pylint: disable=import-outside-toplevel
         evaluate.main([prog, f"--workdir={fv.workdir}", f"--preset={fv.preset}"])

@@ -71,7 +71,8 @@ def load_generator(workdir: str, stage: str, step: int | None = None) -> Generat
         raise configs.ConfigError(f"{stage_dir} holds a {cfg.get('stage')!r} checkpoint")
     guide_step = cfg.get("sample", {}).get("guide_step", 0)
     guide = None
-    if guide_step and guide_step in checkpoints.step_dirs(stage_dir):
+    # A guide must be an earlier (weaker) model: at or past it, check_autoguidance refuses.
+    if guide_step and guide_step < meta["step"] and guide_step in checkpoints.step_dirs(stage_dir):
         guide = checkpoints.load_checkpoint(stage_dir, guide_step)[0]
     common = dict(stage=stage, unet=models.build_unet(cfg["model"]), params=params,
                   sched=models.build_schedule(cfg["diffusion"]), config=cfg, step=meta["step"],
@@ -80,7 +81,8 @@ def load_generator(workdir: str, stage: str, step: int | None = None) -> Generat
     if stage == "pixel":
         identity = checkpoints.tree_digest(params if guide is None else weights)
         return Generator(shape=(28, 28, 1), identity=identity, **common)
-    vae, vae_vars, _, _ = checkpoints.load_vae(workdir, step=meta["vae_step"])
+    vae, vae_vars, _, _ = checkpoints.load_vae(workdir, step=meta["vae_step"],
+                                               digest=meta.get("vae_digest"))
     identity = checkpoints.tree_digest({**weights, "vae": vae_vars,
                                         "scale": np.float64(meta["scale_factor"])})
     return Generator(shape=tuple(meta["latent_shape"]), vae=vae, vae_vars=vae_vars,
@@ -88,9 +90,15 @@ def load_generator(workdir: str, stage: str, step: int | None = None) -> Generat
 
 
 def check_autoguidance(gen: Generator, w: float) -> None:
-    """w > 0 needs the guide checkpoint that training kept (sample.guide_step)."""
+    """w > 0 needs the guide checkpoint that training kept (sample.guide_step), and a
+    sampled step past it: at the guide it is a no-op, before it guided by a better model."""
+    step = gen.config.get("sample", {}).get("guide_step", 0)
+    if w > 0 and step and gen.step <= step:
+        raise configs.ConfigError(
+            f"autoguidance guides by step {step} (sample.guide_step), and step {gen.step} is "
+            f"{'that step' if gen.step == step else 'before it'}; sample a later step or "
+            "pass --autoguidance=0")
     if w > 0 and gen.guide_params is None:
-        step = gen.config.get("sample", {}).get("guide_step", 0)
         raise configs.ConfigError(
             f"autoguidance needs an earlier checkpoint of this {gen.stage} run, and "
             + (f"step {step} (sample.guide_step) is no longer in its checkpoints" if step else
@@ -235,8 +243,8 @@ def generate(gen: Generator, num: int, key: jax.Array, sampler: str = "ddim", st
     return np.concatenate(out)[:num]
 
 
-def save_grid(images: np.ndarray, path: str, ncol: int | None = None) -> None:
-    """uint8 [N, 28, 28] -> one PNG grid with a 2-pixel border."""
+def save_grid(images: np.ndarray, path, ncol: int | None = None) -> None:
+    """uint8 [N, 28, 28] -> one PNG grid with a 2-pixel border (path: a name or a file)."""
     n = len(images)
     ncol = ncol or math.ceil(math.sqrt(n))
     nrow = math.ceil(n / ncol)
@@ -244,7 +252,8 @@ def save_grid(images: np.ndarray, path: str, ncol: int | None = None) -> None:
     for i, img in enumerate(images):
         r, c = divmod(i, ncol)
         grid[2 + r * 30:2 + r * 30 + 28, 2 + c * 30:2 + c * 30 + 28] = img
-    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
+    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2),
+                                 Image.NEAREST).save(path, format="PNG")
 
 
 def define_flags(fv) -> None:
@@ -348,18 +357,22 @@ def check_sampling_flags(fv) -> None:
 
 
 def write_samples(path: str, images: np.ndarray, ncol: int | None, **extra) -> str:
-    """The .npz beside the PNG grid, each written to a temporary name and renamed, so a
-    failure leaves neither half-written. Returns the .npz path."""
+    """The .npz beside the PNG grid, each written under a unique temporary name and renamed
+    (cli.atomic_output), so a failure leaves neither half-written nor a temporary file, and
+    two runs writing one --out never mix. Returns the .npz path."""
     npz = os.path.splitext(path)[0] + ".npz"
-    tmp_npz, tmp_png = npz + ".tmp.npz", path + ".tmp.png"
-    np.savez_compressed(tmp_npz, images=images, **extra)
-    save_grid(images, tmp_png, ncol)
-    os.replace(tmp_npz, npz)
-    os.replace(tmp_png, path)
+    with cli.atomic_output(npz) as f_npz, cli.atomic_output(path) as f_png:
+        np.savez_compressed(f_npz, images=images, **extra)
+        save_grid(images, f_png, ncol)
     return npz
 
 
 def main(argv: list[str] | None = None) -> None:
+    with cli.sigterm_as_interrupt():  # SIGTERM: the one line Ctrl-C prints
+        _main(argv)
+
+
+def _main(argv: list[str] | None) -> None:
     prog = "ldm_jax.sample"
     fv = cli.parse_flags(prog, argv or sys.argv, define_flags)
     try:
@@ -403,13 +416,19 @@ def main(argv: list[str] | None = None) -> None:
         images = generate(gen, fv.num, jax.random.key(fv.seed), sampler, steps, eta,
                           fv.batch_size, labels=labels, guidance=fv.guidance, prompts=prompts,
                           autoguidance=autoguidance)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (cli.sigterm_as_interrupt)
         print(f"{prog}: interrupted; nothing written", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(cli.interrupted_status(e))
     extra = {} if labels is None else {"labels": labels}
     if prompts is not None:  # a fixed-width unicode array: it loads with allow_pickle=False
         extra["prompts"] = np.array([text.normalize(p) for p in prompts])
-    npz = write_samples(fv.out, images, ncol, **extra)
+    try:
+        npz = write_samples(fv.out, images, ncol, **extra)
+    except OSError as e:
+        if not cli.is_no_space(e):
+            raise
+        cli.fail(prog, f"no space left on device writing {fv.out}; nothing was written (the "
+                       "files there, if any, are those of the last run that finished)")
     mesh = sample_mesh(min(fv.batch_size, fv.num))  # what generate split its batches over
     devices = mesh.size if mesh is not None else 1
     print(f"wrote {fv.out} and {npz} ({len(images)} {fv.stage} samples, {sampler}, "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import sys
 import time
 from typing import Any
@@ -133,12 +134,22 @@ def check_no_dependents(c: ml_collections.ConfigDict, workdir: str) -> None:
             "and LDM in a new workdir")
 
 
+def _log_step(line: str) -> int | None:
+    """The step of one metrics.jsonl row, or None for a blank or partly written one (power
+    lost mid-write: the row is redone on resume, so it is dropped)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def _truncate_log(path: str, last_step: int) -> None:
     """Drops rows logged after the checkpoint a run resumes from (they will be redone)."""
     if not os.path.isfile(path):
         return
     with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+        rows = [line for line in f if _log_step(line) is not None
+                and _log_step(line) <= last_step]
     with open(path + ".tmp", "w") as f:
         f.writelines(rows)
     os.replace(path + ".tmp", path)
@@ -218,6 +229,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
     stage_dir = os.path.join(workdir, c.stage)
     if os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise configs.ConfigError(f"{workdir} is a stage directory; pass its parent as --workdir")
+    checkpoints.check_step_names(stage_dir)  # renamed or swapped step directories
     checkpoints.check_resumable(c, stage_dir)
     if jax.process_count() > 1 and c.data.batch_size % jax.device_count():
         raise configs.ConfigError(f"data.batch_size={c.data.batch_size} does not split over "
@@ -227,8 +239,46 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
                                                  newest.get("train_seconds", 0.0))):
         check_no_dependents(c, workdir)
     task = stages.TASKS[c.stage](c, workdir)
+    check_enough_data(c, task)  # before the lock or any directory is made
     with checkpoints.stage_lock(stage_dir):  # one trainer per stage directory
-        return _run(c, workdir, task, stop_at_step)
+        remove_orbax_leftovers(stage_dir)
+        try:
+            return _run(c, workdir, task, stop_at_step)
+        except Exception as e:  # pylint: disable=broad-except
+            if not cli.is_no_space(e):
+                raise
+            remove_orbax_leftovers(stage_dir)
+            raise TrainingError(no_space_message(stage_dir)) from None
+
+
+def check_enough_data(c: ml_collections.ConfigDict, task: stages.Task) -> None:
+    """A training set smaller than one batch cannot train; say so before writing anything."""
+    n = len(next(iter(task.arrays.values()))) if task.arrays else None
+    if n is not None and n < c.data.batch_size:
+        raise data.DataError(f"the training set has {n} examples, fewer than one batch "
+                             f"(data.batch_size={c.data.batch_size}); give more data or a "
+                             "smaller --config.data.batch_size")
+
+
+def remove_orbax_leftovers(stage_dir: str) -> None:
+    """Deletes the temporary directories of checkpoint writes that never finished (a killed
+    or disk-full run): only this trainer writes here (stage_lock), and Orbax would log an
+    absl WARNING for each."""
+    ckpt_dir = os.path.join(stage_dir, "checkpoints")
+    if jax.process_index() != 0 or not os.path.isdir(ckpt_dir):
+        return
+    for name in os.listdir(ckpt_dir):
+        if ".orbax-checkpoint-tmp" in name:
+            shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
+
+
+def no_space_message(stage_dir: str) -> str:
+    """One line for a disk-full stop: what was saved last, and how to go on."""
+    steps = [s for s in checkpoints.step_dirs(stage_dir) if os.path.isfile(
+        os.path.join(stage_dir, "checkpoints", str(s), "commit_success.txt"))]
+    return (f"no space left on device while saving in {stage_dir}; " +
+            (f"the last complete checkpoint is step {steps[-1]}" if steps else
+             "no checkpoint was saved") + "; free some space and rerun the same command")
 
 
 def _run(c: ml_collections.ConfigDict, workdir: str, task: stages.Task,
@@ -355,7 +405,10 @@ def _run(c: ml_collections.ConfigDict, workdir: str, task: stages.Task,
                 now = time.time()
                 n = max(int(host["count"]), 1)
                 row = {k: float(v) / n for k, v in host["sums"].items()}
-                row.update(step=step + 1, lr=float(lr_at(step)), skipped_nonfinite=nonfinite,
+                # Decision (issue 26): a skipped step leaves Adam's count, so the schedule
+                # counts applied updates; the logged lr is the one applied at this step.
+                row.update(step=step + 1, lr=float(lr_at(max(step - nonfinite, 0))),
+                           skipped_nonfinite=nonfinite,
                            time=spent + now - t0,
                            steps_per_sec=(step + 1 - step_log) / max(now - t_log, 1e-9))
                 t_log, step_log = now, step + 1
@@ -374,15 +427,17 @@ def _run(c: ml_collections.ConfigDict, workdir: str, task: stages.Task,
                 break
             if ((step + 1) % c.train.ckpt_every == 0 or step + 1 == guide_step) and not last:
                 save(state, False, spent + time.time() - t0, check_finite(tally))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (cli.sigterm_as_interrupt)
         bar.close()
         mgr.wait_until_finished()
         latest = mgr.latest_step()
         mgr.close()
-        raise TrainingInterrupted(
+        stop = TrainingInterrupted(
             f"interrupted; the latest complete checkpoint is step {latest} in {stage_dir}; "
             "rerun the same command to resume" if latest is not None else
-            "interrupted before the first checkpoint; nothing was saved") from None
+            "interrupted before the first checkpoint; nothing was saved")
+        stop.status = cli.interrupted_status(e)
+        raise stop from None
     bar.close()
 
     nonfinite = check_finite(tally)
@@ -427,6 +482,11 @@ def init_distributed(fv) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    with cli.sigterm_as_interrupt():  # SIGTERM: the one line Ctrl-C prints
+        _main(argv)
+
+
+def _main(argv: list[str] | None) -> None:
     prog = "ldm_jax.train"
     fv = cli.parse_flags(prog, argv or sys.argv, define_flags, with_config=True)
     try:
@@ -443,7 +503,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except (TrainingInterrupted, KeyboardInterrupt) as e:
         print(f"{prog}: {e or 'interrupted'}", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(getattr(e, "status", None) or cli.interrupted_status(e))
 
 
 if __name__ == "__main__":

@@ -347,7 +347,7 @@ def test_evaluate_reads_the_vae_step_the_ldm_was_trained_on(smoke_workdir, monke
     from ldm_jax import checkpoints, configs, evaluate
     asked = []
 
-    def load_vae(workdir, step=None):
+    def load_vae(workdir, step=None, digest=None):
         asked.append(step)
         raise configs.ConfigError("stop here")
     monkeypatch.setattr(checkpoints, "load_vae", load_vae)

@@ -119,10 +119,60 @@ def test_item2_a_run_never_restarts_from_0_over_checkpoints(smoke_workdir, tmp_p
 # ----------------------------------------------------------------------------- 3. VAE binding
 
 
+def test_item3_readers_refuse_a_vae_the_ldm_is_not_bound_to(smoke_workdir, tmp_path):
+    workdir = _copy(smoke_workdir, tmp_path, "vae", "ldm")
+    for step in (3, 6):  # as if workdir/vae had been replaced by another VAE
+        _edit_json(workdir / "ldm" / "checkpoints" / str(step) / "meta" / "metadata",
+                   lambda m: m.update(vae_digest="0" * 64))
+    message = "is not the VAE the LDM in"
+    r = run_main("sample", f"--workdir={workdir}", "--stage=ldm", "--num=2",
+                 f"--out={tmp_path / 'g.png'}")
+    _one_line_exit_2(r, message)
+    r = run_main("evaluate", f"--workdir={workdir}", "--preset=smoke", "--nocost")
+    _one_line_exit_2(r, message)
+    assert not (tmp_path / "g.png").exists() and not (workdir / "eval").exists()
+
+
 # ----------------------------------------------------------------------------- 4. two writers
 
 
+def test_item4_two_writers_of_one_out_never_mix(tmp_path, monkeypatch):
+    out = str(tmp_path / "c.png")
+    first, second = (np.full((2, 28, 28), v, np.uint8) for v in (1, 2))
+    save_grid, nested = sample.save_grid, []
+
+    def interleaved(images, path, ncol=None):  # run B writes all of --out inside run A's write
+        if not nested:
+            nested.append(1)
+            sample.write_samples(out, second, None)
+        save_grid(images, path, ncol)
+    monkeypatch.setattr(sample, "save_grid", interleaved)
+    npz = sample.write_samples(out, first, None)
+    with np.load(npz, allow_pickle=False) as z:
+        np.testing.assert_array_equal(z["images"], first)  # the last to finish, whole
+    assert sorted(os.listdir(tmp_path)) == ["c.npz", "c.png"]
+
+
 # ----------------------------------------------------------------------------- 5. autoguidance
+
+
+def test_item5_autoguidance_at_or_before_the_guide_step_is_refused(smoke_workdir, tmp_path):
+    workdir = _copy(smoke_workdir, tmp_path, "pixel")
+    for step in (3, 6):  # a run whose guide is its step 3
+        _edit_json(workdir / "pixel" / "checkpoints" / str(step) / "config" / "metadata",
+                   lambda c: c["sample"].update(guide_step=3, guide_weight=1.0))
+    out = tmp_path / "g.png"
+    for step, args in ((3, []), (3, ["--autoguidance=2"])):
+        r = run_main("sample", f"--workdir={workdir}", "--stage=pixel", f"--step={step}",
+                     "--num=2", f"--out={out}", *args)
+        _one_line_exit_2(r, "autoguidance guides by step 3 (sample.guide_step), and step 3 "
+                            "is that step")
+    r = run_main("evaluate", f"--workdir={workdir}", "--preset=smoke", "--nocost", "--step=3",
+                 "--autoguidance=1")
+    _one_line_exit_2(r, "autoguidance guides by step 3")
+    assert not out.exists() and not (workdir / "eval").exists()
+    gen = sample.load_generator(str(workdir), "pixel", 6)  # a later step is guided by it
+    assert gen.guide_step == 3 and gen.guide_params is not None
 
 
 # ----------------------------------------------------------------------------- 6. NaN classifier
@@ -170,11 +220,65 @@ def test_item7_quarantine_path_is_built_from_the_stage_directory(smoke_workdir, 
 # ----------------------------------------------------------------------------- 8. unreadable caches
 
 
+def test_item8_unreadable_sample_caches_are_absent(tmp_path, monkeypatch):
+    gen = type("G", (), dict(stage="ldm", identity="a" * 64, step=6))()
+    images = np.arange(8 * 28 * 28, dtype=np.uint8).reshape(8, 28, 28)
+    evaluate.save_samples(str(tmp_path), gen, images, 5)
+    path = tmp_path / "ldm_samples.npz"
+    assert evaluate.cached_samples(str(tmp_path), gen, 8, 5) is not None
+    for size in (path.stat().st_size // 2, 0):
+        os.truncate(path, size)
+        assert evaluate.cached_samples(str(tmp_path), gen, 8, 5) is None
+        assert pipeline.saved_samples_info(str(path)) is None
+        pipeline.check_saved_samples(str(tmp_path), "ldm", pipeline.samples_request(4, 5, "ddim", 0.0))
+    # The cached reference features: a cut-off file is computed again, atomically.
+    monkeypatch.setenv("LDM_JAX_CACHE_DIR", str(tmp_path / "cache"))
+    feat_fn = lambda images: np.ones((len(images), 3), np.float32)
+    first = evaluate.reference_features(feat_fn, features.DEFAULT_PATH)
+    (cached,) = os.listdir(tmp_path / "cache")
+    os.truncate(tmp_path / "cache" / cached, 10)
+    np.testing.assert_array_equal(evaluate.reference_features(feat_fn, features.DEFAULT_PATH), first)
+    assert os.listdir(tmp_path / "cache") == [cached]
+
+
 # ----------------------------------------------------------------------------- 9. disk full
 
 
 def _no_space(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_item9_sample_on_a_full_disk_is_one_line_and_leaves_nothing(smoke_workdir, tmp_path,
+                                                                    monkeypatch):
+    monkeypatch.setattr(sample, "save_grid", _no_space)  # after the .npz's temporary file
+    monkeypatch.setattr(sample, "generate", lambda gen, num, *a, **k: np.zeros((num, 28, 28),
+                                                                               np.uint8))
+    out = tmp_path / "out"
+    out.mkdir()
+    r = run_main("sample", f"--workdir={smoke_workdir}", "--stage=pixel", "--num=2",
+                 f"--out={out / 'c.png'}")
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-1500:]
+    lines = [line for line in r.stderr.splitlines() if line.startswith("ldm_jax.sample")]
+    assert len(lines) == 1 and "no space left on device writing" in lines[0], r.stderr[-1500:]
+    assert os.listdir(out) == []
+
+
+def test_item9_training_on_a_full_disk_is_one_line_and_leaves_no_temporary(
+        smoke_workdir, tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+    workdir = _copy(smoke_workdir, tmp_path, "vae")
+    ckpt_dir = workdir / "vae" / "checkpoints"
+
+    def full(self, step, *args, **kwargs):  # Orbax got as far as its temporary directory
+        os.makedirs(ckpt_dir / f"{step}.orbax-checkpoint-tmp", exist_ok=True)
+        _no_space()
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full)
+    r = run_main("train", "--stage=vae", "--preset=smoke", f"--workdir={workdir}",
+                 "--config.train.steps=7")
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-1500:]
+    assert re.search(r"^ldm_jax.train: no space left on device while saving in .*; the last "
+                     r"complete checkpoint is step 6; free some space", r.stderr, re.M), r.stderr
+    assert sorted(os.listdir(ckpt_dir)) == ["3", "6"]
 
 
 # ----------------------------------------------------------------------------- 10, 12c. data sets
@@ -207,11 +311,68 @@ def test_item10_images_of_another_size_are_refused(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def test_item12_too_few_images_are_refused_before_any_directory(tmp_path):
+    d = tmp_path / "ten"
+    d.mkdir()
+    _write_idx(d, "train", np.zeros((10, 28, 28), np.uint8), np.arange(10, dtype=np.uint8))
+    r = run_main("train", "--stage=vae", "--preset=smoke", f"--workdir={tmp_path / 'w'}",
+                 f"--config.data.dir={d}")
+    assert not (tmp_path / "w" / "vae").exists()  # no .lock, no empty checkpoints/
+    _one_line_exit_2(r, "the training set has 10 examples, fewer than one batch")
+
+
 # ----------------------------------------------------------------------------- 11. Inception weights
+
+
+def test_item11_cut_off_or_non_finite_inception_weights_are_one_line(tmp_path, monkeypatch):
+    from ldm_jax import inception
+    np.savez(tmp_path / "w.npz", **{"Conv2d_1a_3x3/conv/kernel": np.ones((3, 3, 3, 32))})
+    blob = (tmp_path / "w.npz").read_bytes()
+    (tmp_path / "trunc.npz").write_bytes(blob[:len(blob) // 2])
+    with pytest.raises(inception.InceptionWeightsError, match="not a whole .npz"):
+        inception.load_params(str(tmp_path / "trunc.npz"))
+    np.savez(tmp_path / "nan.npz", **{"Conv2d_1a_3x3/conv/kernel": np.full((3, 3, 3, 32), np.inf)})
+    with pytest.raises(inception.InceptionWeightsError, match="non-finite weights"):
+        inception.load_params(str(tmp_path / "nan.npz"))
+    monkeypatch.setenv("LDM_JAX_INCEPTION", str(tmp_path / "trunc.npz"))
+    (tmp_path / "w").mkdir()
+    r = run_main("evaluate", f"--workdir={tmp_path / 'w'}", "--preset=smoke", "--inception")
+    _one_line_exit_2(r, "trunc.npz is not a whole .npz file of Inception weights")
 
 
 # ----------------------------------------------------------------------------- 12. messages
 
 
+def test_item12_sigterm_is_one_line_and_a_leftover_temporary_is_silent(smoke_workdir, tmp_path):
+    """SIGTERM stops like Ctrl-C (one line, 143); a temporary directory an earlier write
+    left behind is removed without an absl WARNING."""
+    workdir = _copy(smoke_workdir, tmp_path, "vae")
+    ckpt_dir = workdir / "vae" / "checkpoints"
+    # What a run killed while writing step 9 leaves (Orbax's name); the rerun writes step 9.
+    shutil.copytree(ckpt_dir / "6", ckpt_dir / "9.orbax-checkpoint-tmp")
+    os.remove(ckpt_dir / "9.orbax-checkpoint-tmp" / "commit_success.txt")
+    proc = subprocess.Popen([sys.executable, "-m", "ldm_jax.train", "--stage=vae",
+                             "--preset=smoke", f"--workdir={workdir}", "--config.train.steps=400",
+                             "--config.train.ckpt_every=3"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not (ckpt_dir / "9" / "commit_success.txt").exists() and time.time() - t0 < 300:
+        assert proc.poll() is None, proc.stderr.read()[-1500:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, (proc.returncode, err[-1500:])
+    assert "WARNING" not in err and "Traceback" not in err, err[-1500:]
+    assert re.search(r"^ldm_jax.train: interrupted; the latest complete checkpoint is step \d+ in "
+                     r".*; rerun the same command to resume$", err, re.M), err[-1500:]
+    assert not [n for n in os.listdir(ckpt_dir) if "tmp" in n]
+
+
 # ----------------------------------------------------------------------------- decided items
 
+
+def test_a_partly_written_last_log_row_is_dropped_on_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 2, "loss": 1.0}\n{"step": 4, "loss": 0.5}\n{"step": 6, "lo')
+    train._truncate_log(str(path), 4)
+    assert path.read_text() == '{"step": 2, "loss": 1.0}\n{"step": 4, "loss": 0.5}\n'
