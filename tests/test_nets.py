@@ -71,8 +71,15 @@ def test_parameter_counts():
 
 
 def test_timestep_embedding():
-    e = nets.timestep_embedding(jnp.array([0, 10]), 8)
-    chex.assert_shape(e, (2, 8))
+    """Every row, t = 0 and t != 0, against the float64 formula of Vaswani et al. (2017):
+    [cos(t w_i), sin(t w_i)] with w_i = 10000^(-i / (dim / 2)), i < dim / 2."""
+    t = np.array([0, 1, 10, 37, 999])
+    e = nets.timestep_embedding(jnp.asarray(t), 8)
+    chex.assert_shape(e, (5, 8))
+    freqs = np.array([1.0, 0.1, 0.01, 0.001])  # 10000 ** (-i / 4), written out
+    args = t[:, None].astype(np.float64) * freqs[None]
+    np.testing.assert_allclose(np.asarray(e, np.float64),
+                               np.concatenate([np.cos(args), np.sin(args)], 1), atol=2e-5)
     np.testing.assert_allclose(e[0], [1, 1, 1, 1, 0, 0, 0, 0])
 
 

@@ -21,12 +21,17 @@ def quadratic_loss(params, model_state, batch, key):
     return loss, ({"half_sq_err": loss}, model_state)
 
 
+# The decay of each of the K updates, written out rather than computed: TF's
+# ExponentialMovingAverage with num_updates = the updates made before this one,
+# min(decay, (1 + n) / (10 + n)): 1/10, 2/11, 3/12, 4/13, 5/14 (0.2 caps it from n = 2).
+DECAYS = {0.2: [0.1, 2 / 11, 0.2, 0.2, 0.2], 0.999: [0.1, 2 / 11, 0.25, 4 / 13, 5 / 14]}
+
+
 def ema_reference(params_by_step: list[np.ndarray], decay: float) -> np.ndarray:
-    """ema_0 = params_0; ema_{s+1} = d_s ema_s + (1 - d_s) params_{s+1} with
-    d_s = min(decay, (1 + s) / (10 + s)), s the step before the update; float64."""
+    """ema_0 = params_0; ema_{s+1} = d_s ema_s + (1 - d_s) params_{s+1} with d_s from the
+    table DECAYS; float64."""
     ema = np.asarray(params_by_step[0], np.float64)
-    for s, p in enumerate(params_by_step[1:]):
-        d = min(decay, (1.0 + s) / (10.0 + s))
+    for d, p in zip(DECAYS[decay], params_by_step[1:], strict=True):
         ema = d * ema + (1.0 - d) * np.asarray(p, np.float64)
     return ema
 
@@ -46,6 +51,10 @@ def test_ema_after_k_steps_matches_numpy(decay):
         state, metrics = step(state, batch, jax.random.key(s))
         assert bool(metrics["finite"]) and int(state.step) == s + 1
         history.append(np.asarray(state.params["w"]))
+        if s == 0:  # the first update weighs the new parameters 0.9, whatever the decay
+            np.testing.assert_allclose(np.asarray(state.ema_params["w"], np.float64),
+                                       0.1 * np.float64(history[0]) + 0.9 * np.float64(history[1]),
+                                       rtol=1e-6)
     assert np.abs(history[-1] - history[1]).min() > 1e-2  # the parameters did move
     want = ema_reference(history, decay)
     np.testing.assert_allclose(np.asarray(state.ema_params["w"], np.float64), want, rtol=1e-6, atol=1e-7)
