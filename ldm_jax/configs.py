@@ -60,6 +60,7 @@ def _common(stage: str, preset: str) -> ml_collections.ConfigDict:
 
 
 def _diffusion(c: ml_collections.ConfigDict, preset: str) -> None:
+    """The ldm and pixel stages: schedule and recipe, U-Net, sampler, then the preset."""
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.timesteps = 1000  # T
     # Cosine (Nichol & Dhariwal 2021) beat linear by 17-20 classifier-FID points at 600 LDM
@@ -78,6 +79,34 @@ def _diffusion(c: ml_collections.ConfigDict, preset: str) -> None:
     # which already ends at alpha_bar_T = 4e-5). Off.
     c.diffusion.zero_terminal_snr = False  # rescale betas so alpha_bar_T = 0 (Lin et al. 2024; v or x0)
 
+    _unet(c)
+    _sampler(c)
+    if c.stage == "ldm":
+        c.latent = ml_collections.ConfigDict()
+        c.latent.posterior = "sample"  # encode training images as posterior 'mean' or a 'sample'
+        c.optim.lr = 1e-3
+        c.model.ch, c.model.ch_mult, c.model.num_res_blocks = 64, (1, 2), 1
+    else:
+        c.optim.lr = 5e-4
+        c.model.ch, c.model.ch_mult, c.model.num_res_blocks = 32, (1, 2, 2), 1
+
+    if preset == "smoke":
+        c.model.ch, c.model.ch_mult, c.model.num_res_blocks = 16, (1, 2), 1
+        c.model.heads, c.model.groups = 2, 4
+        c.diffusion.timesteps = 50
+        c.sample.steps = 5
+    elif preset == "cpu-quick":
+        _cpu_quick_diffusion(c)
+    else:
+        c.model.ch = 128
+        c.model.num_res_blocks = 2
+        c.train.steps = 50_000
+
+
+
+
+def _unet(c: ml_collections.ConfigDict) -> None:
+    """The denoiser's fields (full preset)."""
     c.model = ml_collections.ConfigDict()
     c.model.ch = 64  # base channels of the U-Net
     c.model.ch_mult = (1, 2)  # channel multiplier per level; a stride-2 conv between levels
@@ -102,6 +131,9 @@ def _diffusion(c: ml_collections.ConfigDict, preset: str) -> None:
     # optimizer state stay float32, GroupNorm statistics and the loss are float32).
     c.model.dtype = "float32"
 
+
+def _sampler(c: ml_collections.ConfigDict) -> None:
+    """The default sampler of sample and pipeline, and its autoguidance."""
     c.sample = ml_collections.ConfigDict()
     # DPM-Solver++(2M) at 20 steps beat DDIM at 50 for every recipe in the ablation.
     c.sample.sampler = "dpmpp2m"  # default sampler of sample/pipeline: ddpm | ddim | dpmpp2m
@@ -113,66 +145,104 @@ def _diffusion(c: ml_collections.ConfigDict, preset: str) -> None:
     c.sample.guide_step = 0  # the earlier checkpoint that guides (0 = none kept)
     c.sample.guide_weight = 0.0  # w >= 0 (needs guide_step > 0)
 
-    if c.stage == "ldm":
-        c.latent = ml_collections.ConfigDict()
-        c.latent.posterior = "sample"  # encode training images as posterior 'mean' or a 'sample'
-        c.optim.lr = 1e-3
-        c.model.ch, c.model.ch_mult, c.model.num_res_blocks = 64, (1, 2), 1
-    else:
-        c.optim.lr = 5e-4
-        c.model.ch, c.model.ch_mult, c.model.num_res_blocks = 32, (1, 2, 2), 1
 
-    if preset == "smoke":
-        c.model.ch, c.model.ch_mult, c.model.num_res_blocks = 16, (1, 2), 1
-        c.model.heads, c.model.groups = 2, 4
-        c.diffusion.timesteps = 50
-        c.sample.steps = 5
-    elif preset == "cpu-quick":
-        # At a fixed wall clock on 2 CPU cores, more and cheaper steps win (docs/results.md):
-        # width 32, batch 64 and lr 2e-3 together gave classifier FID 77 against 127 for
-        # width 64, batch 128, lr 1e-3 (3,079 steps against 600 in the same minutes).
-        # At the README job's budget (2026-11-27, docs/results.md) lr 4e-3 beat 2e-3 with both
-        # seeds tried (61.8 and 67.7 against 67.8 and 68.8), while batch 32 (at matched time)
-        # and width 48 did not. The VAE's batch 64 frees ~2 minutes: 1,000 more LDM steps.
-        # The README's pipeline: VAE 1,200 + LDM 4,600 steps took 11 min 26 s on one CPU
-        # device (install included; 15:06 for 5,000 LDM steps on a slow day). Data parallel
-        # over one device per core (cli.setup_jax) the LDM step went from 0.110 to 0.074 s
-        # and the VAE's from 0.10 to 0.06 s on 2 cores, and that saving is 7,000 LDM steps.
-        # Pixel: 1,050 steps at ~1.6 s on one device matched the wall clock of VAE 1500 +
-        # LDM 1600 steps of the width-64 LDM (docs/results.md's equal-time comparison);
-        # at 1.09 s on two devices the same minutes are 1,500 steps.
-        if c.stage == "ldm":
-            c.model.ch, c.data.batch_size, c.optim.lr = 32, 64, 4e-3
-            # Stochastic DDIM (eta 1) at 50 steps: classifier FID 35.4 against 55.5 for
-            # deterministic DDIM-50 and DPM-Solver++(2M)-20 on the README job's LDM (2,000
-            # samples; 48.5 and 51.0 against 67.8 and 68.8 on two 4,000-step seeds at 600):
-            # the noise it adds corrects an under-trained model's errors (docs/results.md).
-            c.sample.sampler, c.sample.steps, c.sample.eta = "ddim", 50, 1.0
-            # Autoguidance by this run's own step-500 EMA weights, w = 2: on the README
-            # job's LDM (2,000 samples, DDIM-50 eta 1) classifier FID 26.2 against 36.1 and
-            # recognisable share 0.949 against 0.869; a step-1000 or -2500 guide did less,
-            # w = 3 overshot (docs/results.md, "Autoguidance").
-            c.sample.guide_step, c.sample.guide_weight = 500, 2.0
-        else:
-            # In the wall clock of 480 steps at batch 128: lr 2e-3 gave classifier FID 117.5
-            # against 187.6 for 5e-4, and batch 64 at 1,055 steps (same minutes) 89.7, against
-            # 231.9 for the 2020 recipe (docs/results.md).
-            c.optim.lr, c.data.batch_size = 2e-3, 64
-            # The LDM's sampling recipe suits the pixel model too (docs/results.md
-            # "Autoguidance", 600 samples): DDIM-50 with eta 1 gave classifier FID 72.9
-            # against 83.7 deterministic (seed 1), and its own step-200 guide helps more at
-            # w = 1 than at 2 on both seeds tried: FID 56.5 and 40.0 against 59.9 and 54.1,
-            # recognisable share 0.780 and 0.857 against 0.807 and 0.838, classes more even.
-            c.sample.sampler, c.sample.steps, c.sample.eta = "ddim", 50, 1.0
-            c.sample.guide_step, c.sample.guide_weight = 200, 1.0
-        c.train.steps = 7_000 if c.stage == "ldm" else 1_500
+def _cpu_quick_diffusion(c: ml_collections.ConfigDict) -> None:
+    """The diffusion stages at the README job's 2-core CPU budget."""
+    # At a fixed wall clock on 2 CPU cores, more and cheaper steps win (docs/results.md):
+    # width 32, batch 64 and lr 2e-3 together gave classifier FID 77 against 127 for
+    # width 64, batch 128, lr 1e-3 (3,079 steps against 600 in the same minutes).
+    # At the README job's budget (2026-11-27, docs/results.md) lr 4e-3 beat 2e-3 with both
+    # seeds tried (61.8 and 67.7 against 67.8 and 68.8), while batch 32 (at matched time)
+    # and width 48 did not. The VAE's batch 64 frees ~2 minutes: 1,000 more LDM steps.
+    # The README's pipeline: VAE 1,200 + LDM 4,600 steps took 11 min 26 s on one CPU
+    # device (install included; 15:06 for 5,000 LDM steps on a slow day). Data parallel
+    # over one device per core (cli.setup_jax) the LDM step went from 0.110 to 0.074 s
+    # and the VAE's from 0.10 to 0.06 s on 2 cores, and that saving is 7,000 LDM steps.
+    # Pixel: 1,050 steps at ~1.6 s on one device matched the wall clock of VAE 1500 +
+    # LDM 1600 steps of the width-64 LDM (docs/results.md's equal-time comparison);
+    # at 1.09 s on two devices the same minutes are 1,500 steps.
+    if c.stage == "ldm":
+        c.model.ch, c.data.batch_size, c.optim.lr = 32, 64, 4e-3
+        # Stochastic DDIM (eta 1) at 50 steps: classifier FID 35.4 against 55.5 for
+        # deterministic DDIM-50 and DPM-Solver++(2M)-20 on the README job's LDM (2,000
+        # samples; 48.5 and 51.0 against 67.8 and 68.8 on two 4,000-step seeds at 600):
+        # the noise it adds corrects an under-trained model's errors (docs/results.md).
+        c.sample.sampler, c.sample.steps, c.sample.eta = "ddim", 50, 1.0
+        # Autoguidance by this run's own step-500 EMA weights, w = 2: on the README
+        # job's LDM (2,000 samples, DDIM-50 eta 1) classifier FID 26.2 against 36.1 and
+        # recognisable share 0.949 against 0.869; a step-1000 or -2500 guide did less,
+        # w = 3 overshot (docs/results.md, "Autoguidance").
+        c.sample.guide_step, c.sample.guide_weight = 500, 2.0
     else:
-        c.model.ch = 128
-        c.model.num_res_blocks = 2
-        c.train.steps = 50_000
+        # In the wall clock of 480 steps at batch 128: lr 2e-3 gave classifier FID 117.5
+        # against 187.6 for 5e-4, and batch 64 at 1,055 steps (same minutes) 89.7, against
+        # 231.9 for the 2020 recipe (docs/results.md).
+        c.optim.lr, c.data.batch_size = 2e-3, 64
+        # The LDM's sampling recipe suits the pixel model too (docs/results.md
+        # "Autoguidance", 600 samples): DDIM-50 with eta 1 gave classifier FID 72.9
+        # against 83.7 deterministic (seed 1), and its own step-200 guide helps more at
+        # w = 1 than at 2 on both seeds tried: FID 56.5 and 40.0 against 59.9 and 54.1,
+        # recognisable share 0.780 and 0.857 against 0.807 and 0.838, classes more even.
+        c.sample.sampler, c.sample.steps, c.sample.eta = "ddim", 50, 1.0
+        c.sample.guide_step, c.sample.guide_weight = 200, 1.0
+    c.train.steps = 7_000 if c.stage == "ldm" else 1_500
+
+
+def _first_stage(c: ml_collections.ConfigDict, preset: str) -> None:
+    """The VAE stage: its networks, regulariser and loss."""
+    c.model = ml_collections.ConfigDict()
+    c.model.channels = (32, 64)  # encoder channels per level; each level halves 28 -> 14 -> 7
+    c.model.latent_ch = 4  # latent channels c of the s x s x c latent
+    c.model.num_res_blocks = 1  # residual blocks per level
+    c.model.groups = 8  # GroupNorm groups
+    c.autoencoder = ml_collections.ConfigDict()
+    c.autoencoder.reg = "kl"  # first-stage regulariser: kl (Gaussian posterior) | vq (codebook)
+    # Decoder output: bernoulli (logits, cross-entropy; saturates to exact 0 and 255) |
+    # gaussian (a mean under squared error; leaves a faint haze on the background).
+    c.autoencoder.likelihood = "bernoulli"
+    c.autoencoder.codebook_size = 256  # vq: number of codes
+    c.autoencoder.codebook_decay = 0.99  # vq: EMA decay of code counts and sums
+    c.autoencoder.dead_code_threshold = 1.0  # vq: restart codes used < this many times per batch (EMA)
+    c.autoencoder.commitment_weight = 0.25  # vq: weight of ||z_e - sg(q)||^2
+    c.loss = ml_collections.ConfigDict()
+    c.loss.kl_weight = 1e-3  # beta of the KL term (kl only); reconstruction is a per-image sum of squares
+    c.loss.perceptual_weight = 0.0  # weight of the classifier-feature perceptual loss (0 = off)
+    # Adversarial term of Esser et al. 2021 / Rombach et al. 2022: a patch discriminator
+    # (hinge loss) and a generator loss -D(x_hat) scaled by the adaptive weight
+    # ||grad L_rec|| / (||grad L_G|| + 1e-4) at the decoder's last layer, clipped to [0, 1e4].
+    # Off by default: at cpu-quick, 0.5 from step 600 lowered rFID in two seeds (5.09 -> 3.75,
+    # 4.53 -> 3.92) but the LDM's FID only within noise (152 -> 148) at +42% per VAE step
+    # (docs/results.md). Worth trying when the LDM nears its decoder's ceiling.
+    c.loss.adversarial_weight = 0.0  # times the adaptive weight (0 = off: no discriminator at all)
+    c.loss.adversarial_start = 10_000  # step from which the term (and the discriminator's training) is on
+    c.optim.lr = 1e-3
+    c.optim.ema_decay = 0.99
+    c.train.steps = 20_000
+    if preset == "cpu-quick":  # ~0.12 s/step on 2 CPU cores: full-resolution convs dominate
+        c.model.channels, c.model.num_res_blocks = (16, 32), 0
+        # Batch 64 halves the step (1,200 steps in 145 s against ~270 s) and the LDM on it
+        # scored within the seed spread of one on the batch-128 VAE (68.9 against 67.8 and
+        # 68.8, docs/results.md), so its saving goes into LDM steps.
+        c.data.batch_size = 64
+        c.train.steps = 1_200
+        c.loss.adversarial_start = 600
+    elif preset == "smoke":
+        c.model.channels, c.model.groups = (8, 16), 4
+        c.loss.adversarial_start = 3
+
+
+def _classifier(c: ml_collections.ConfigDict, preset: str) -> None:
+    """The MNIST CNN whose features the classifier FID uses."""
+    c.model = ml_collections.ConfigDict()
+    c.model.feature_dim = 128  # width of the penultimate layer (the FID features)
+    c.optim.lr = 1e-3
+    c.optim.ema_decay = 0.99
+    c.optim.weight_decay = 1e-4
+    c.train.steps = 3_000 if preset == "cpu-quick" else 6_000
 
 
 def get_config(stage: str, preset: str = "full") -> ml_collections.ConfigDict:
+    """The config of one stage at one preset (smoke | cpu-quick | full)."""
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     if preset not in PRESETS:
@@ -180,52 +250,9 @@ def get_config(stage: str, preset: str = "full") -> ml_collections.ConfigDict:
     c = _common(stage, preset)
 
     if stage == "vae":
-        c.model = ml_collections.ConfigDict()
-        c.model.channels = (32, 64)  # encoder channels per level; each level halves 28 -> 14 -> 7
-        c.model.latent_ch = 4  # latent channels c of the s x s x c latent
-        c.model.num_res_blocks = 1  # residual blocks per level
-        c.model.groups = 8  # GroupNorm groups
-        c.autoencoder = ml_collections.ConfigDict()
-        c.autoencoder.reg = "kl"  # first-stage regulariser: kl (Gaussian posterior) | vq (codebook)
-        # Decoder output: bernoulli (logits, cross-entropy; saturates to exact 0 and 255) |
-        # gaussian (a mean under squared error; leaves a faint haze on the background).
-        c.autoencoder.likelihood = "bernoulli"
-        c.autoencoder.codebook_size = 256  # vq: number of codes
-        c.autoencoder.codebook_decay = 0.99  # vq: EMA decay of code counts and sums
-        c.autoencoder.dead_code_threshold = 1.0  # vq: restart codes used < this many times per batch (EMA)
-        c.autoencoder.commitment_weight = 0.25  # vq: weight of ||z_e - sg(q)||^2
-        c.loss = ml_collections.ConfigDict()
-        c.loss.kl_weight = 1e-3  # beta of the KL term (kl only); reconstruction is a per-image sum of squares
-        c.loss.perceptual_weight = 0.0  # weight of the classifier-feature perceptual loss (0 = off)
-        # Adversarial term of Esser et al. 2021 / Rombach et al. 2022: a patch discriminator
-        # (hinge loss) and a generator loss -D(x_hat) scaled by the adaptive weight
-        # ||grad L_rec|| / (||grad L_G|| + 1e-4) at the decoder's last layer, clipped to [0, 1e4].
-        # Off by default: at cpu-quick, 0.5 from step 600 lowered rFID in two seeds (5.09 -> 3.75,
-        # 4.53 -> 3.92) but the LDM's FID only within noise (152 -> 148) at +42% per VAE step
-        # (docs/results.md). Worth trying when the LDM nears its decoder's ceiling.
-        c.loss.adversarial_weight = 0.0  # times the adaptive weight (0 = off: no discriminator at all)
-        c.loss.adversarial_start = 10_000  # step from which the term (and the discriminator's training) is on
-        c.optim.lr = 1e-3
-        c.optim.ema_decay = 0.99
-        c.train.steps = 20_000
-        if preset == "cpu-quick":  # ~0.12 s/step on 2 CPU cores: full-resolution convs dominate
-            c.model.channels, c.model.num_res_blocks = (16, 32), 0
-            # Batch 64 halves the step (1,200 steps in 145 s against ~270 s) and the LDM on it
-            # scored within the seed spread of one on the batch-128 VAE (68.9 against 67.8 and
-            # 68.8, docs/results.md), so its saving goes into LDM steps.
-            c.data.batch_size = 64
-            c.train.steps = 1_200
-            c.loss.adversarial_start = 600
-        elif preset == "smoke":
-            c.model.channels, c.model.groups = (8, 16), 4
-            c.loss.adversarial_start = 3
+        _first_stage(c, preset)
     elif stage == "classifier":
-        c.model = ml_collections.ConfigDict()
-        c.model.feature_dim = 128  # width of the penultimate layer (the FID features)
-        c.optim.lr = 1e-3
-        c.optim.ema_decay = 0.99
-        c.optim.weight_decay = 1e-4
-        c.train.steps = 3_000 if preset == "cpu-quick" else 6_000
+        _classifier(c, preset)
     else:
         _diffusion(c, preset)
 
@@ -238,6 +265,9 @@ def get_config(stage: str, preset: str = "full") -> ml_collections.ConfigDict:
         # 500 steps for the two fast stages, every 200 for the slow pixel and classifier.
         c.train.log_every = 25
         c.train.ckpt_every = 500 if stage in ("vae", "ldm") else 200
+        # The README job keeps its own validation split: sampler defaults are chosen on these
+        # 2,000 held-out training images and reported on the test set (docs/results.md).
+        c.data.holdout = 2_000 if stage != "classifier" else 0
     return c
 
 
@@ -319,6 +349,23 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check_numbers(c)
     if c.data.source not in ("package", "tfds"):
         raise ConfigError(f"data.source must be 'package' or 'tfds', got {c.data.source!r}")
+    _check_training(c)
+    if "groups" in c.model:
+        _check_at_least({"model.groups": c.model.groups}, 1)
+    if "num_res_blocks" in c.model:
+        _check_at_least({"model.num_res_blocks": c.model.num_res_blocks}, 0)
+    if c.stage == "classifier":
+        _check_at_least({"model.feature_dim": c.model.feature_dim}, 1)
+    if c.stage == "vae":
+        _check_first_stage(c)
+    if c.stage in DIFFUSION_STAGES:
+        _check_diffusion(c)
+        _check_unet(c)
+        _check_sampling(c)
+
+
+def _check_training(c: ml_collections.ConfigDict) -> None:
+    """data, optim and train: sizes, rates and Adam's constants."""
     positive = {"optim.lr": c.optim.lr, "data.batch_size": c.data.batch_size,
                 "train.steps": c.train.steps, "train.log_every": c.train.log_every,
                 "train.ckpt_every": c.train.ckpt_every,
@@ -347,95 +394,104 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if not 0.0 <= o.final_lr_frac <= 1.0:
         raise ConfigError(f"optim.final_lr_frac must be in [0, 1], got {o.final_lr_frac}")
     _check_at_least({"optim.weight_decay": o.weight_decay, "optim.grad_clip": o.grad_clip}, 0)
-    if "groups" in c.model:
-        _check_at_least({"model.groups": c.model.groups}, 1)
-    if "num_res_blocks" in c.model:
-        _check_at_least({"model.num_res_blocks": c.model.num_res_blocks}, 0)
-    if c.stage == "classifier":
-        _check_at_least({"model.feature_dim": c.model.feature_dim}, 1)
-    if c.stage == "vae":
-        _check_levels("model.channels", c.model.channels)
-        _check_channels("model.channels", c.model.channels, c.model.groups)
-        side = 28
-        for _ in c.model.channels:
-            side = -(-side // 2)
-        dim = side * side * c.model.latent_ch
-        if not 0 < dim < 784:
-            raise ConfigError(f"latent {side}x{side}x{c.model.latent_ch} = {dim} dims must be "
-                              "between 1 and 783 (smaller than the 784 pixels)")
-        if c.loss.kl_weight < 0 or c.loss.perceptual_weight < 0 or c.loss.adversarial_weight < 0:
-            raise ConfigError("loss.kl_weight, loss.perceptual_weight and loss.adversarial_weight "
-                              "must be >= 0")
-        if c.loss.adversarial_start < 0:
-            raise ConfigError(f"loss.adversarial_start must be >= 0, got {c.loss.adversarial_start}")
-        ae = c.autoencoder
-        if ae.reg not in ("kl", "vq"):
-            raise ConfigError(f"autoencoder.reg must be kl or vq, got {ae.reg!r}")
-        if ae.likelihood not in nets.LIKELIHOODS:
-            raise ConfigError(f"autoencoder.likelihood must be {'|'.join(nets.LIKELIHOODS)}, "
-                              f"got {ae.likelihood!r}")
-        if ae.codebook_size < 2 or not 0.0 <= ae.codebook_decay < 1.0 \
-                or ae.commitment_weight < 0 or ae.dead_code_threshold < 0:
-            raise ConfigError("autoencoder needs codebook_size >= 2, codebook_decay in [0, 1), "
-                              "commitment_weight >= 0 and dead_code_threshold >= 0")
-    if c.stage in DIFFUSION_STAGES:
-        d = c.diffusion
-        if d.schedule not in ("linear", "quadratic", "cosine"):
-            raise ConfigError(f"diffusion.schedule must be linear|quadratic|cosine, got {d.schedule!r}")
-        if d.var_type not in ("fixed_small", "fixed_large"):
-            raise ConfigError(f"diffusion.var_type must be fixed_small|fixed_large, got {d.var_type!r}")
-        if d.timesteps < 2 or not 0 < d.beta_start < d.beta_end < 1:
-            raise ConfigError("diffusion needs timesteps >= 2 and 0 < beta_start < beta_end < 1")
-        try:
-            diffusion.check_recipe(d.prediction, d.zero_terminal_snr, d.loss_weighting,
-                                   d.min_snr_gamma)
-            diffusion.check_schedule(d.schedule, d.timesteps, d.beta_start, d.beta_end,
-                                     zero_terminal_snr=d.zero_terminal_snr)
-        except ValueError as e:
-            raise ConfigError(f"diffusion: {str(e).strip().splitlines()[0]}") from None
-        m = c.model
-        _check_at_least({"model.ch": m.ch, "model.heads": m.heads,
-                         "model.context_tokens": m.context_tokens,
-                         "model.context_dim": m.context_dim,
-                         "model.text_layers": m.text_layers}, 1)
-        _check_at_least({"model.text_conv": m.text_conv}, 0)
-        _check_levels("model.ch_mult", m.ch_mult)
-        _check_channels("model.ch * ch_mult", [m.ch] + [m.ch * k for k in m.ch_mult], m.groups)
-        # Widths that attention runs at: the lowest level (the middle block sees ch when
-        # there are no residual blocks to widen it), and every level > 0 with crossattn.
-        widths = {m.ch * m.ch_mult[-1]} | ({m.ch} if m.num_res_blocks == 0 else set())
-        if m.conditioning in ("crossattn", "text"):
-            widths |= {m.ch * k for k in m.ch_mult[1:]}
-        if m.conditioning == "text":
-            widths.add(m.context_dim)  # the text encoder's self-attention
-        for width in sorted(widths):
-            if width % m.heads:
-                raise ConfigError(f"attention width {width} is not divisible by "
-                                  f"model.heads={m.heads}")
-        if c.sample.sampler not in SAMPLERS or not 1 <= c.sample.steps <= d.timesteps:
-            raise ConfigError(f"sample.sampler must be {'|'.join(SAMPLERS)} and "
-                              "1 <= sample.steps <= timesteps")
-        if not 0.0 <= c.sample.eta <= 1.0:
-            raise ConfigError(f"sample.eta must be in [0, 1], got {c.sample.eta}")
-        if not 0 <= c.sample.guide_step < c.train.steps:
-            raise ConfigError(f"sample.guide_step must be 0 (none) or an earlier step than "
-                              f"train.steps={c.train.steps}, got {c.sample.guide_step}; set "
-                              "sample.guide_step=0 and sample.guide_weight=0 for no autoguidance")
-        if not (0.0 <= c.sample.guide_weight < math.inf):  # also refuses nan
-            raise ConfigError(f"sample.guide_weight must be a finite number >= 0, got "
-                              f"{c.sample.guide_weight}")
-        if c.sample.guide_weight > 0 and not c.sample.guide_step:
-            raise ConfigError("sample.guide_weight > 0 needs sample.guide_step, the earlier "
-                              "checkpoint that guides")
-        if c.model.dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"model.dtype must be float32|bfloat16, got {c.model.dtype!r}")
-        if c.model.conditioning not in ("none", "class", "crossattn", "text"):
-            raise ConfigError("model.conditioning must be none|class|crossattn|text, got "
-                              f"{c.model.conditioning!r}")
-        if not 0.0 <= c.model.label_dropout < 1.0 or c.model.num_classes < 1:
-            raise ConfigError("model.label_dropout must be in [0, 1) and model.num_classes >= 1")
-        if c.stage == "ldm" and c.latent.posterior not in ("mean", "sample"):
-            raise ConfigError(f"latent.posterior must be 'mean' or 'sample', got {c.latent.posterior!r}")
+
+
+def _check_first_stage(c: ml_collections.ConfigDict) -> None:
+    """The VAE's channels, latent size, loss weights and regulariser."""
+    _check_levels("model.channels", c.model.channels)
+    _check_channels("model.channels", c.model.channels, c.model.groups)
+    side = 28
+    for _ in c.model.channels:
+        side = -(-side // 2)
+    dim = side * side * c.model.latent_ch
+    if not 0 < dim < 784:
+        raise ConfigError(f"latent {side}x{side}x{c.model.latent_ch} = {dim} dims must be "
+                          "between 1 and 783 (smaller than the 784 pixels)")
+    if c.loss.kl_weight < 0 or c.loss.perceptual_weight < 0 or c.loss.adversarial_weight < 0:
+        raise ConfigError("loss.kl_weight, loss.perceptual_weight and loss.adversarial_weight "
+                          "must be >= 0")
+    if c.loss.adversarial_start < 0:
+        raise ConfigError(f"loss.adversarial_start must be >= 0, got {c.loss.adversarial_start}")
+    ae = c.autoencoder
+    if ae.reg not in ("kl", "vq"):
+        raise ConfigError(f"autoencoder.reg must be kl or vq, got {ae.reg!r}")
+    if ae.likelihood not in nets.LIKELIHOODS:
+        raise ConfigError(f"autoencoder.likelihood must be {'|'.join(nets.LIKELIHOODS)}, "
+                          f"got {ae.likelihood!r}")
+    if ae.codebook_size < 2 or not 0.0 <= ae.codebook_decay < 1.0 \
+            or ae.commitment_weight < 0 or ae.dead_code_threshold < 0:
+        raise ConfigError("autoencoder needs codebook_size >= 2, codebook_decay in [0, 1), "
+                          "commitment_weight >= 0 and dead_code_threshold >= 0")
+
+
+def _check_diffusion(c: ml_collections.ConfigDict) -> None:
+    """The schedule and the recipe (prediction, loss weighting)."""
+    d = c.diffusion
+    for name, enum in (("schedule", diffusion.BetaSchedule), ("var_type", diffusion.VarianceType)):
+        names = [e.value for e in enum]
+        if d[name] not in names:
+            raise ConfigError(f"diffusion.{name} must be {'|'.join(names)}, got {d[name]!r}")
+    if d.timesteps < 2 or not 0 < d.beta_start < d.beta_end < 1:
+        raise ConfigError("diffusion needs timesteps >= 2 and 0 < beta_start < beta_end < 1")
+    try:
+        diffusion.check_recipe(d.prediction, d.zero_terminal_snr, d.loss_weighting,
+                               d.min_snr_gamma)
+        diffusion.check_schedule(d.schedule, d.timesteps, d.beta_start, d.beta_end,
+                                 zero_terminal_snr=d.zero_terminal_snr)
+    except ValueError as e:
+        raise ConfigError(f"diffusion: {str(e).strip().splitlines()[0]}") from None
+
+
+def _check_unet(c: ml_collections.ConfigDict) -> None:
+    """Widths, heads and conditioning of the U-Net."""
+    m = c.model
+    _check_at_least({"model.ch": m.ch, "model.heads": m.heads,
+                     "model.context_tokens": m.context_tokens,
+                     "model.context_dim": m.context_dim,
+                     "model.text_layers": m.text_layers}, 1)
+    _check_at_least({"model.text_conv": m.text_conv}, 0)
+    _check_levels("model.ch_mult", m.ch_mult)
+    _check_channels("model.ch * ch_mult", [m.ch] + [m.ch * k for k in m.ch_mult], m.groups)
+    # Widths that attention runs at: the lowest level (the middle block sees ch when
+    # there are no residual blocks to widen it), and every level > 0 with crossattn.
+    widths = {m.ch * m.ch_mult[-1]} | ({m.ch} if m.num_res_blocks == 0 else set())
+    if m.conditioning in ("crossattn", "text"):
+        widths |= {m.ch * k for k in m.ch_mult[1:]}
+    if m.conditioning == "text":
+        widths.add(m.context_dim)  # the text encoder's self-attention
+    for width in sorted(widths):
+        if width % m.heads:
+            raise ConfigError(f"attention width {width} is not divisible by "
+                              f"model.heads={m.heads}")
+    if c.model.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"model.dtype must be float32|bfloat16, got {c.model.dtype!r}")
+    if c.model.conditioning not in ("none", "class", "crossattn", "text"):
+        raise ConfigError("model.conditioning must be none|class|crossattn|text, got "
+                          f"{c.model.conditioning!r}")
+    if not 0.0 <= c.model.label_dropout < 1.0 or c.model.num_classes < 1:
+        raise ConfigError("model.label_dropout must be in [0, 1) and model.num_classes >= 1")
+    if c.stage == "ldm" and c.latent.posterior not in ("mean", "sample"):
+        raise ConfigError(f"latent.posterior must be 'mean' or 'sample', got {c.latent.posterior!r}")
+
+
+def _check_sampling(c: ml_collections.ConfigDict) -> None:
+    """The default sampler and its autoguidance."""
+    d = c.diffusion
+    if c.sample.sampler not in SAMPLERS or not 1 <= c.sample.steps <= d.timesteps:
+        raise ConfigError(f"sample.sampler must be {'|'.join(SAMPLERS)} and "
+                          "1 <= sample.steps <= timesteps")
+    if not 0.0 <= c.sample.eta <= 1.0:
+        raise ConfigError(f"sample.eta must be in [0, 1], got {c.sample.eta}")
+    if not 0 <= c.sample.guide_step < c.train.steps:
+        raise ConfigError(f"sample.guide_step must be 0 (none) or an earlier step than "
+                          f"train.steps={c.train.steps}, got {c.sample.guide_step}; set "
+                          "sample.guide_step=0 and sample.guide_weight=0 for no autoguidance")
+    if not (0.0 <= c.sample.guide_weight < math.inf):  # also refuses nan
+        raise ConfigError(f"sample.guide_weight must be a finite number >= 0, got "
+                          f"{c.sample.guide_weight}")
+    if c.sample.guide_weight > 0 and not c.sample.guide_step:
+        raise ConfigError("sample.guide_weight > 0 needs sample.guide_step, the earlier "
+                          "checkpoint that guides")
 
 
 def check_unet_input(c: ml_collections.ConfigDict, side: int, channels: int) -> None:

@@ -138,6 +138,14 @@ class SpatialTransformer(nn.Module):
 CONDITIONING = ("none", "class", "crossattn", "text")
 
 
+def _check_conditioning(conditioning: str, y) -> None:
+    if conditioning not in CONDITIONING:
+        raise ValueError(f"conditioning must be one of {CONDITIONING}, got {conditioning!r}")
+    if (conditioning == "none") != (y is None):
+        raise ValueError(f"conditioning={conditioning!r} needs labels y exactly when "
+                         "it is not 'none'")
+
+
 class UNet(nn.Module):
     """eps_theta(x_t, t[, y]): residual U-Net with self-attention at the lowest resolution.
 
@@ -167,11 +175,7 @@ class UNet(nn.Module):
         """x: [B, H, W, C]; t: [B] int timesteps; y: [B] int labels (num_classes = null),
         or for 'text' [B, L] prompt tokens; returns eps [B, H, W, C]."""
         assert x.ndim == 4 and t.shape == (x.shape[0],), (x.shape, t.shape)
-        if self.conditioning not in CONDITIONING:
-            raise ValueError(f"conditioning must be one of {CONDITIONING}, got {self.conditioning!r}")
-        if (self.conditioning == "none") != (y is None):
-            raise ValueError(f"conditioning={self.conditioning!r} needs labels y exactly when "
-                             "it is not 'none'")
+        _check_conditioning(self.conditioning, y)
         emb_dim = 4 * self.ch
         emb = timestep_embedding(t, self.ch).astype(x.dtype)  # the compute dtype is x's
         emb = nn.Dense(emb_dim)(nn.swish(nn.Dense(emb_dim)(emb)))
