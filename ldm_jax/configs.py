@@ -225,6 +225,9 @@ def _first_stage(c: ml_collections.ConfigDict, preset: str) -> None:
         # 68.8, docs/results.md), so its saving goes into LDM steps.
         c.data.batch_size = 64
         c.train.steps = 1_200
+        # lr 3e-3 against 1e-3 (Bernoulli decoder, validation split): MSE 0.0057 against
+        # 0.0074 on the 2,000 held-out images (docs/results.md).
+        c.optim.lr = 3e-3
         c.loss.adversarial_start = 600
     elif preset == "smoke":
         c.model.channels, c.model.groups = (8, 16), 4
@@ -381,11 +384,11 @@ def _check_training(c: ml_collections.ConfigDict) -> None:
     if c.data.max_examples and c.data.max_examples < c.data.batch_size:
         raise ConfigError(f"data.max_examples={c.data.max_examples} is smaller than one batch "
                           f"({c.data.batch_size})")
-    if c.data.holdout + c.data.batch_size > MNIST_TRAIN_IMAGES:
-        raise ConfigError(f"data.holdout={c.data.holdout} leaves fewer than one batch of the "
-                          f"{MNIST_TRAIN_IMAGES:,} training images")
     if c.data.batch_size > MNIST_TRAIN_IMAGES:
         raise ConfigError(f"data.batch_size={c.data.batch_size} is larger than the "
+                          f"{MNIST_TRAIN_IMAGES:,} training images")
+    if c.data.holdout + c.data.batch_size > MNIST_TRAIN_IMAGES:
+        raise ConfigError(f"data.holdout={c.data.holdout} leaves fewer than one batch of the "
                           f"{MNIST_TRAIN_IMAGES:,} training images")
     o = c.optim
     for name, value in (("optim.b1", o.b1), ("optim.b2", o.b2)):

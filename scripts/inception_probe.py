@@ -1,22 +1,23 @@
-"""Inception FID, precision/recall and pixel statistics of one set of images, against a
-cached reference: the README job's quality check (docs/results.md, "Sample quality").
+"""Inception FID, precision/recall, pixel statistics and the classifier proxy of one set of
+images against N reference images: the quality tables of docs/results.md ("Sample quality
+on Inception features").
 
-    python scripts/inception_probe.py --ref=test            # cache the 10,000 test images' features
-    python scripts/inception_probe.py --ref=test --npz=runs/demo/ldm_samples.npz --num=2000
-    python scripts/inception_probe.py --ref=val --vae=runs/demo --num=2000   # VAE reconstructions
-    python scripts/inception_probe.py --ref=test --real=2000  # the floor: N training images
+    python scripts/inception_probe.py --ref=test --npz=runs/demo/ldm_samples.npz   # samples
+    python scripts/inception_probe.py --ref=test --vae=runs/demo      # the VAE's reconstructions
+    python scripts/inception_probe.py --ref=test --real                # the floor: training images
+    python scripts/inception_probe.py --ref=val --npz=...              # for choices
 
---ref=val scores against the last --holdout training images (data.holdout; for choices),
---ref=test against the 10,000 test images (for reporting). --vae reconstructs the first N
-images of the reference split. Precision/recall (k = 3) use N reference images. About 6 images/s on 2 cores.
+--ref=test: N of the 10,000 test images (drawn with seed 0), for reporting. --ref=val: the
+last --holdout training images (data.holdout; the cpu-quick preset holds out 2,000), for
+choosing defaults. --vae reconstructs those same reference images (rFID); --real takes N
+training images outside the holdout. Reference features are cached. Inception runs on every
+CPU device (cli.setup_jax), a few images/s on 2 cores.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import sys
 
 import numpy as np
 from absl import app, flags
@@ -26,35 +27,69 @@ from ldm_jax import cli, data, metrics
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("ref", "test", ["test", "val"], "Reference: the test set, or the holdout.")
 flags.DEFINE_integer("holdout", 2000, "Size of the validation holdout (data.holdout).")
+flags.DEFINE_integer("num", 2000, "N: images scored and reference images.")
 flags.DEFINE_string("npz", "", "Samples to score (an .npz with uint8 `images`).")
-flags.DEFINE_string("vae", "", "A workdir whose VAE reconstructs the first --num reference images.")
-flags.DEFINE_integer("real", 0, "Score this many training images (outside the holdout): the floor.")
-flags.DEFINE_integer("num", 2000, "How many images to score.")
+flags.DEFINE_string("vae", "", "A workdir whose VAE reconstructs the reference images.")
+flags.DEFINE_bool("real", False, "Score N training images outside the holdout: the floor.")
 
 
-def split_images() -> np.ndarray:
-    """uint8 [N, 28, 28]: the 10,000 test images, or the last --holdout training images."""
+def reference_images() -> np.ndarray:
+    """uint8 [N, 28, 28]: N test images (seed 0), or the last --holdout training images."""
     if FLAGS.ref == "test":
-        return data.load("package", "test")[0]
-    return data.load("package", "train")[0][-FLAGS.holdout:]
+        test = data.load("package", "test")[0]
+        return test[np.random.default_rng(0).choice(len(test), FLAGS.num, replace=False)]
+    return data.load("package", "train")[0][-FLAGS.holdout:][:FLAGS.num]
 
 
-def reference(which: str, holdout: int, feat_fn, weights: str) -> np.ndarray:
-    """Inception features of the reference set, computed once and cached."""
-    tag = hashlib.md5(open(weights, "rb").read(1 << 20)).hexdigest()[:8]
-    name = f"inception_ref_{which}{holdout if which == 'val' else ''}_{tag}.npz"
+def sharded_feature_fn(batch: int = 20):
+    """uint8 [N, 28, 28] -> Inception pool features [N, 2048], each batch split over the
+    CPU devices (XLA:CPU runs one device's convolutions on about one core)."""
+    import jax  # pylint: disable=import-outside-toplevel
+    from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
+    from ldm_jax import inception  # pylint: disable=import-outside-toplevel
+    mesh = jax.make_mesh((len(jax.devices()),), ("b",))
+    rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("b"))
+    params = jax.device_put(inception.load_params(), rep)
+    model = inception.InceptionV3()
+    fn = jax.jit(lambda p, x: model.apply({"params": p}, inception.preprocess(x, "tf")),
+                 in_shardings=(rep, split), out_shardings=split)
+
+    def features(images: np.ndarray) -> np.ndarray:
+        n = len(images)
+        padded = np.concatenate([images, np.zeros((-n % batch, 28, 28), np.uint8)])
+        return np.concatenate([np.asarray(fn(params, jax.device_put(padded[i:i + batch], split)))
+                               for i in range(0, len(padded), batch)])[:n]
+    return features
+
+
+def cached_reference(feat_fn) -> np.ndarray:
+    name = f"inception_ref_{FLAGS.ref}{FLAGS.holdout if FLAGS.ref == 'val' else ''}_{FLAGS.num}.npz"
     path = os.path.join(os.path.expanduser("~/.cache/ldm_jax"), name)
     if os.path.isfile(path):
         with np.load(path, allow_pickle=False) as z:
             return z["features"]
-    images = split_images()
+    feats = feat_fn(reference_images())
+    np.savez(path + ".tmp.npz", features=feats)
+    os.replace(path + ".tmp.npz", path)
+    return feats
+
+
+def sample_features(feat_fn, images: np.ndarray) -> np.ndarray:
+    """Inception features of the scored images; for --npz kept beside it, so that scoring
+    the same samples against the other split costs no second pass."""
+    if not FLAGS.npz:
+        return feat_fn(images)
+    path = f"{FLAGS.npz[:-4]}_inception{len(images)}.npz"
+    if os.path.isfile(path) and os.path.getmtime(path) > os.path.getmtime(FLAGS.npz):
+        with np.load(path, allow_pickle=False) as z:
+            return z["features"]
     feats = feat_fn(images)
     np.savez(path + ".tmp.npz", features=feats)
     os.replace(path + ".tmp.npz", path)
     return feats
 
 
-def images_to_score() -> tuple[str, np.ndarray] | None:
+def images_to_score() -> tuple[str, np.ndarray]:
     if FLAGS.npz:
         with np.load(FLAGS.npz, allow_pickle=False) as z:
             return FLAGS.npz, z["images"][:FLAGS.num]
@@ -62,44 +97,40 @@ def images_to_score() -> tuple[str, np.ndarray] | None:
         import jax  # pylint: disable=import-outside-toplevel
         from ldm_jax import checkpoints, nets  # pylint: disable=import-outside-toplevel
         vae, variables, _, meta = checkpoints.load_vae(FLAGS.vae)
-        x = data.to_float(split_images()[:FLAGS.num])
+        x = data.to_float(reference_images())
         rec = jax.jit(lambda v, b: vae.apply(v, b, method=nets.VAE.reconstruct)[0])
-        out = np.concatenate([np.asarray(rec(variables, x[i:i + 500])) for i in range(0, len(x), 500)])
-        return f"{FLAGS.vae}/vae step {meta['step']} reconstructions", data.to_uint8(out)
-    if FLAGS.real:
-        train = data.load("package", "train")[0][:-FLAGS.holdout]
-        return f"{FLAGS.real} training images", train[:FLAGS.real]
-    return None
+        out = np.concatenate([np.asarray(rec(variables, x[i:i + 500]))
+                              for i in range(0, len(x), 500)])
+        return f"{FLAGS.vae} VAE step {meta['step']}, reconstructions", data.to_uint8(out)
+    train = data.load("package", "train")[0][:-FLAGS.holdout]
+    pick = np.random.default_rng(1).choice(len(train), FLAGS.num, replace=False)
+    return f"{FLAGS.num} training images", train[pick]
 
 
 def classifier_scores(images: np.ndarray) -> dict:
-    """The fast proxy: the committed classifier's FID against the same reference split,
+    """The fast proxy: the committed classifier's FID against the same reference images,
     and its recognisable share (top probability > 0.9)."""
     from ldm_jax import features  # pylint: disable=import-outside-toplevel
     feat_fn = features.feature_fn(features.DEFAULT_PATH)
     probs = features.probabilities_fn(features.DEFAULT_PATH)(images)
-    real = split_images()
-    return dict(classifier_fid=metrics.fid_from_features(feat_fn(real), feat_fn(images)),
+    return dict(classifier_fid=metrics.fid_from_features(feat_fn(reference_images()),
+                                                         feat_fn(images)),
                 recognisable=float(np.mean(probs.max(-1) > 0.9)))
 
 
 def main(argv):
     del argv
+    if not (FLAGS.npz or FLAGS.vae or FLAGS.real):
+        raise app.UsageError("pass --npz, --vae or --real")
     cli.setup_jax()
-    from ldm_jax import inception  # pylint: disable=import-outside-toplevel
-    weights = inception.default_weights_path()
-    feat_fn = inception.make_feature_fn(inception.load_params(weights), batch_size=10)
-    ref = reference(FLAGS.ref, FLAGS.holdout, feat_fn, weights)
-    got = images_to_score()
-    if got is None:
-        print(f"cached {len(ref)} reference features")
-        return
-    name, images = got
-    fake = feat_fn(images)
-    real_n = ref[np.random.default_rng(0).permutation(len(ref))[:len(images)]]
-    p, r = metrics.precision_recall(real_n, fake, k=3)
-    row = dict(what=name, ref=FLAGS.ref, n=len(images), inception_fid=metrics.fid_from_features(ref, fake),
-               precision=p, recall=r, **metrics.pixel_stats(images), **classifier_scores(images))
+    feat_fn = sharded_feature_fn()
+    ref = cached_reference(feat_fn)
+    name, images = images_to_score()
+    fake = sample_features(feat_fn, images)
+    p, r = metrics.precision_recall(ref, fake, k=3)
+    row = dict(what=name, ref=FLAGS.ref, n=len(images),
+               inception_fid=metrics.fid_from_features(ref, fake), precision=p, recall=r,
+               **metrics.pixel_stats(images), **classifier_scores(images))
     print(json.dumps(row))
 
 

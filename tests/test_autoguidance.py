@@ -64,8 +64,9 @@ def test_sample_cli_uses_the_config_weight_and_the_flag_overrides_it(guided_work
         assert r.returncode == 0, r.stderr[-2000:]
         with np.load(tmp_path / f"{name}.npz", allow_pickle=False) as z:
             out[name] = z["images"]
-    # The config's guide_weight (1.0) guides by default; --autoguidance=0 turns it off.
-    assert np.abs(out["config"].astype(int) - out["off"]).max() > 10
+    # The config's guide_weight (1.0) guides by default; --autoguidance=0 turns it off. More
+    # than rounding apart (the saturating Bernoulli decoder moves less than the old one).
+    assert np.abs(out["config"].astype(int) - out["off"]).max() > 2
 
 
 def test_a_lost_guide_is_one_line_exit_2(guided_workdir, tmp_path):
