@@ -10,10 +10,12 @@ the EMA parameters, onto one device.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import socket
 import sys
 
 import jax
@@ -428,11 +430,23 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+# What flock raises on a filesystem that does not support it (some FUSE mounts, such as
+# Google Drive's): stage_lock then falls back to an O_EXCL lock file.
+NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP)
+
+
+def _busy(stage_dir: str, detail: str = "") -> configs.ConfigError:
+    return configs.ConfigError(f"another trainer is running in {stage_dir}; wait for it "
+                               f"or use another workdir{detail}")
+
+
 @contextlib.contextmanager
 def stage_lock(stage_dir: str):
     """One trainer per stage directory: an exclusive flock on stage_dir/.lock, held for
     the run (process 0 of a jax.distributed run holds it for all). The kernel drops it
-    when the process dies, so a SIGKILLed run never blocks the next one."""
+    when the process dies, so a SIGKILLed run never blocks the next one. Where the
+    filesystem refuses flock (NO_FLOCK), the lock is the file stage_dir/.lock.holder,
+    made with O_EXCL (_holder_lock)."""
     if jax.process_index() != 0:
         yield
         return
@@ -441,12 +455,74 @@ def stage_lock(stage_dir: str):
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise configs.ConfigError(f"another trainer is running in {stage_dir}; wait for it "
-                                      "or use another workdir") from None
+        except OSError as e:
+            if e.errno not in NO_FLOCK:
+                raise _busy(stage_dir) from None
+            os.close(fd)
+            fd = None
+            with _holder_lock(stage_dir):
+                yield
+            return
         yield
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _holder_lock(stage_dir: str):
+    """stage_lock without flock: stage_dir/.lock.holder, created with O_CREAT|O_EXCL and
+    holding {"host", "pid"} as JSON, removed on release. A holder on this host whose pid
+    is gone (a killed run) is stale and replaced, with one line on stderr; one on another
+    host cannot be checked from here, so it is refused with the file to delete if that
+    run is gone. (Two runs that both find one stale lock in the same instant may both
+    take it: a crash followed by two simultaneous restarts.)"""
+    path = os.path.join(stage_dir, ".lock.holder")
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    for _ in range(2):  # the second try after removing a stale lock
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            break
+        except FileExistsError:
+            pass
+        try:
+            with open(path, encoding="utf-8") as f:
+                holder = json.load(f)
+            host, pid = holder["host"], int(holder["pid"])
+        except FileNotFoundError:
+            continue  # released in between: try again
+        except (OSError, ValueError, KeyError, TypeError):  # being written, or garbled
+            raise _busy(stage_dir, f" (if no run is, delete {path})") from None
+        if host != me["host"]:
+            raise _busy(stage_dir, f" (held by pid {pid} on host {host}; if that run is "
+                                   f"gone, delete {path})")
+        if _pid_alive(pid):
+            raise _busy(stage_dir)
+        print(f"stage lock {path} was left by pid {pid}, which is no longer running; "
+              "taking it over", file=sys.stderr)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    else:
+        raise _busy(stage_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(me, f)
+            f.flush()
+            os.fsync(f.fileno())
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
 
 
 def load_vae(workdir: str, step: int | None = None, digest: str | None = None):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -75,11 +76,21 @@ def require(fv: flags.FlagValues, *names: str) -> None:
             raise UsageError(f"--{name} is required")
 
 
+# A URL's scheme, as RFC 3986 spells it: a letter, then letters, digits, + - .
+URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
 def check_workdir(path: str, must_exist: bool = False, writable: bool = True) -> None:
     """A workdir must be a directory (or not exist yet, unless must_exist) and, when
     writable, be writable, or be creatable: its nearest existing parent a writable
     directory. Raises UsageError (one line). os.access: root passes the permission test
-    on any directory, as it can write there."""
+    on any directory, as it can write there. A URL (gs://, s3://, any scheme://) is
+    refused: os.path would make it a local folder named 'gs:'."""
+    scheme = URL_SCHEME.match(path)
+    if scheme:
+        raise UsageError(f"workdir {path} is a {scheme.group(1)}:// URL, which ldm_jax cannot "
+                         "write to; use a POSIX path that every host sees (an NFS or Filestore "
+                         "share, or a gcsfuse mount of the bucket)")
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"workdir {path} is a file, not a directory")
     if not os.path.exists(path):
