@@ -281,46 +281,42 @@ def no_space_message(stage_dir: str) -> str:
              "no checkpoint was saved") + "; free some space and rerun the same command")
 
 
-def _run(c: ml_collections.ConfigDict, workdir: str, task: stages.Task,
-         stop_at_step: int | None) -> TrainState:
-    stage_dir = os.path.join(workdir, c.stage)
-    # The LR schedule's length is fixed by the first run (stored in every checkpoint).
+def _schedule_steps(c: ml_collections.ConfigDict, stage_dir: str) -> int:
+    """The LR schedule's length, fixed by the first run (stored in every checkpoint)."""
     stored = checkpoints.stored_meta(stage_dir) or {}
-    schedule_steps = stored.get("schedule_steps") or (
+    return stored.get("schedule_steps") or (
         (checkpoints.stored_config(stage_dir) or {}).get("train", {}).get("steps", c.train.steps))
 
-    # Model and optimizer, replicated over a 1-D data mesh.
-    mesh = cli.data_mesh(c.data.batch_size)
-    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    init_key, train_key = jax.random.split(jax.random.key(c.seed))
-    # Every input of the step is committed to the mesh, so the step compiles once: an
-    # uncommitted key or tally on the first call would compile it a second time when the
-    # committed outputs come back in (a second ~13 s compilation of the smoke step here).
-    # (jit rather than device_put: it places values on every process's devices alike.)
-    commit = jax.jit(lambda x: x, out_shardings=replicated)
-    train_key = commit(train_key)
-    tx = make_optimizer(c.optim, schedule_steps)
 
+def _init_or_restore(task: stages.Task, tx: optax.GradientTransformation, stage_dir: str,
+                     init_key: Array, replicated: NamedSharding) -> tuple[TrainState, dict]:
+    """The newest intact checkpoint's state and meta (damaged newer ones are moved aside),
+    or a new state at step 0. A run keeps the shuffle of its first run (runs begun before
+    the jax shuffle: numpy)."""
     def init_state(key):
         params, model_state = task.init(key)
         return TrainState.create(apply_fn=None, params=params, tx=tx, ema_params=params,
                                  model_state=model_state)
 
     state = jax.jit(init_state, out_shardings=replicated)(init_key)
-    # Checkpoint: resume from the newest intact one (damaged newer ones are moved aside).
     restored, resumed = checkpoints.restore_for_training(
         stage_dir, jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
-    if restored is not None:
-        state = restored
-    resumed = resumed or {}
-    start, spent = resumed.get("step", 0), resumed.get("train_seconds", 0.0)
-    # A run keeps the shuffle of its first run (runs begun before the jax shuffle: numpy).
-    shuffle = resumed.get("shuffle", "numpy") if restored is not None else data.SHUFFLES[0]
+    start = dict(step=0, train_seconds=0.0, skipped_nonfinite=0)
+    if restored is None:
+        return state, {**start, "shuffle": data.SHUFFLES[0]}
+    return restored, {**start, "shuffle": "numpy", **(resumed or {})}
+
+
+def _step_runner(c: ml_collections.ConfigDict, task: stages.Task, mesh: jax.sharding.Mesh,
+                 shuffle: str, train_key: Array):
+    """(state, tally, step) -> (state, tally): one jitted _tally_step on the step's batch.
+
+    On an accelerator the training set (images, or the LDM's encoded latents: 60,000 x
+    7x7x4 floats is 47 MB) is split over the devices once, and each step draws its batch
+    inside the jitted step. On the CPU the host is the device: batches are sliced in
+    numpy, which measured faster there (VAE cpu-quick: see docs/results.md)."""
     get_batch = stages.batcher(c, task.arrays, shuffle)
-    # On an accelerator the training set (images, or the LDM's encoded latents: 60,000 x
-    # 7x7x4 floats is 47 MB) is split over the devices once, and each step draws its batch
-    # inside the jitted step. On the CPU the host is the device: batches are sliced in
-    # numpy, which measured faster there (VAE cpu-quick: see docs/results.md).
+    sharded = NamedSharding(mesh, P("data"))
     device_data = bool(task.arrays) and shuffle == "jax" and os.environ.get(
         "LDM_JAX_DEVICE_DATA", "auto" if jax.default_backend() != "cpu" else "0") != "0"
     kwargs = dict(loss_fn=task.loss_fn, ema_decay=c.optim.ema_decay)
@@ -329,128 +325,192 @@ def _run(c: ml_collections.ConfigDict, workdir: str, task: stages.Task,
         step_fn = jax.jit(functools.partial(
             _device_data_step, mesh=mesh, num_examples=len(next(iter(task.arrays.values()))),
             batch_size=c.data.batch_size, seed=c.seed, **kwargs), donate_argnums=(0, 1))
-    else:
-        step_fn = jax.jit(functools.partial(_tally_step, **kwargs), donate_argnums=(0, 1))
-    finished = stop_at_step is None and is_finished(c, start, spent)
+        return lambda state, tally, step: step_fn(state, tally, arrays, train_key)
+    step_fn = jax.jit(functools.partial(_tally_step, **kwargs), donate_argnums=(0, 1))
+
+    def host_data_step(state, tally, step):
+        batch = {k: jax.make_array_from_process_local_data(sharded, v)
+                 for k, v in get_batch(step).items()}
+        return step_fn(state, tally, batch, jax.random.fold_in(train_key, step))
+    return host_data_step
+
+
+def _over_budget(c: ml_collections.ConfigDict, train_seconds: float) -> bool:
+    """Whether the cumulative training time reached train.max_minutes, as process 0 saw
+    it: every process must stop at the same step."""
+    over = bool(c.train.max_minutes) and train_seconds >= 60 * c.train.max_minutes
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        over = bool(multihost_utils.broadcast_one_to_all(np.bool_(over)))
+    return over
+
+
+def _run(c: ml_collections.ConfigDict, workdir: str, task: stages.Task,
+         stop_at_step: int | None) -> TrainState:
+    """Builds the train state, restores it, then steps, logs and saves to the end."""
+    stage_dir = os.path.join(workdir, c.stage)
+    schedule_steps = _schedule_steps(c, stage_dir)
+    # Model and optimizer, replicated over a 1-D data mesh.
+    mesh = cli.data_mesh(c.data.batch_size)
+    replicated = NamedSharding(mesh, P())
+    init_key, train_key = jax.random.split(jax.random.key(c.seed))
+    # Every input of the step is committed to the mesh, so the step compiles once: an
+    # uncommitted key or tally on the first call would compile it a second time when the
+    # committed outputs come back in (a second ~13 s compilation of the smoke step here).
+    # (jit rather than device_put: it places values on every process's devices alike.)
+    commit = jax.jit(lambda x: x, out_shardings=replicated)
+    train_key = commit(train_key)
+    state, resumed = _init_or_restore(task, make_optimizer(c.optim, schedule_steps), stage_dir,
+                                      init_key, replicated)
+    run_step = _step_runner(c, task, mesh, resumed["shuffle"], train_key)
     # An autoguidance guide (sample.guide_step) is saved when reached and kept for good.
     guide_step = c.sample.guide_step if c.stage in configs.DIFFUSION_STAGES else 0
     mgr = checkpoints.checkpoint_manager(stage_dir, c.train.keep_checkpoints,
                                          preserve=(guide_step,) if guide_step else ())
-    is_main = jax.process_index() == 0
-    if finished:
+    start = resumed["step"]
+    if stop_at_step is None and is_finished(c, start, resumed["train_seconds"]):
         mgr.close()
-        if is_main:
+        if jax.process_index() == 0:
             print(f"{c.stage}: already trained ({start} steps"
                   f"{', stopped by its time budget' if start < c.train.steps else ''}) in "
                   f"{stage_dir}; nothing to do", file=sys.stderr)
         return state
     end = min(c.train.steps, stop_at_step) if stop_at_step is not None else c.train.steps
-    if is_main and schedule_steps != c.train.steps and start < end:
+    if jax.process_index() == 0 and schedule_steps != c.train.steps and start < end:
         print(f"{c.stage}: keeps the learning-rate schedule of its first run ({schedule_steps} "
               f"steps); past it the LR stays at {c.optim.lr * c.optim.final_lr_frac:.3g}",
               file=sys.stderr)
-    lr_at = lr_schedule(c.optim, schedule_steps)
+    loop = _Loop(c, task, stage_dir, mgr, mesh, resumed, schedule_steps, guide_step,
+                 state, train_key, commit)
+    return loop.run(state, run_step, end)
 
-    def save(state, finished: bool, train_seconds: float, nonfinite: int, **extra):
-        variables = {"params": state.ema_params, **state.model_state}
-        meta = dict(task.meta(variables), step=int(state.step), finished=finished,
-                    train_seconds=train_seconds, schedule_steps=schedule_steps,
-                    skipped_nonfinite=nonfinite, digests=checkpoints.state_digests(state),
-                    shuffle=shuffle, devices=mesh.size, **extra)
-        mgr.save(int(state.step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(c.to_dict()),
-            meta=ocp.args.JsonSave(meta)), force=True)
 
-    # Loop. The host reads the device only at log and checkpoint boundaries.
-    log_path = os.path.join(stage_dir, "metrics.jsonl")
-    if is_main:
-        _truncate_log(log_path, start)
-    metric_shapes = jax.eval_shape(functools.partial(train_step, loss_fn=task.loss_fn,
-                                                     ema_decay=c.optim.ema_decay),
-                                   state, task.get_batch(start), train_key)[1]
-    skipped_before = resumed.get("skipped_nonfinite", 0)
-    new_tally = lambda *a: commit(_empty_tally(metric_shapes, *a))
-    tally = new_tally(skipped_before)
-    t0 = t_log = time.time()
-    stopped_by, step_log = None, start
-    bar = tqdm(total=c.train.steps, initial=start, desc=c.stage, disable=not is_main,
-               dynamic_ncols=True)
+class _Loop:
+    """The loop of one stage from its resumed step: step, log, maybe save, finish. The host
+    reads the device only at log and checkpoint boundaries. A resumed run carries on its
+    time (`spent`) and its count of skipped non-finite steps."""
 
-    def check_finite(tally) -> int:
+    def __init__(self, c, task, stage_dir, mgr, mesh, resumed, schedule_steps, guide_step,
+                 state: TrainState, train_key: Array, commit):
+        self.c, self.task, self.stage_dir, self.mgr, self.mesh = c, task, stage_dir, mgr, mesh
+        self.schedule_steps, self.guide_step = schedule_steps, guide_step
+        self.shuffle, self.start = resumed["shuffle"], resumed["step"]
+        self.spent, self.skipped_before = resumed["train_seconds"], resumed["skipped_nonfinite"]
+        self.is_main = jax.process_index() == 0
+        self.log_path = os.path.join(stage_dir, "metrics.jsonl")
+        self.lr_at = lr_schedule(c.optim, schedule_steps)
+        if self.is_main:
+            _truncate_log(self.log_path, self.start)
+        metric_shapes = jax.eval_shape(functools.partial(
+            train_step, loss_fn=task.loss_fn, ema_decay=c.optim.ema_decay),
+            state, task.get_batch(self.start), train_key)[1]
+        # The metrics of a log interval, summed on the device (_tally_step).
+        self.new_tally = lambda *a: commit(_empty_tally(metric_shapes, *a))
+        self.t0 = self.t_log = time.time()
+        self.step_log = self.start
+        self.bar = tqdm(total=c.train.steps, initial=self.start, desc=c.stage,
+                        disable=not self.is_main, dynamic_ncols=True)
+
+    def run(self, state: TrainState, run_step, end: int) -> TrainState:
+        """Steps from self.start to end, or until the time budget runs out."""
+        c, tally, stopped_by = self.c, self.new_tally(self.skipped_before), None
+        try:
+            for step in range(self.start, end):
+                state, tally = run_step(state, tally, step)
+                self.bar.update(1)
+                last = step + 1 == end
+                if (step + 1) % c.train.log_every == 0 or last:
+                    tally = self.log(tally, step)
+                if _over_budget(c, self.train_seconds()):
+                    stopped_by = "max_minutes"
+                    break
+                if ((step + 1) % c.train.ckpt_every == 0 or step + 1 == self.guide_step) \
+                        and not last:
+                    self.save(state, False, self.train_seconds(), self.check_finite(tally))
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (cli.sigterm_as_interrupt)
+            raise self.interrupted(e) from None
+        self.bar.close()
+        return self.finish(state, tally, stopped_by)
+
+    def train_seconds(self) -> float:
+        """Training time over every run of this stage so far."""
+        return self.spent + time.time() - self.t0
+
+    def check_finite(self, tally: dict) -> int:
+        """The count of non-finite steps so far; stops the run at a new one unless
+        train.skip_nonfinite."""
         nonfinite, first_bad = (int(x) for x in jax.device_get(
             (tally["nonfinite"], tally["first_bad"])))
-        if nonfinite > skipped_before and not c.train.skip_nonfinite:
-            mgr.wait_until_finished()
-            latest = mgr.latest_step()
-            bar.close()
+        if nonfinite > self.skipped_before and not self.c.train.skip_nonfinite:
+            self.mgr.wait_until_finished()
+            latest = self.mgr.latest_step()
+            self.bar.close()
             raise TrainingError(
-                f"non-finite loss or gradient at step {first_bad} ({c.stage}); stopped. " +
-                (f"Latest good checkpoint: step {latest} in {stage_dir}" if latest is not None
-                 else "No checkpoint was written before it"))
+                f"non-finite loss or gradient at step {first_bad} ({self.c.stage}); stopped. " +
+                (f"Latest good checkpoint: step {latest} in {self.stage_dir}"
+                 if latest is not None else "No checkpoint was written before it"))
         return nonfinite
 
-    try:
-        for step in range(start, end):
-            if device_data:
-                state, tally = step_fn(state, tally, arrays, train_key)
-            else:
-                batch = {k: jax.make_array_from_process_local_data(sharded, v)
-                         for k, v in get_batch(step).items()}
-                state, tally = step_fn(state, tally, batch, jax.random.fold_in(train_key, step))
-            bar.update(1)
-            last = step + 1 == end
-            if (step + 1) % c.train.log_every == 0 or last:
-                nonfinite = check_finite(tally)
-                host = jax.device_get(tally)
-                now = time.time()
-                n = max(int(host["count"]), 1)
-                row = {k: float(v) / n for k, v in host["sums"].items()}
-                # Decision (issue 26): a skipped step leaves Adam's count, so the schedule
-                # counts applied updates; the logged lr is the one applied at this step.
-                row.update(step=step + 1, lr=float(lr_at(max(step - nonfinite, 0))),
-                           skipped_nonfinite=nonfinite,
-                           time=spent + now - t0,
-                           steps_per_sec=(step + 1 - step_log) / max(now - t_log, 1e-9))
-                t_log, step_log = now, step + 1
-                tally = new_tally(nonfinite, int(host["first_bad"]))
-                bar.set_postfix(loss=f"{row['loss']:.4f}")
-                if is_main:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
-            over_budget = bool(c.train.max_minutes) and \
-                spent + time.time() - t0 >= 60 * c.train.max_minutes
-            if jax.process_count() > 1:  # every process must stop at the same step
-                from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-                over_budget = bool(multihost_utils.broadcast_one_to_all(np.bool_(over_budget)))
-            if over_budget:
-                stopped_by = "max_minutes"
-                break
-            if ((step + 1) % c.train.ckpt_every == 0 or step + 1 == guide_step) and not last:
-                save(state, False, spent + time.time() - t0, check_finite(tally))
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (cli.sigterm_as_interrupt)
-        bar.close()
-        mgr.wait_until_finished()
-        latest = mgr.latest_step()
-        mgr.close()
+    def log(self, tally: dict, step: int) -> dict:
+        """Appends the interval's mean metrics after step `step` to metrics.jsonl; returns
+        a new tally that keeps the non-finite count."""
+        nonfinite = self.check_finite(tally)
+        host = jax.device_get(tally)
+        now = time.time()
+        n = max(int(host["count"]), 1)
+        row = {k: float(v) / n for k, v in host["sums"].items()}
+        # A skipped step leaves Adam's count, so the schedule counts applied updates; the
+        # logged lr is the one applied at this step.
+        row.update(step=step + 1, lr=float(self.lr_at(max(step - nonfinite, 0))),
+                   skipped_nonfinite=nonfinite,
+                   time=self.spent + now - self.t0,
+                   steps_per_sec=(step + 1 - self.step_log) / max(now - self.t_log, 1e-9))
+        self.t_log, self.step_log = now, step + 1
+        tally = self.new_tally(nonfinite, int(host["first_bad"]))
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}")
+        if self.is_main:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        return tally
+
+    def save(self, state: TrainState, finished: bool, train_seconds: float, nonfinite: int,
+             **extra) -> None:
+        """A checkpoint of the state, with the config and the meta a resume reads."""
+        variables = {"params": state.ema_params, **state.model_state}
+        meta = dict(self.task.meta(variables), step=int(state.step), finished=finished,
+                    train_seconds=train_seconds, schedule_steps=self.schedule_steps,
+                    skipped_nonfinite=nonfinite, digests=checkpoints.state_digests(state),
+                    shuffle=self.shuffle, devices=self.mesh.size, **extra)
+        self.mgr.save(int(state.step), args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(self.c.to_dict()),
+            meta=ocp.args.JsonSave(meta)), force=True)
+
+    def interrupted(self, e: KeyboardInterrupt) -> TrainingInterrupted:
+        """The error for Ctrl-C, after the checkpoint being written is complete."""
+        self.bar.close()
+        self.mgr.wait_until_finished()
+        latest = self.mgr.latest_step()
+        self.mgr.close()
         stop = TrainingInterrupted(
-            f"interrupted; the latest complete checkpoint is step {latest} in {stage_dir}; "
-            "rerun the same command to resume" if latest is not None else
+            f"interrupted; the latest complete checkpoint is step {latest} in "
+            f"{self.stage_dir}; rerun the same command to resume" if latest is not None else
             "interrupted before the first checkpoint; nothing was saved")
         stop.status = cli.interrupted_status(e)
-        raise stop from None
-    bar.close()
+        return stop
 
-    nonfinite = check_finite(tally)
-    train_seconds = spent + time.time() - t0
-    finished = is_finished(c, int(state.step), train_seconds) or stopped_by is not None
-    if mgr.latest_step() != int(state.step):
-        save(state, finished, train_seconds, nonfinite, stopped_by=stopped_by)
-    mgr.wait_until_finished()
-    mgr.close()
-    if is_main and finished:
-        print(f"{c.stage}: finished at step {int(state.step)} in {time.time() - t0:.0f}s "
-              f"-> {stage_dir}", file=sys.stderr)
-    return state
+    def finish(self, state: TrainState, tally: dict, stopped_by: str | None) -> TrainState:
+        """Saves the last step (unless a checkpoint of it exists) and closes the manager."""
+        nonfinite = self.check_finite(tally)
+        train_seconds = self.train_seconds()
+        finished = is_finished(self.c, int(state.step), train_seconds) or stopped_by is not None
+        if self.mgr.latest_step() != int(state.step):
+            self.save(state, finished, train_seconds, nonfinite, stopped_by=stopped_by)
+        self.mgr.wait_until_finished()
+        self.mgr.close()
+        if self.is_main and finished:
+            print(f"{self.c.stage}: finished at step {int(state.step)} in "
+                  f"{time.time() - self.t0:.0f}s -> {self.stage_dir}", file=sys.stderr)
+        return state
 
 
 # ----------------------------------------------------------------------------- CLI
