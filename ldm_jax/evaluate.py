@@ -378,8 +378,8 @@ def _fmt(v, digits=3):
     return f"{v:.{digits}g}" if abs(v) < 1e4 else f"{v:,.0f}"
 
 
-def write_report(result: dict, out_dir: str) -> str:
-    r = result
+def _quality_section(r: dict) -> list[str]:
+    """The title line, the command, and the quality table with its notes."""
     lines = [f"# ldm_jax evaluation: {r['workdir']}", "",
              f"`{r['command']}` — {r['num']} samples per model, DDIM {r['ddim_steps']} steps "
              f"(eta {r.get('ddim_eta', 0.0):g}"
@@ -391,8 +391,7 @@ def write_report(result: dict, out_dir: str) -> str:
              "| | " + " | ".join(QUALITY + COVERAGE) +
              (" | Inception FID |" if r.get("inception") else " |"),
              "|---" * (len(QUALITY + COVERAGE) + 1 + bool(r.get("inception"))) + "|"]
-    rows = [(s, r["quality"][s]) for s in r["quality"]]
-    for name, q in rows:
+    for name, q in r["quality"].items():
         inc = f" {_fmt(r['inception'].get(name))} |" if r.get("inception") else ""
         lines.append(f"| {name} | " + " | ".join(_fmt(q.get(k)) for k in QUALITY + COVERAGE)
                      + " |" + inc)
@@ -403,71 +402,98 @@ def write_report(result: dict, out_dir: str) -> str:
               "the test set (metrics.class_coverage; the histograms are in metrics.json).", ""]
     if (r.get("autoencoder") or {}).get("perceptual_weight") and "ldm" in r["quality"]:
         lines += [f"`ldm`: {PERCEPTUAL_NOTE}", ""]
+    return lines
+
+
+def _cost_section(cost: dict) -> list[str]:
+    """The cost table of every benchmarked model, with how it was measured."""
+    first = next(iter(cost.values()))
+    lines = ["## Cost", "",
+             "| | params | train s/iter | train compile s | DDIM-10 img/s | DDIM-50 img/s | "
+             "DDPM img/s | DDPM compile s | peak RSS train MiB | peak RSS sample MiB | "
+             "trained steps | train wall s |",
+             "|---" * 12 + "|"]
+    for s, c in cost.items():
+        lines.append(
+            f"| {s} | {_fmt(c['params'])} | {_fmt(c['train_s_per_iter'])} | "
+            f"{_fmt(c['train_compile_s'])} | {_fmt(c['ddim10_images_per_s'])} | "
+            f"{_fmt(c['ddim50_images_per_s'])} | {_fmt(c['ddpm_images_per_s'])} | "
+            f"{_fmt(c['ddpm_compile_s'])} | {_fmt(c['train_peak_mib'])} | "
+            f"{_fmt(c['generate_peak_mib'])} | {_fmt(c.get('train_steps'))} | "
+            f"{_fmt(c.get('train_wall_s'))} |")
+    return lines + ["", f"Train s/iter: median of the timed steps after compilation, batch "
+                    f"{first['batch_size']}. Images/s: generation batch {first['gen_batch']}, "
+                    "median over repeats after compilation, decoding included for the LDM." +
+                    (f" `{MATCHED}` is the pixel model with the LDM's U-Net, diffusion and "
+                     "optimizer configuration on 28x28x1 (untrained: cost does not depend on "
+                     "the weights); its ratio to the `ldm` row is what the latent alone buys."
+                     if MATCHED in cost else ""), ""]
+
+
+def _autoencoder_section(a: dict) -> list[str]:
+    """The first stage's reconstruction table (an Inception rFID column with --inception)."""
+    inc_rfid = "inception_rfid" in a
+    return ["## First stage (workdir/vae): reconstructions of the 10,000 test images", "",
+            "| reg | latent | perceptual weight | adversarial weight | MSE | PSNR dB | rFID "
+            "| perplexity | codes used |" + (" Inception rFID |" if inc_rfid else ""),
+            "|---" * (9 + inc_rfid) + "|",
+            f"| {a['reg']} | {'×'.join(map(str, a['latent_shape']))} | "
+            f"{_fmt(a['perceptual_weight'])} | {_fmt(a.get('adversarial_weight', 0.0))} | "
+            f"{a['mse']:.5f} | {a['psnr']:.2f} | "
+            f"{_fmt(a['rfid'])} | {_fmt(a.get('perplexity'))} | {_fmt(a.get('codes_used'))} |"
+            + (f" {_fmt(a['inception_rfid'])} |" if inc_rfid else ""),
+            ""] + ([PERCEPTUAL_NOTE] if a["perceptual_weight"] else []) + (
+            [f"Inception rFID: {a['inception_n']:,} test images against their "
+             "reconstructions; the floor at that N is the Inception FID of "
+             "`real (train vs test)` above."] if inc_rfid else []) + [
+            "", "![reconstructions](reconstructions.png)", ""]
+
+
+def _guidance_section(stage: str, rows: dict, num: int) -> list[str]:
+    """The classifier-free guidance sweep of one class-conditional model."""
+    lines = [f"## Classifier-free guidance ({stage})", "",
+             "eps = (1 + w) eps(z, c) - w eps(z, null); "
+             f"{num // 10} samples per digit for each w.", "",
+             "| w | accuracy | " + " | ".join(QUALITY) + " |", "|---" * (len(QUALITY) + 2) + "|"]
+    for w, row in rows.items():
+        lines.append(f"| {w} | {row['accuracy']:.4f} | "
+                     + " | ".join(_fmt(row[k]) for k in QUALITY) + " |")
+    return lines + ["", "![guidance](guidance.png)", ""]
+
+
+def _text_section(stage: str, rows: dict, num: int) -> list[str]:
+    """The prompt sweep of one text-conditioned model."""
+    lines = [f"## Text prompts ({stage})", "",
+             "eps = (1 + w) eps(z, prompt) - w eps(z, \"\"); accuracy of the committed "
+             f"classifier against the digit each prompt names; {num} seen and "
+             f"{num} held-out prompts, {num // 20 * 10} \"7\"/\"seven\" pairs "
+             "per w; FID, precision, recall and recognisable share of the seen-prompt "
+             "samples.", "",
+             "| w | seen | held out | words | numerals | \"7\" = \"seven\" | FID | "
+             "recognisable | precision | recall |", "|---" * 10 + "|"]
+    for w, row in rows.items():
+        lines.append(f"| {w} | {row['seen']:.4f} | {row['held_out']:.4f} | "
+                     f"{row['words']:.4f} | {row['numerals']:.4f} | "
+                     f"{row['same_digit']:.4f} | {_fmt(row['fid'])} | "
+                     f"{row['recognisable']:.3f} | {_fmt(row['precision'])} | "
+                     f"{_fmt(row['recall'])} |")
+    return lines + ["", "![prompts](prompts.png)", ""]
+
+
+def write_report(result: dict, out_dir: str) -> str:
+    """Writes out_dir/report.md from evaluate's result: quality, cost, the first stage and
+    the guidance and prompt sweeps, each with its figure. Returns its path."""
+    r = result
+    lines = _quality_section(r)
     if r["cost"]:
-        first = next(iter(r["cost"].values()))
-        lines += ["## Cost", "",
-                  "| | params | train s/iter | train compile s | DDIM-10 img/s | DDIM-50 img/s | "
-                  "DDPM img/s | DDPM compile s | peak RSS train MiB | peak RSS sample MiB | "
-                  "trained steps | train wall s |",
-                  "|---" * 12 + "|"]
-        for s, c in r["cost"].items():
-            lines.append(
-                f"| {s} | {_fmt(c['params'])} | {_fmt(c['train_s_per_iter'])} | "
-                f"{_fmt(c['train_compile_s'])} | {_fmt(c['ddim10_images_per_s'])} | "
-                f"{_fmt(c['ddim50_images_per_s'])} | {_fmt(c['ddpm_images_per_s'])} | "
-                f"{_fmt(c['ddpm_compile_s'])} | {_fmt(c['train_peak_mib'])} | "
-                f"{_fmt(c['generate_peak_mib'])} | {_fmt(c.get('train_steps'))} | "
-                f"{_fmt(c.get('train_wall_s'))} |")
-        lines += ["", f"Train s/iter: median of the timed steps after compilation, batch "
-                  f"{first['batch_size']}. Images/s: generation batch {first['gen_batch']}, "
-                  "median over repeats after compilation, decoding included for the LDM." +
-                  (f" `{MATCHED}` is the pixel model with the LDM's U-Net, diffusion and "
-                   "optimizer configuration on 28x28x1 (untrained: cost does not depend on the "
-                   "weights); its ratio to the `ldm` row is what the latent alone buys."
-                   if MATCHED in r["cost"] else ""), ""]
+        lines += _cost_section(r["cost"])
     lines += ["![samples](samples.png)", ""] + (["![cost](cost.png)", ""] if r["cost"] else [])
     if r.get("autoencoder"):
-        a = r["autoencoder"]
-        inc_rfid = "inception_rfid" in a  # evaluate --inception: one more column and its note
-        lines += ["## First stage (workdir/vae): reconstructions of the 10,000 test images", "",
-                  "| reg | latent | perceptual weight | adversarial weight | MSE | PSNR dB | rFID "
-                  "| perplexity | codes used |" + (" Inception rFID |" if inc_rfid else ""),
-                  "|---" * (9 + inc_rfid) + "|",
-                  f"| {a['reg']} | {'×'.join(map(str, a['latent_shape']))} | "
-                  f"{_fmt(a['perceptual_weight'])} | {_fmt(a.get('adversarial_weight', 0.0))} | "
-                  f"{a['mse']:.5f} | {a['psnr']:.2f} | "
-                  f"{_fmt(a['rfid'])} | {_fmt(a.get('perplexity'))} | {_fmt(a.get('codes_used'))} |"
-                  + (f" {_fmt(a['inception_rfid'])} |" if inc_rfid else ""),
-                  ""] + ([PERCEPTUAL_NOTE] if a["perceptual_weight"] else []) + (
-                  [f"Inception rFID: {a['inception_n']:,} test images against their "
-                          "reconstructions; the floor at that N is the Inception FID of "
-                          "`real (train vs test)` above."] if inc_rfid else []) + [
-                  "", "![reconstructions](reconstructions.png)", ""]
+        lines += _autoencoder_section(r["autoencoder"])
     for stage, rows in (r.get("guidance") or {}).items():
-        lines += [f"## Classifier-free guidance ({stage})", "",
-                  "eps = (1 + w) eps(z, c) - w eps(z, null); "
-                  f"{r['num'] // 10} samples per digit for each w.", "",
-                  "| w | accuracy | " + " | ".join(QUALITY) + " |", "|---" * (len(QUALITY) + 2) + "|"]
-        for w, row in rows.items():
-            lines.append(f"| {w} | {row['accuracy']:.4f} | "
-                         + " | ".join(_fmt(row[k]) for k in QUALITY) + " |")
-        lines += ["", "![guidance](guidance.png)", ""]
+        lines += _guidance_section(stage, rows, r["num"])
     for stage, rows in (r.get("text") or {}).items():
-        lines += [f"## Text prompts ({stage})", "",
-                  "eps = (1 + w) eps(z, prompt) - w eps(z, \"\"); accuracy of the committed "
-                  f"classifier against the digit each prompt names; {r['num']} seen and "
-                  f"{r['num']} held-out prompts, {r['num'] // 20 * 10} \"7\"/\"seven\" pairs "
-                  "per w; FID, precision, recall and recognisable share of the seen-prompt "
-                  "samples.", "",
-                  "| w | seen | held out | words | numerals | \"7\" = \"seven\" | FID | "
-                  "recognisable | precision | recall |", "|---" * 10 + "|"]
-        for w, row in rows.items():
-            lines.append(f"| {w} | {row['seen']:.4f} | {row['held_out']:.4f} | "
-                         f"{row['words']:.4f} | {row['numerals']:.4f} | "
-                         f"{row['same_digit']:.4f} | {_fmt(row['fid'])} | "
-                         f"{row['recognisable']:.3f} | {_fmt(row['precision'])} | "
-                         f"{_fmt(row['recall'])} |")
-        lines += ["", "![prompts](prompts.png)", ""]
+        lines += _text_section(stage, rows, r["num"])
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))
@@ -477,26 +503,11 @@ def write_report(result: dict, out_dir: str) -> str:
 # ----------------------------------------------------------------------------- Main
 
 
-def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int | None = None,
-             classifier: str | None = None, inception: bool = False, cost: bool = True,
-             command: str = "", step: int | None = None, sweeps: bool = True,
-             eta: float = 0.0, autoguidance: float = 0.0) -> dict:
-    """eta is the DDIM eta of the quality samples (0: deterministic; 1: DDPM-like, which
-    scored far better on an under-trained LDM, docs/results.md); the sweeps keep eta 0.
-    autoguidance is w for each stage that kept a guide checkpoint (sample.guide_step);
-    stages without one sample without it, and metrics.json records which did."""
-    stages = trained_stages(workdir)
+def _load_models(workdir: str, stages: list[str], step: int | None, autoguidance: float):
+    """(first stage or None, {stage: Generator}), loaded before anything is written: an
+    unfinished or foreign VAE fails here. With an LDM, the reconstructions are those of
+    the VAE step it was trained on."""
     has_vae = os.path.isdir(os.path.join(workdir, "vae", "checkpoints"))
-    if not stages and not has_vae:
-        raise configs.ConfigError(f"no trained vae, ldm or pixel model in {workdir}; train one "
-                                  f"with `python -m ldm_jax.train --stage=vae --workdir={workdir}`")
-    n_default, steps_default = PLAN[preset]
-    num = num or n_default
-    if num > configs.MNIST_TRAIN_IMAGES:
-        raise cli.UsageError(f"--num={num} is more than the {configs.MNIST_TRAIN_IMAGES:,} "
-                             "training images the real-vs-real floor draws")
-    # An unfinished or foreign VAE fails here, before anything is written. With an LDM,
-    # the reconstructions are those of the VAE step it was trained on.
     vae_step = vae_digest = None
     if has_vae and "ldm" in stages:
         restored = checkpoints.load_checkpoint(os.path.join(workdir, "ldm"), step)
@@ -509,85 +520,145 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
         guide_step = gen.config.get("sample", {}).get("guide_step", 0)
         if autoguidance and guide_step and gen.step <= guide_step:
             sample.check_autoguidance(gen, autoguidance)
+    return first_stage, gens
+
+
+class _Reference:
+    """What samples are scored against: the classifier's features of all test images, and
+    N test and N training images (the real-vs-real floor), drawn at a fixed seed."""
+
+    def __init__(self, classifier: str, num: int):
+        self.feat_fn = features.feature_fn(classifier)
+        self.real_all = reference_features(self.feat_fn, classifier)
+        self.prob_fn = features.probabilities_fn(classifier)
+        self.test_images, self.test_labels = data.load("package", "test")
+        train_images, _ = data.load("package", "train")
+        rng = np.random.default_rng(0)
+        self.test_idx = rng.choice(len(self.test_images), min(num, len(self.test_images)),
+                                   replace=False)
+        self.test_n = self.test_images[self.test_idx]
+        self.train_n = train_images[rng.choice(len(train_images), num, replace=False)]
+        self.real_n = self.feat_fn(self.test_n)
+
+    def score(self, images: np.ndarray) -> dict:
+        """QUALITY and COVERAGE metrics of images [N, 28, 28]."""
+        return dict(quality(self.real_all, self.real_n, self.feat_fn(images)),
+                    **metrics.class_coverage(self.prob_fn(images), self.test_labels,
+                                             RECOGNISABLE))
+
+
+def _quality_samples(out_dir: str, s: str, gen, num: int, steps: int, eta: float,
+                     autoguidance: float) -> tuple[np.ndarray, float]:
+    """The quality samples of stage s and their autoguidance w (0 without a guide
+    checkpoint): from the cache, or sampled and kept so a rerun skips this part."""
+    guided = autoguidance if gen.guide_params is not None else 0.0
+    if autoguidance and not guided:
+        print(f"{s}: no guide checkpoint (sample.guide_step); sampled without "
+              "autoguidance", file=sys.stderr)
+    images = cached_samples(out_dir, gen, num, steps, eta, guided)
+    if images is None:
+        t = time.time()
+        images = sample.generate(gen, num, jax.random.key(SAMPLE_SEED), "ddim", steps,
+                                 eta=eta, autoguidance=guided)
+        print(f"{s}: {num} samples in {time.time() - t:.0f}s", file=sys.stderr)
+        save_samples(out_dir, gen, images, steps, eta, guided)
+    return images, guided
+
+
+def _sweeps(gens: dict, num: int, steps_of, ref: _Reference, classifier: str,
+            out_dir: str) -> tuple[dict, dict]:
+    """(guidance sweeps of class-conditional models, prompt sweeps of text ones)."""
+    guidance, prompt_rows = {}, {}
+    for s, gen in gens.items():
+        if sample.is_text(gen):
+            steps = steps_of(gen)
+            prompt_rows[s] = prompt_sweep(gen, num, steps, ref.feat_fn, ref.prob_fn,
+                                          ref.real_all, ref.real_n)
+            save_prompt_figure(gen, steps, os.path.join(out_dir, "prompts.png"))
+        elif sample.is_conditional(gen):
+            guidance[s] = guidance_sweep(gen, num, steps_of(gen), ref.feat_fn,
+                                         features.predict_fn(classifier), ref.real_all,
+                                         ref.real_n)
+    return guidance, prompt_rows
+
+
+def _inception_fid(samples: dict, ref: _Reference, autoencoder: dict | None,
+                   recons: np.ndarray | None) -> dict | None:
+    """FID on InceptionV3 features against the N test images, per model and for the floor
+    (and the first stage's rFID into autoencoder); None without the weights."""
+    try:
+        # Batches of 10 keep the CPU's memory low; an accelerator wants bigger ones.
+        batch = 10 if jax.default_backend() == "cpu" else 250
+        inc_fn = inception.make_feature_fn(inception.load_params(), batch_size=batch)
+    except FileNotFoundError as e:
+        print(f"evaluate: Inception FID skipped: {str(e).splitlines()[0]}", file=sys.stderr)
+        return None
+    real = inc_fn(ref.test_n)
+    fids = {s: metrics.fid_from_features(real, inc_fn(x)) for s, x in samples.items()}
+    fids["real (train vs test)"] = metrics.fid_from_features(real, inc_fn(ref.train_n))
+    if autoencoder is not None:  # rFID: the same N test images, reconstructed
+        autoencoder["inception_rfid"] = metrics.fid_from_features(
+            real, inc_fn(recons[ref.test_idx]))
+        autoencoder["inception_n"] = len(ref.test_idx)
+    return fids
+
+
+def _cost_rows(workdir: str, stages: list[str], preset: str) -> dict:
+    """The train and generate benchmarks of each model, each in its own process. With an
+    LDM, also the pixel model with the LDM's own U-Net: what the latent alone buys."""
+    cost_rows = {}
+    for s in stages + ([MATCHED] if "ldm" in stages else []):
+        tr = run_benchmark(workdir, s, "train", preset)
+        ge = run_benchmark(workdir, s, "generate", preset)
+        cost_rows[s] = dict(tr, **{k: v for k, v in ge.items() if k not in ("what",)},
+                            train_peak_mib=tr.get("device_peak_mib", tr["max_rss_mib"]),
+                            generate_peak_mib=ge.get("device_peak_mib", ge["max_rss_mib"]),
+                            **(training_summary(workdir, s) if s != MATCHED else {}))
+        print(f"{s}: cost measured", file=sys.stderr)
+    return cost_rows
+
+
+def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int | None = None,
+             classifier: str | None = None, inception: bool = False, cost: bool = True,
+             command: str = "", step: int | None = None, sweeps: bool = True,
+             eta: float = 0.0, autoguidance: float = 0.0) -> dict:
+    """eta is the DDIM eta of the quality samples (0: deterministic; 1: DDPM-like, which
+    scored far better on an under-trained LDM, docs/results.md); the sweeps keep eta 0.
+    autoguidance is w for each stage that kept a guide checkpoint (sample.guide_step);
+    stages without one sample without it, and metrics.json records which did."""
+    stages = trained_stages(workdir)
+    if not stages and not os.path.isdir(os.path.join(workdir, "vae", "checkpoints")):
+        raise configs.ConfigError(f"no trained vae, ldm or pixel model in {workdir}; train one "
+                                  f"with `python -m ldm_jax.train --stage=vae --workdir={workdir}`")
+    n_default, steps_default = PLAN[preset]
+    num = num or n_default
+    if num > configs.MNIST_TRAIN_IMAGES:
+        raise cli.UsageError(f"--num={num} is more than the {configs.MNIST_TRAIN_IMAGES:,} "
+                             "training images the real-vs-real floor draws")
+    first_stage, gens = _load_models(workdir, stages, step, autoguidance)
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
-
     classifier = classifier or features.DEFAULT_PATH
-    feat_fn = features.feature_fn(classifier)
-    real_all = reference_features(feat_fn, classifier)
-    prob_fn = features.probabilities_fn(classifier)
-    test_images, test_labels = data.load("package", "test")
-    train_images, _ = data.load("package", "train")
-    coverage = lambda images: metrics.class_coverage(prob_fn(images), test_labels, RECOGNISABLE)
-    rng = np.random.default_rng(0)
-    test_idx = rng.choice(len(test_images), min(num, len(test_images)), replace=False)
-    test_n = test_images[test_idx]
-    train_n = train_images[rng.choice(len(train_images), num, replace=False)]
-    real_n = feat_fn(test_n)
+    ref = _Reference(classifier, num)
+    steps_of = lambda gen: min(ddim_steps or steps_default, gen.sched.num_timesteps)
 
     samples, q, guided = {}, {}, {}
     for s, gen in gens.items():
-        steps = min(ddim_steps or steps_default, gen.sched.num_timesteps)
-        guided[s] = autoguidance if gen.guide_params is not None else 0.0
-        if autoguidance and not guided[s]:
-            print(f"{s}: no guide checkpoint (sample.guide_step); sampled without "
-                  "autoguidance", file=sys.stderr)
-        samples[s] = cached_samples(out_dir, gen, num, steps, eta, guided[s])
-        if samples[s] is None:  # sample, and keep them so a rerun skips this part
-            t = time.time()
-            samples[s] = sample.generate(gen, num, jax.random.key(SAMPLE_SEED), "ddim", steps,
-                                         eta=eta, autoguidance=guided[s])
-            print(f"{s}: {num} samples in {time.time() - t:.0f}s", file=sys.stderr)
-            save_samples(out_dir, gen, samples[s], steps, eta, guided[s])
-        q[s] = dict(quality(real_all, real_n, feat_fn(samples[s])), **coverage(samples[s]))
-    q["real (train vs test)"] = dict(quality(real_all, real_n, feat_fn(train_n)),
-                                     **coverage(train_n))
-    autoencoder = None
-    if has_vae:
-        autoencoder, recons = autoencoder_quality(first_stage, test_images, feat_fn, real_all)
+        samples[s], guided[s] = _quality_samples(out_dir, s, gen, num, steps_of(gen), eta,
+                                                 autoguidance)
+        q[s] = ref.score(samples[s])
+    q["real (train vs test)"] = ref.score(ref.train_n)
+    autoencoder = recons = None
+    if first_stage is not None:
+        autoencoder, recons = autoencoder_quality(first_stage, ref.test_images, ref.feat_fn,
+                                                  ref.real_all)
         # Top row: test digits; bottom row: their reconstructions.
-        sample.save_grid(np.concatenate([test_images[:10], recons[:10]]),
+        sample.save_grid(np.concatenate([ref.test_images[:10], recons[:10]]),
                          os.path.join(out_dir, "reconstructions.png"), ncol=10)
-
-    guidance, prompt_rows = {}, {}
-    for s, gen in (gens if sweeps else {}).items():
-        if sample.is_text(gen):
-            steps = min(ddim_steps or steps_default, gen.sched.num_timesteps)
-            prompt_rows[s] = prompt_sweep(gen, num, steps, feat_fn, prob_fn, real_all, real_n)
-            save_prompt_figure(gen, steps, os.path.join(out_dir, "prompts.png"))
-        elif sample.is_conditional(gen):
-            steps = min(ddim_steps or steps_default, gen.sched.num_timesteps)
-            guidance[s] = guidance_sweep(gen, num, steps, feat_fn, features.predict_fn(classifier),
-                                         real_all, real_n)
-
-    inception_fid = None
-    if inception:
-        from ldm_jax import inception as inc  # pylint: disable=import-outside-toplevel
-        try:
-            # Batches of 10 keep the CPU's memory low; an accelerator wants bigger ones.
-            batch = 10 if jax.default_backend() == "cpu" else 250
-            inc_fn = inc.make_feature_fn(inc.load_params(), batch_size=batch)
-        except FileNotFoundError as e:
-            print(f"evaluate: Inception FID skipped: {str(e).splitlines()[0]}", file=sys.stderr)
-        else:
-            ref = inc_fn(test_n)
-            inception_fid = {s: metrics.fid_from_features(ref, inc_fn(x)) for s, x in samples.items()}
-            inception_fid["real (train vs test)"] = metrics.fid_from_features(ref, inc_fn(train_n))
-            if autoencoder is not None:  # rFID: the same N test images, reconstructed
-                autoencoder["inception_rfid"] = metrics.fid_from_features(ref, inc_fn(recons[test_idx]))
-                autoencoder["inception_n"] = len(test_idx)
-
-    cost_rows = {}
-    if cost:
-        # With an LDM, also the pixel model with the LDM's own U-Net: what the latent alone buys.
-        for s in stages + ([MATCHED] if "ldm" in stages else []):
-            tr = run_benchmark(workdir, s, "train", preset)
-            ge = run_benchmark(workdir, s, "generate", preset)
-            cost_rows[s] = dict(tr, **{k: v for k, v in ge.items() if k not in ("what",)},
-                                train_peak_mib=tr.get("device_peak_mib", tr["max_rss_mib"]),
-                                generate_peak_mib=ge.get("device_peak_mib", ge["max_rss_mib"]),
-                                **(training_summary(workdir, s) if s != MATCHED else {}))
-            print(f"{s}: cost measured", file=sys.stderr)
+    guidance, prompt_rows = _sweeps(gens if sweeps else {}, num, steps_of, ref, classifier,
+                                    out_dir)
+    inception_fid = _inception_fid(samples, ref, autoencoder, recons) if inception else None
+    cost_rows = _cost_rows(workdir, stages, preset) if cost else {}
 
     result = dict(workdir=workdir, command=command, preset=preset, num=num,
                   ddim_steps=ddim_steps or steps_default, ddim_eta=float(eta),
@@ -598,7 +669,7 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
                   classifier=os.path.abspath(classifier))
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(result, f, indent=2)
-    save_figures(samples, test_n, cost_rows, out_dir)
+    save_figures(samples, ref.test_n, cost_rows, out_dir)
     if guidance:
         save_guidance_plot(guidance, out_dir)
     write_report(result, out_dir)
