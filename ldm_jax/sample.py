@@ -134,6 +134,51 @@ def sample_mesh(n: int) -> jax.sharding.Mesh | None:
     return mesh if mesh is not None and mesh.size > 1 else None
 
 
+def _decode_fn(gen: Generator):
+    """z -> images: the VAE's decoder for an LDM, the identity for a pixel model."""
+    def decode(z):
+        if gen.vae is None:
+            return z
+        return gen.vae.apply(gen.vae_vars, z / gen.scale_factor,
+                             method=nets.VAE.decode)
+    return decode
+
+
+def _eps_of(gen: Generator):
+    """params -> eps_fn: the network's output (eps, v or x0) becomes eps in one place;
+    guidance and every sampler then work on eps."""
+    prediction = models.prediction(gen.config["diffusion"])
+
+    def eps_of(params):
+        net_fn = models.unet_fn(gen.unet, gen.config["model"], params)
+        return diffusion.eps_fn_from_model(net_fn, gen.sched, prediction)
+    return eps_of
+
+
+def _placement(n: int, keep_trajectory: bool):
+    """(replicate, out_shardings): a batch of n samples is split over sample_mesh(n), the
+    parameters and per-call inputs replicated; one device places nothing."""
+    mesh = sample_mesh(n)
+    if mesh is None:
+        return (lambda tree: tree), None
+    replicate = lambda tree: jax.device_put(tree, NamedSharding(mesh, P()))
+    out = NamedSharding(mesh, P("data"))
+    return replicate, (out, NamedSharding(mesh, P(None, "data"))) if keep_trajectory else out
+
+
+def _reverse_chain(eps_fn, gen: Generator, key: jax.Array, shape: tuple, sampler: str,
+                   steps: int, eta: float, clip: bool, keep_trajectory: bool):
+    """x_0 [n, ...] from noise by the named sampler (and its chain, if asked)."""
+    if sampler == "ddpm":
+        return diffusion.ddpm_sample(eps_fn, gen.sched, key, shape,
+                                     gen.config["diffusion"]["var_type"], clip, keep_trajectory)
+    if sampler == "dpmpp2m":
+        return diffusion.dpmpp2m_sample(eps_fn, gen.sched, key, shape, steps, clip,
+                                        keep_trajectory)
+    return diffusion.ddim_sample(eps_fn, gen.sched, key, shape, steps, eta, clip,
+                                 keep_trajectory)
+
+
 def sample_fn(gen: Generator, n: int, sampler: str = "ddim", steps: int = 100,
               eta: float = 0.0, keep_trajectory: bool = False, autoguidance: float = 0.0):
     """A jitted (key, labels=None, guidance=0.0) -> images [n, 28, 28, 1] in [-1, 1]
@@ -153,28 +198,8 @@ def sample_fn(gen: Generator, n: int, sampler: str = "ddim", steps: int = 100,
     clip = bool(gen.config["diffusion"]["clip_x0"])
     shape = (n, *gen.shape)
     conditional = is_conditional(gen)
-
-    def decode(z):
-        if gen.vae is None:
-            return z
-        return gen.vae.apply(gen.vae_vars, z / gen.scale_factor,
-                             method=nets.VAE.decode)
-
-    prediction = models.prediction(gen.config["diffusion"])
-
-    def eps_of(params):
-        # The network's output (eps, v or x0) becomes eps in one place; guidance and every
-        # sampler then work on eps.
-        net_fn = models.unet_fn(gen.unet, gen.config["model"], params)
-        return diffusion.eps_fn_from_model(net_fn, gen.sched, prediction)
-
-    mesh = sample_mesh(n)
-    if mesh is not None:
-        replicate = lambda tree: jax.device_put(tree, NamedSharding(mesh, P()))
-        out = NamedSharding(mesh, P("data"))
-        out_shardings = (out, NamedSharding(mesh, P(None, "data"))) if keep_trajectory else out
-    else:
-        replicate, out_shardings = (lambda tree: tree), None
+    decode, eps_of = _decode_fn(gen), _eps_of(gen)
+    replicate, out_shardings = _placement(n, keep_trajectory)
     params, guide_params = replicate((gen.params, gen.guide_params if autoguidance > 0 else None))
 
     @functools.partial(jax.jit, out_shardings=out_shardings)
@@ -184,15 +209,8 @@ def sample_fn(gen: Generator, n: int, sampler: str = "ddim", steps: int = 100,
             eps_fn = diffusion.autoguided_eps_fn(eps_fn, eps_of(guide_params), autoguidance)
         if conditional:
             eps_fn = diffusion.guided_eps_fn(eps_fn, labels, null_label(gen), guidance)
-        if sampler == "ddpm":
-            out = diffusion.ddpm_sample(eps_fn, gen.sched, key, shape,
-                                        gen.config["diffusion"]["var_type"], clip, keep_trajectory)
-        elif sampler == "dpmpp2m":
-            out = diffusion.dpmpp2m_sample(eps_fn, gen.sched, key, shape, steps, clip,
-                                           keep_trajectory)
-        else:
-            out = diffusion.ddim_sample(eps_fn, gen.sched, key, shape, steps, eta, clip,
-                                        keep_trajectory)
+        out = _reverse_chain(eps_fn, gen, key, shape, sampler, steps, eta, clip,
+                             keep_trajectory)
         x, traj = out if keep_trajectory else (out, None)
         return (jnp.clip(decode(x), -1, 1), traj) if keep_trajectory else jnp.clip(decode(x), -1, 1)
 
@@ -356,6 +374,37 @@ def check_sampling_flags(fv) -> None:
     cli.check_seed(fv.seed)
 
 
+def check_conditioning_flags(fv, gen: Generator, labels, prompts) -> None:
+    """--label, --prompt and --guidance against the loaded model's conditioning."""
+    mode = gen.config["model"].get("conditioning", "none")
+    if prompts is not None and not is_text(gen):
+        flag = "--prompt" if fv.prompt is not None else "--prompt_file"
+        raise cli.UsageError(f"the {fv.stage} model in {fv.workdir} is not text-conditioned "
+                             f"(conditioning={mode}); drop {flag} or train one with "
+                             "--config.model.conditioning=text")
+    if labels is not None and is_text(gen):
+        raise cli.UsageError(f"the {fv.stage} model in {fv.workdir} is text-conditioned; "
+                             "use --prompt instead of --label")
+    if not is_conditional(gen) and (labels is not None or fv.guidance):
+        flag = "--label" if labels is not None else "--guidance"
+        raise cli.UsageError(f"the {fv.stage} model in {fv.workdir} is unconditional; drop "
+                             f"{flag} or train with --config.model.conditioning=class")
+
+
+def sampling_settings(fv, gen: Generator) -> tuple[str, int, float, float]:
+    """(sampler, steps, eta, autoguidance): each flag, or else the model config's default."""
+    sampler = fv.sampler or gen.config["sample"].get("sampler", "ddim")
+    steps = fv.steps or gen.config["sample"]["steps"]
+    eta = gen.config["sample"].get("eta", 0.0) if fv.eta is None else fv.eta
+    autoguidance = gen.config["sample"].get("guide_weight", 0.0) \
+        if fv.autoguidance is None else fv.autoguidance
+    check_autoguidance(gen, autoguidance)
+    if sampler != "ddpm" and steps > gen.sched.num_timesteps:
+        raise cli.UsageError(f"--steps={steps} exceeds the {gen.sched.num_timesteps} "
+                             "timesteps of this model")
+    return sampler, steps, eta, autoguidance
+
+
 def write_samples(path: str, images: np.ndarray, ncol: int | None, **extra) -> str:
     """The .npz beside the PNG grid, each written under a unique temporary name and renamed
     (cli.atomic_output), so a failure leaves neither half-written nor a temporary file, and
@@ -388,28 +437,8 @@ def _main(argv: list[str] | None) -> None:
         cli.check_out_path(fv.out)
         cli.setup_jax()
         gen = load_generator(fv.workdir, fv.stage, fv.step)
-        mode = gen.config["model"].get("conditioning", "none")
-        if prompts is not None and not is_text(gen):
-            flag = "--prompt" if fv.prompt is not None else "--prompt_file"
-            raise cli.UsageError(f"the {fv.stage} model in {fv.workdir} is not text-conditioned "
-                                 f"(conditioning={mode}); drop {flag} or train one with "
-                                 "--config.model.conditioning=text")
-        if labels is not None and is_text(gen):
-            raise cli.UsageError(f"the {fv.stage} model in {fv.workdir} is text-conditioned; "
-                                 "use --prompt instead of --label")
-        if not is_conditional(gen) and (labels is not None or fv.guidance):
-            flag = "--label" if labels is not None else "--guidance"
-            raise cli.UsageError(f"the {fv.stage} model in {fv.workdir} is unconditional; drop "
-                                 f"{flag} or train with --config.model.conditioning=class")
-        sampler = fv.sampler or gen.config["sample"].get("sampler", "ddim")
-        steps = fv.steps or gen.config["sample"]["steps"]
-        eta = gen.config["sample"].get("eta", 0.0) if fv.eta is None else fv.eta
-        autoguidance = gen.config["sample"].get("guide_weight", 0.0) \
-            if fv.autoguidance is None else fv.autoguidance
-        check_autoguidance(gen, autoguidance)
-        if sampler != "ddpm" and steps > gen.sched.num_timesteps:
-            raise cli.UsageError(f"--steps={steps} exceeds the {gen.sched.num_timesteps} "
-                                 "timesteps of this model")
+        check_conditioning_flags(fv, gen, labels, prompts)
+        sampler, steps, eta, autoguidance = sampling_settings(fv, gen)
     except (cli.UsageError, configs.ConfigError) as e:
         cli.fail(prog, e)
     try:
