@@ -324,7 +324,15 @@ def density_coverage(real, fake, k: int = 5, block: int = 1000) -> Tuple[float, 
 # --------------------------------------------------------------------------
 
 
-def class_coverage(probs, ref_labels, threshold: float = 0.9) -> Dict[str, object]:
+RECOGNISABLE = 0.9  # a sample is "recognisable" when its top class probability exceeds this
+
+
+def recognisable_share(probs, threshold: float = RECOGNISABLE) -> float:
+    """The share of samples [N, K] whose top class probability exceeds ``threshold``."""
+    return float(np.mean(np.asarray(probs).max(-1) > threshold))
+
+
+def class_coverage(probs, ref_labels, threshold: float = RECOGNISABLE) -> Dict[str, object]:
     """From class probabilities [N, K] of the samples and the reference labels [M]:
 
     - recognisable: the share of samples whose top probability exceeds `threshold`;
@@ -342,7 +350,7 @@ def class_coverage(probs, ref_labels, threshold: float = 0.9) -> Dict[str, objec
     ref = ref / ref.sum()
     smoothed = (counts + 0.5) / (counts.sum() + 0.5 * k)
     nz = ref > 0
-    return dict(recognisable=float(np.mean(probs.max(1) > threshold)),
+    return dict(recognisable=recognisable_share(probs, threshold),
                 class_hist=(counts / counts.sum()).tolist(),
                 class_kl=float(np.sum(ref[nz] * np.log(ref[nz] / smoothed[nz]))))
 

@@ -49,7 +49,7 @@ def score(name: str, images: np.ndarray, refs: dict, feat_fn, prob_fn, **extra) 
         p, r = metrics.precision_recall(ref[pick], fake, k=3)
         row.update({f"fid_{split}": metrics.fid_from_features(ref, fake),
                     f"precision_{split}": p, f"recall_{split}": r})
-    row["recognisable"] = float(np.mean(prob_fn(images).max(-1) > 0.9))
+    row["recognisable"] = metrics.recognisable_share(prob_fn(images))
     row.update(metrics.pixel_stats(images))
     print(json.dumps(row), flush=True)
     if FLAGS.out:
