@@ -1,52 +1,72 @@
-"""Autoguidance sweep: classifier FID and confident share of one LDM (or pixel model) guided
-by an earlier checkpoint, for several weights w (eps = (1 + w) eps - w eps_guide; DDIM).
+"""Classifier FID and recognisable share of one LDM (or pixel model) guided by an earlier
+checkpoint of itself at several weights w (eps = (1 + w) eps - w eps_guide; DDIM):
+docs/results.md, "Autoguidance".
 
-    python scripts/autoguide_sweep.py WORKDIR GUIDE_WORKDIR@STEP NUM W ...
-        [env: STEPS=50 (DDIM steps), ETA=1, STAGE=ldm|pixel]
-    python scripts/autoguide_sweep.py runs/ag runs/ag@500 2000 0 1 2 3
-    STAGE=pixel python scripts/autoguide_sweep.py runs/agpx runs/agpx@100 600 0 1 2
-    python scripts/autoguide_sweep.py runs/ag - 2000       # the decoder's ceiling instead:
-                                                           # NUM test images, reconstructed
+    python scripts/autoguide_sweep.py --workdir=W --guide=GUIDE_WORKDIR@STEP --num=N --weights=W,...
+    python scripts/autoguide_sweep.py --workdir=runs/ag --guide=runs/ag@500 --num=2000 --weights=0,1,2,3
+    python scripts/autoguide_sweep.py --stage=pixel --workdir=runs/agpx --guide=runs/agpx@100 --num=600 \
+        --weights=0,1,2
+    python scripts/autoguide_sweep.py --workdir=runs/ag --guide=- --num=2000   # the decoder's ceiling
+                                                                # instead: N test images, reconstructed
 
-The guide can be any checkpoint of the same stage, for an LDM one on the same VAE (train with
---config.train.ckpt_every=500 --config.train.keep_checkpoints=20 to keep them all). One JSON
-line per w; samples by sample.generate in batches of 200, batch i drawn with
-fold_in(key(evaluate's seed), i).
+--steps (DDIM steps, 50) and --eta (1) set the sampler. The guide can be any checkpoint of
+the same stage, for an LDM one on the same VAE (train with --config.train.ckpt_every=500
+--config.train.keep_checkpoints=20 to keep them all). One JSON line per w; samples by
+sample.generate in batches of 200, batch i drawn with fold_in(key(evaluate's seed), i).
 """
 import dataclasses
 import json
-import os
-import sys
 import time
 
 import jax
 import numpy as np
+from absl import app, flags
 
-from ldm_jax import cli, data, evaluate, features, metrics, nets, sample
+from ldm_jax import cli, configs, data, evaluate, features, metrics, nets, sample
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Workdir of the guided generator.")
+flags.DEFINE_string("guide", None, "GUIDE_WORKDIR@STEP (no @STEP: its latest checkpoint), or "
+                    "'-': score the VAE's reconstructions of --num test images instead.")
+flags.DEFINE_integer("num", None, "Samples per weight.")
+flags.DEFINE_list("weights", [], "Autoguidance weights w to sample, e.g. 0,1,2.")
+flags.DEFINE_integer("steps", 50, "DDIM steps.")
+flags.DEFINE_float("eta", 1.0, "DDIM eta.")
+flags.DEFINE_enum("stage", "ldm", list(configs.DIFFUSION_STAGES), "The generator's stage.")
+for _name in ("workdir", "guide", "num"):
+    flags.mark_flag_as_required(_name)
 
 
-def main() -> None:
-    workdir, guide_spec, num = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    ws, steps = [float(w) for w in sys.argv[4:]], int(os.environ.get("STEPS", 50))
-    eta, stage = float(os.environ.get("ETA", 1.0)), os.environ.get("STAGE", "ldm")
+def reconstructions(model, num: int, feat_fn, probs_fn, real) -> None:
+    """The decoder's ceiling: FID and recognisable share of num test images, reconstructed."""
+    x = data.to_float(data.load("package", "test")[0][:num])
+    rec = jax.jit(lambda v: model.vae.apply(model.vae_vars, v, method=nets.VAE.reconstruct)[0])
+    u8 = data.to_uint8(np.clip(np.concatenate(
+        [np.asarray(rec(x[i:i + 500])) for i in range(0, num, 500)]), -1, 1))
+    print(json.dumps(dict(what="reconstructions", num=num,
+                          fid=metrics.fid_from_features(real, feat_fn(u8)),
+                          recognisable=metrics.recognisable_share(probs_fn(u8)),
+                          real_recognisable=metrics.recognisable_share(
+                              probs_fn(data.to_uint8(x))))), flush=True)
+
+
+def main(argv):
+    del argv
+    if FLAGS.guide == "-" and FLAGS.stage != "ldm":
+        raise app.UsageError("--guide=- (reconstructions) needs --stage=ldm")
+    if FLAGS.guide != "-" and not FLAGS.weights:
+        raise app.UsageError("pass --weights, e.g. --weights=0,1,2")
+    ws = [float(w) for w in FLAGS.weights]
     cli.setup_jax()
     feat_fn = features.feature_fn(features.DEFAULT_PATH)
     probs_fn = features.probabilities_fn(features.DEFAULT_PATH)
     real = evaluate.reference_features(feat_fn, features.DEFAULT_PATH)
-    model = sample.load_generator(workdir, stage)
-    confident = lambda u8: float(np.mean(probs_fn(u8).max(-1) > 0.9))
-    if guide_spec == "-" and stage == "ldm":
-        x = data.to_float(data.load("package", "test")[0][:num])
-        rec = jax.jit(lambda v: model.vae.apply(model.vae_vars, v, method=nets.VAE.reconstruct)[0])
-        u8 = data.to_uint8(np.clip(np.concatenate(
-            [np.asarray(rec(x[i:i + 500])) for i in range(0, num, 500)]), -1, 1))
-        print(json.dumps(dict(what="reconstructions", num=num,
-                              fid=metrics.fid_from_features(real, feat_fn(u8)),
-                              confident=confident(u8),
-                              real_confident=confident(data.to_uint8(x)))), flush=True)
+    model = sample.load_generator(FLAGS.workdir, FLAGS.stage)
+    if FLAGS.guide == "-":
+        reconstructions(model, FLAGS.num, feat_fn, probs_fn, real)
         return
-    guide_dir, _, guide_step = guide_spec.partition("@")
-    guide = sample.load_generator(guide_dir, stage, int(guide_step) if guide_step else None)
+    guide_dir, _, guide_step = FLAGS.guide.partition("@")
+    guide = sample.load_generator(guide_dir, FLAGS.stage, int(guide_step) if guide_step else None)
     if guide.scale_factor != model.scale_factor:
         raise SystemExit("the guide was trained on another VAE")
     model = dataclasses.replace(model, guide_params=guide.params)
@@ -55,14 +75,18 @@ def main() -> None:
         t = time.time()
         # Batches of 200, batch i drawn with fold_in(key(evaluate's seed), i); split over the
         # CPU devices like every sample; one compilation per w.
-        xs = sample.generate(model, num, jax.random.key(evaluate.SAMPLE_SEED), "ddim", steps, eta,
-                             batch_size=200, progress=False, autoguidance=w)
-        hist = np.bincount(probs_fn(xs).argmax(-1), minlength=10)
-        print(json.dumps(dict(stage=stage, steps=steps, eta=eta, guide=guide_spec, w=w, num=num,
+        xs = sample.generate(model, FLAGS.num, jax.random.key(evaluate.SAMPLE_SEED), "ddim",
+                             FLAGS.steps, FLAGS.eta, batch_size=200, progress=False,
+                             autoguidance=w)
+        probs = probs_fn(xs)
+        hist = np.bincount(probs.argmax(-1), minlength=10)
+        print(json.dumps(dict(stage=FLAGS.stage, steps=FLAGS.steps, eta=FLAGS.eta,
+                              guide=FLAGS.guide, w=w, num=FLAGS.num,
                               fid=metrics.fid_from_features(real, feat_fn(xs)),
-                              confident=confident(xs), classes=hist.tolist(),
-                              sample_s=round(time.time() - t, 1))), flush=True)
+                              recognisable=metrics.recognisable_share(probs),
+                              classes=hist.tolist(), sample_s=round(time.time() - t, 1))),
+              flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -1,41 +1,60 @@
-"""Classifier FID and confident share of one trained generator under several samplers.
+"""Classifier FID and recognisable share of one trained generator under several samplers:
+docs/results.md, "Autoguidance" (its line on stochastic sampling).
 
-    python scripts/sampler_sweep.py WORKDIR NUM SAMPLER:STEPS:ETA ...   [--stage=pixel]
-    python scripts/sampler_sweep.py runs/demo 2000 ddim:50:0 ddim:50:1 dpmpp2m:20:0
+    python scripts/sampler_sweep.py --workdir=W --num=N --samplers=SAMPLER:STEPS:ETA,... [--stage=pixel]
+    python scripts/sampler_sweep.py --workdir=runs/demo --num=2000 --samplers=ddim:50:0,ddim:50:1,dpmpp2m:20:0
 
 One JSON line per sampler; the samples are drawn with the seed evaluate uses, so DDIM with
 eta 0 at evaluate's steps reproduces evaluate's FID.
 """
 import json
-import sys
 import time
 
 import jax
-import numpy as np
+from absl import app, flags
 
-from ldm_jax import cli, evaluate, features, metrics, sample
+from ldm_jax import cli, configs, evaluate, features, metrics, sample
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Workdir of the generator.")
+flags.DEFINE_integer("num", None, "Samples per sampler.")
+flags.DEFINE_list("samplers", None, "SAMPLER:STEPS:ETA triples, SAMPLER one of "
+                  f"{', '.join(configs.SAMPLERS)}; e.g. ddim:50:1,dpmpp2m:20:0.")
+flags.DEFINE_enum("stage", "ldm", list(configs.DIFFUSION_STAGES), "The generator's stage.")
+for _name in ("workdir", "num", "samplers"):
+    flags.mark_flag_as_required(_name)
 
 
-def main() -> None:
-    args = [a for a in sys.argv[1:] if not a.startswith("--stage=")]
-    stage = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--stage=")), "ldm")
-    workdir, num, specs = args[0], int(args[1]), args[2:]
+def parse_samplers(specs: list[str]) -> list[tuple[str, int, float]]:
+    """'ddim:50:1' -> ('ddim', 50, 1.0), checked against the samplers sample knows."""
+    out = []
+    for spec in specs:
+        name, steps, eta = spec.split(":") if spec.count(":") == 2 else (None, 0, 0)
+        if name not in configs.SAMPLERS:
+            raise app.UsageError(f"--samplers: {spec!r} is not SAMPLER:STEPS:ETA with SAMPLER "
+                                 f"one of {', '.join(configs.SAMPLERS)}")
+        out.append((name, int(steps), float(eta)))
+    return out
+
+
+def main(argv):
+    del argv
+    specs = parse_samplers(FLAGS.samplers)
     cli.setup_jax()
     feat_fn = features.feature_fn(features.DEFAULT_PATH)
     probs_fn = features.probabilities_fn(features.DEFAULT_PATH)
     real = evaluate.reference_features(feat_fn, features.DEFAULT_PATH)
-    gen = sample.load_generator(workdir, stage)
-    for spec in specs:
-        name, steps, eta = spec.split(":")
+    gen = sample.load_generator(FLAGS.workdir, FLAGS.stage)
+    for name, steps, eta in specs:
         t = time.time()
-        x = sample.generate(gen, num, jax.random.key(evaluate.SAMPLE_SEED), name, int(steps),
-                            eta=float(eta), progress=False)
-        print(json.dumps(dict(workdir=workdir, stage=stage, step=gen.step, sampler=name,
-                              steps=int(steps), eta=float(eta), num=num,
+        x = sample.generate(gen, FLAGS.num, jax.random.key(evaluate.SAMPLE_SEED), name, steps,
+                            eta=eta, progress=False)
+        print(json.dumps(dict(workdir=FLAGS.workdir, stage=FLAGS.stage, step=gen.step,
+                              sampler=name, steps=steps, eta=eta, num=FLAGS.num,
                               fid=metrics.fid_from_features(real, feat_fn(x)),
-                              confident=float(np.mean(probs_fn(x).max(-1) > 0.9)),
+                              recognisable=metrics.recognisable_share(probs_fn(x)),
                               sample_s=time.time() - t)), flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)
