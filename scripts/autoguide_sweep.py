@@ -51,7 +51,8 @@ def reconstructions(model, num: int, feat_fn, probs_fn, real) -> None:
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS.guide == "-" and FLAGS.stage != "ldm":
         raise app.UsageError("--guide=- (reconstructions) needs --stage=ldm")
     if FLAGS.guide != "-" and not FLAGS.weights:

@@ -1,5 +1,6 @@
-"""The compiled train step in float32 and in bfloat16 (`model.dtype`), timed in turns in
-one process: what `--config.model.dtype=bfloat16` buys on an accelerator.
+"""The compiled train step in float32 and in bfloat16 (`model.dtype`), timed in turns in one
+process: what `--config.model.dtype=bfloat16` buys on an accelerator. docs/results.md,
+"Accelerators", lists this as not yet measured; this is the command that would measure it.
 
     python scripts/dtype_bench.py --workdir=W --preset=full --stages=ldm,pixel
 
@@ -10,29 +11,37 @@ shape matters for timing). Prints one JSON line per stage: median seconds per st
 from __future__ import annotations
 
 import json
-import sys
 
 import jax
+from absl import app, flags
 
 from ldm_jax import benchmark, cli, configs
 
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Run directory (W/vae: a trained first stage for the LDM).")
+flags.DEFINE_enum("preset", "full", list(configs.PRESETS), "The preset whose step is timed.")
+flags.DEFINE_list("stages", ["ldm", "pixel"], "Stages to time: ldm, pixel.")
+flags.mark_flag_as_required("workdir")
+flags.register_validator("stages", lambda v: bool(v) and set(v) <= set(configs.DIFFUSION_STAGES),
+                         message="--stages takes ldm and/or pixel")
 
-def main() -> None:
-    args = dict(a.lstrip("-").split("=", 1) for a in sys.argv[1:])
-    preset = args.get("preset", "full")
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     cli.setup_jax()
-    for stage in args.get("stages", "ldm,pixel").split(","):
+    for stage in FLAGS.stages:
         timers = {}
         for dtype in ("float32", "bfloat16"):
-            c = configs.get_config(stage, preset)
+            c = configs.get_config(stage, FLAGS.preset)
             c.model.dtype = dtype
-            timers[dtype] = benchmark.StepTimer(c, args["workdir"])
+            timers[dtype] = benchmark.StepTimer(c, FLAGS.workdir)
         med = dict(zip(timers, benchmark.median_step_s_in_turns(list(timers.values()),
                                                                 per_round=10)))
-        print(json.dumps(dict(stage=stage, preset=preset, s_per_step=med,
+        print(json.dumps(dict(stage=stage, preset=FLAGS.preset, s_per_step=med,
                               bf16_speedup=med["float32"] / med["bfloat16"],
                               device=jax.devices()[0].device_kind)), flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -1,23 +1,31 @@
-"""A float16 copy of the converted Inception weights, and what the rounding costs.
-
-The converted TF-FID InceptionV3 (`python -m ldm_jax.convert_inception`) is 87 MB of float32,
-more than a 64 MiB transfer to a rented accelerator allows beside the repository. Storing
-its kernels as float16 halves it; `inception.load_params` casts every array back to float32,
-so only the weights are rounded, never the arithmetic.
+"""A float16 copy of the converted Inception weights, and what the rounding costs:
+docs/results.md, "Accelerators" (the weights travel as float16; FID moves by 0.017).
 
     python scripts/half_inception.py --src=~/.cache/ldm_jax/inception_fid.npz --out=.inc/inception_fid_f16.npz
     python scripts/half_inception.py ... --check=300   # FID of N test vs N train images, both weights
 
---check runs Inception on 2 x N images twice (about 6 images/s on a 2-core CPU).
+The converted TF-FID InceptionV3 (`python -m ldm_jax.convert_inception`) is 87 MB of float32,
+more than a 64 MiB transfer to a rented accelerator allows beside the repository. Storing
+its kernels as float16 halves it; `inception.load_params` casts every array back to float32,
+so only the weights are rounded, never the arithmetic. --check runs Inception on 2 x N
+images twice (about 6 images/s on a 2-core CPU).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import numpy as np
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("src", None, "The converted float32 weights (.npz; ~ expands).")
+flags.DEFINE_string("out", None, "Where to write the float16 copy (.npz; ~ expands).")
+flags.DEFINE_integer("check", 0, "Also compare FID of N test vs N train images under both "
+                     "weights (0: no check).")
+flags.mark_flag_as_required("src")
+flags.mark_flag_as_required("out")
 
 
 def halve(src: str, out: str) -> None:
@@ -53,12 +61,14 @@ def check(src: str, out: str, n: int) -> None:
     print(f"features: mean |diff| {diff.mean():.2e}, mean |feature| {np.abs(feats['float32'][0]).mean():.2e}")
 
 
-def main() -> None:
-    args = {k: os.path.expanduser(v) for k, v in (a.lstrip("-").split("=", 1) for a in sys.argv[1:])}
-    halve(args["src"], args["out"])
-    if "check" in args:
-        check(args["src"], args["out"], int(args["check"]))
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    src, out = os.path.expanduser(FLAGS.src), os.path.expanduser(FLAGS.out)
+    halve(src, out)
+    if FLAGS.check:
+        check(src, out, FLAGS.check)
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

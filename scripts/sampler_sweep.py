@@ -38,7 +38,8 @@ def parse_samplers(specs: list[str]) -> list[tuple[str, int, float]]:
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     specs = parse_samplers(FLAGS.samplers)
     cli.setup_jax()
     feat_fn = features.feature_fn(features.DEFAULT_PATH)

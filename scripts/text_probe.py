@@ -34,7 +34,7 @@ def pooled(encoder, params, pairs) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; pass --workdir=W")
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     cli.setup_jax()
     gen = sample.load_generator(FLAGS.workdir, "ldm")
     if not sample.is_text(gen):
