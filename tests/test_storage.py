@@ -121,3 +121,20 @@ def test_url_workdir_is_refused_by_the_cli(module, args, tmp_path):
 def test_url_workdir_is_refused_by_every_entry_point(module, args, url, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert_url_refused(run_main(module, f"--workdir={url}", *args), tmp_path)
+
+
+@pytest.mark.slow  # three smoke VAE runs: 2 minutes on 2 busy cores
+def test_training_resumes_where_flock_is_refused(no_flock, tmp_path):
+    """The issue's bar: on such a filesystem a stage trains, stops, resumes, and a second
+    trainer is refused while one runs."""
+    from ldm_jax import train  # pylint: disable=import-outside-toplevel
+    c = configs.get_config("vae", "smoke")
+    workdir, stage_dir = str(tmp_path), str(tmp_path / "vae")
+    train.train_and_evaluate(c, workdir, stop_at_step=3)
+    assert not os.path.exists(os.path.join(stage_dir, ".lock.holder"))
+    with checkpoints.stage_lock(stage_dir):  # what a running trainer holds
+        with pytest.raises(configs.ConfigError, match="another trainer is running"):
+            train.train_and_evaluate(c, workdir)
+    state = train.train_and_evaluate(c, workdir)
+    assert int(state.step) == c.train.steps > 3
+    assert checkpoints.stored_meta(stage_dir)["finished"]
