@@ -1,12 +1,13 @@
-"""Classifier FID against training wall clock, one curve per LDM workdir (issue 10's plot of
-the old and the new recipe): every kept checkpoint of each W/ldm is sampled (DPM-Solver++(2M),
-20 steps, EMA parameters) and scored on the committed classifier's features against the
-10,000 test images; its x is the training seconds metrics.jsonl logged at that step.
+"""Classifier FID against training wall clock, one curve per LDM workdir: the figure of
+docs/results.md, "The diffusion recipe" (the old recipe against the new one).
 
-    python scripts/fid_vs_time.py --runs=old:runs/curve/old,new:runs/curve/new \
+    python scripts/fid_vs_time.py --runs=old:runs/curve/old,new:runs/curve/new \\
         --num=600 --out=docs/fid_vs_time.png
 
-Writes OUT (the plot); each point is printed on stderr.
+Every kept checkpoint of each W/ldm is sampled (DPM-Solver++(2M), 20 steps, EMA parameters)
+and scored on the committed classifier's features against the 10,000 test images; its x is
+the training seconds metrics.jsonl logged at that step. Writes --out (the plot); each point
+is printed on stderr.
 """
 
 from __future__ import annotations
@@ -18,11 +19,20 @@ import sys
 
 import jax
 import matplotlib
+from absl import app, flags
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ldm_jax import checkpoints, cli, evaluate, features, metrics, sample  # noqa: E402
+
+FLAGS = flags.FLAGS
+# A string, not a list: a label may hold commas (main splits it on the paths).
+flags.DEFINE_string("runs", None, "LABEL:PATH,LABEL:PATH,...: one curve per LDM workdir; "
+                    "a label may hold commas, a path may not.")
+flags.DEFINE_integer("num", 600, "Samples per checkpoint.")
+flags.DEFINE_string("out", "fid_vs_time.png", "The plot to write.")
+flags.mark_flag_as_required("runs")
 
 
 def curve(workdir: str, num: int, feat_fn, real_all) -> list[dict]:
@@ -41,11 +51,13 @@ def curve(workdir: str, num: int, feat_fn, real_all) -> list[dict]:
     return points
 
 
-def main() -> None:
-    args = dict(a.lstrip("-").split("=", 1) for a in sys.argv[1:])
-    # LABEL:PATH,LABEL:PATH,...; a label may hold commas, a path may not
-    runs = re.findall(r"(.+?):([^,:]+)(?:,|$)", args["runs"])
-    num, out = int(args.get("num", 600)), args.get("out", "fid_vs_time.png")
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    runs = re.findall(r"(.+?):([^,:]+)(?:,|$)", FLAGS.runs)
+    if not runs:
+        raise app.UsageError(f"--runs: no LABEL:PATH in {FLAGS.runs!r}")
+    num, out = FLAGS.num, FLAGS.out
     cli.setup_jax()
     feat_fn = features.feature_fn(features.DEFAULT_PATH)
     real_all = evaluate.reference_features(feat_fn, features.DEFAULT_PATH)
@@ -62,4 +74,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -1,14 +1,16 @@
-"""The diffusion-recipe ablation of docs/results.md (issue 10): one VAE, then one LDM per
-recipe (prediction target x loss weighting x schedule) at the same step budget, each
-sampled with several samplers, scored on the committed classifier's features.
+"""Classifier FID of one LDM per diffusion recipe (prediction target x loss weighting x
+schedule, and step-budget rows) on one shared VAE: docs/results.md, "The diffusion recipe"
+(and the deterministic-sampler line of "Autoguidance").
 
     python scripts/recipe_ablation.py --root=runs/recipe --ldm_steps=600 --num=1000
     python scripts/recipe_ablation.py ... --recipes=v+minsnr --first_stage=adv
     python scripts/recipe_ablation.py ... --recipes=v+minsnr --samplers=ddim-10,dpmpp2m-10
-    python scripts/recipe_ablation.py --root=runs/recipe_px --stage=pixel --ldm_steps=480 \
+    python scripts/recipe_ablation.py --root=runs/recipe_px --stage=pixel --ldm_steps=480 \\
         --recipes=default,2020 --samplers=ddim-50
 
-With --stage=pixel the rows are pixel models (no VAE) under the same names and overrides.
+Each row is sampled with every sampler of --samplers and scored on the committed
+classifier's features. With --stage=pixel the rows are pixel models (no VAE) under the same
+names and overrides.
 
 Every LDM shares the VAE of ROOT/base/vae (copied into each workdir, so each LDM is bound
 to identical weights). --first_stage=NAME trains the VAE of FIRST_STAGES[NAME] into
@@ -29,14 +31,14 @@ import sys
 import time
 
 import jax
-import numpy as np
+from absl import app, flags
 
 from ldm_jax import benchmark, cli, configs, evaluate, features, metrics, sample, train
 
 RECIPES = {  # name -> LDM overrides of today's cpu-quick default (v + min_snr, cosine)
     "default": {},  # today's default as is: the reference of the rows trained after it
     "eps": {"diffusion.prediction": "eps", "diffusion.loss_weighting": "uniform"},
-    # The recipe before issue 10, whole: eps target, uniform weighting, linear betas.
+    # The 2020 (DDPM) recipe, whole: eps target, uniform weighting, linear betas.
     "2020": {"diffusion.prediction": "eps", "diffusion.loss_weighting": "uniform",
              "diffusion.schedule": "linear"},
     "v": {"diffusion.prediction": "v", "diffusion.loss_weighting": "uniform"},
@@ -78,7 +80,18 @@ FIRST_STAGES = {  # name -> VAE overrides (cpu-quick otherwise)
     "vae600": {"train.steps": 600},  # half the VAE steps: is the first stage's time worth it?
     "vaebs64": {"data.batch_size": 64},  # the same VAE steps at about half the cost each
 }
-SAMPLERS = "ddim-50,ddim-20,dpmpp2m-20"
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("root", "runs/recipe", "One workdir per row below it, and ablation.json.")
+flags.DEFINE_integer("ldm_steps", 600, "Steps of each row (time-matched rows: their wall clock).")
+flags.DEFINE_integer("vae_steps", 1200, "Steps of the shared VAE.")
+flags.DEFINE_integer("num", 1000, "Samples per row and sampler.")
+flags.DEFINE_list("recipes", [], "Rows to train, names of RECIPES (empty: all of them).")
+flags.DEFINE_enum("first_stage", "base", list(FIRST_STAGES), "The VAE under the rows.")
+flags.DEFINE_list("samplers", ["ddim-50", "ddim-20", "dpmpp2m-20"], "SAMPLER-STEPS pairs.")
+flags.DEFINE_enum("stage", "ldm", list(configs.DIFFUSION_STAGES), "The rows' stage.")
+flags.register_validator("recipes", lambda v: set(v) <= set(RECIPES),
+                         message=f"--recipes takes names of RECIPES: {', '.join(RECIPES)}")
 
 
 def matched_steps(c, base, workdir: str, steps: int, rounds: int = 4, per_round: int = 5) -> dict:
@@ -89,16 +102,24 @@ def matched_steps(c, base, workdir: str, steps: int, rounds: int = 4, per_round:
     return dict(base_step_s=base_s, row_step_s=row_s, steps=max(1, round(steps * base_s / row_s)))
 
 
-def main() -> None:
-    args = dict(a.lstrip("-").split("=", 1) for a in sys.argv[1:])
-    root = args.get("root", "runs/recipe")
-    ldm_steps, vae_steps = int(args.get("ldm_steps", 600)), int(args.get("vae_steps", 1200))
-    num = int(args.get("num", 1000))
-    recipes = args["recipes"].split(",") if "recipes" in args else list(RECIPES)
-    first_stage = args.get("first_stage", "base")
-    samplers = [(x.split("-")[0], int(x.split("-")[1]))
-                for x in args.get("samplers", SAMPLERS).split(",")]
-    stage = args.get("stage", "ldm")
+def parse_samplers(specs: list[str]) -> list[tuple[str, int]]:
+    """'ddim-50' -> ('ddim', 50), checked against the samplers sample knows."""
+    out = []
+    for spec in specs:
+        name, _, steps = spec.partition("-")
+        if name not in configs.SAMPLERS or not steps.isdigit():
+            raise app.UsageError(f"--samplers: {spec!r} is not SAMPLER-STEPS with SAMPLER one of "
+                                 f"{', '.join(configs.SAMPLERS)}")
+        out.append((name, int(steps)))
+    return out
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    root, ldm_steps, vae_steps, num = FLAGS.root, FLAGS.ldm_steps, FLAGS.vae_steps, FLAGS.num
+    recipes, first_stage, stage = FLAGS.recipes or list(RECIPES), FLAGS.first_stage, FLAGS.stage
+    samplers = parse_samplers(FLAGS.samplers)
     suffix = "" if first_stage == "base" else f"@{first_stage}"
     cli.setup_jax()
     base = os.path.join(root, "base" + suffix)
@@ -112,6 +133,9 @@ def main() -> None:
     real_all = evaluate.reference_features(feat_fn, features.DEFAULT_PATH)
     out_path = os.path.join(root, "ablation.json")
     results = json.load(open(out_path)) if os.path.isfile(out_path) else {}
+    for row in results.values():  # files written before the rename call it "confident"
+        if "confident" in row:
+            row["recognisable"] = row.pop("confident")
     for name in (r + suffix for r in recipes):
         w = os.path.join(root, name)
         if stage == "ldm" and not os.path.isdir(os.path.join(w, "vae")):
@@ -144,19 +168,19 @@ def main() -> None:
             feats = feat_fn(images)
             row = dict(fid=metrics.fid_from_features(real_all, feats), sample_s=sample_s,
                        train_s=rows[-1]["time"], steps=rows[-1]["step"], identity=gen.identity)
-            row["confident"] = float(np.mean(probs_fn(images).max(-1) > 0.9))
+            row["recognisable"] = metrics.recognisable_share(probs_fn(images))
             results[key] = row
             json.dump(results, open(out_path, "w"), indent=1)
             print(f"{key}: FID {row['fid']:.2f} ({time.time() - t0:.0f}s)", file=sys.stderr)
-    print("| recipe | sampler | classifier FID | confident | steps | train s | sample s |")
+    print("| recipe | sampler | classifier FID | recognisable | steps | train s | sample s |")
     print("|---|---|---|---|---|---|---|")
     for key, row in results.items():
         recipe, sampler = key.split(" | ")
         if sampler == "plan":
             continue
-        print(f"| {recipe} | {sampler} | {row['fid']:.2f} | {row['confident']:.3f} "
+        print(f"| {recipe} | {sampler} | {row['fid']:.2f} | {row['recognisable']:.3f} "
               f"| {row['steps']} | {row['train_s']:.0f} | {row['sample_s']:.1f} |")
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)
