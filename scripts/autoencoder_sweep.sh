@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The first-stage comparison of docs/results.md (issue 6): {kl, vq} x {no perceptual,
-# perceptual} x latent {7x7x4, 7x7x2, 4x4x4}, each followed by an LDM with the same budget,
-# then `evaluate` (reconstruction MSE/PSNR/rFID and the LDM's FID) and one table.
+# Reconstruction and LDM quality of each first stage, {kl, vq} x {no perceptual, perceptual}
+# x latent {7x7x4, 7x7x2, 4x4x4}: docs/results.md, "The first stage". Each is followed by an
+# LDM with the same budget, then `evaluate` (reconstruction MSE/PSNR/rFID and the LDM's FID).
 #
 #   bash scripts/autoencoder_sweep.sh [ROOT=runs/ae] [AE_STEPS=500] [LDM_STEPS=500] [NUM=500]
 #
 # LDM_STEPS=0 trains and evaluates the first stages only; LDM_ONLY="kl_7x7x4_p0 ..." trains
-# LDMs for those runs only. Each run resumes if rerun (the train CLI resumes or says the
+# LDMs for those runs only; LATENTS="7x7x4 ..." picks latents; PERCEPTUAL sets the weight
+# of the perceptual rows (1.0). Each run resumes if rerun (the train CLI resumes or says the
 # stage is already trained; evaluate reuses its saved samples).
 set -euo pipefail
 ROOT=${1:-runs/ae}

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The `full` preset on one accelerator under wall-clock budgets: VAE, then LDM, then the
-# pixel baseline, each alone on the device; then `evaluate --inception` on NUM samples per
-# model (DDIM-50), and the compiled train step of each U-Net (`benchmark --what=train`).
+# The `full` preset on one accelerator: VAE, LDM and pixel baseline under equal wall-clock
+# budgets, each scored by `evaluate --inception`: docs/results.md, "Accelerators" (lease 1).
 #
 #   scripts/full_gpu.sh WORKDIR OUT
 #
+# The stages train one after the other, each alone on the device; then `evaluate --inception`
+# on NUM samples per model (DDIM-50), and the compiled train step of each U-Net
+# (`benchmark --what=train`).
 # Everything a reader needs comes back in OUT (at most 8 files): log.txt, train_logs.txt
 # (each stage's metrics.jsonl), metrics.json, the two sample npz files, bench.jsonl and the
 # reconstruction grid. Budgets, step counts and the deadline are environment variables;

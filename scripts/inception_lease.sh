@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# One accelerator lease for the Inception-FID questions (docs/results.md, "Sample quality on
-# Inception features"), in two parts, each choosing its sampling setting on the validation split:
+# One accelerator lease for the Inception-FID tables: docs/results.md, "The README job's
+# recipe, LDM against pixel" (part A) and "Accelerators" (part B, the 2026-12-04 rows).
+#
+#   scripts/inception_lease.sh WORKDIR OUT [NPZ]
+#
+# Each part chooses its sampling setting on the validation split:
 #   A. The cpu-quick recipe (the README job's configs: same steps, batches and holdout) trained
 #      on the device: VAE, LDM and pixel. Every W:ETA setting of both generators is scored on
 #      the holdout and on the test set (scripts/choose_sampler.py), and so are the README
@@ -8,8 +12,6 @@
 #   B. The `full` preset: VAE and LDM under minute budgets, with the same 2,000-image holdout
 #      and an autoguide kept at step GUIDE; `evaluate --inception` at 10k (DDIM-50, eta 0, as
 #      earlier leases measured), then the LDM's setting chosen on the holdout and drawn at 10k.
-#
-#   scripts/inception_lease.sh WORKDIR OUT [NPZ]
 #
 # At most 8 files come back in OUT: log.txt, quick.jsonl, quick_samples.npz, full_train.txt,
 # metrics.json, full.jsonl, full_samples.npz. PRESET_A=smoke FULL=smoke runs the same path on a
