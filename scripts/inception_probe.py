@@ -109,13 +109,13 @@ def images_to_score() -> tuple[str, np.ndarray]:
 
 def classifier_scores(images: np.ndarray) -> dict:
     """The fast proxy: the committed classifier's FID against the same reference images,
-    and its recognisable share (top probability > 0.9)."""
+    and its recognisable share (metrics.recognisable_share)."""
     from ldm_jax import features  # pylint: disable=import-outside-toplevel
     feat_fn = features.feature_fn(features.DEFAULT_PATH)
     probs = features.probabilities_fn(features.DEFAULT_PATH)(images)
     return dict(classifier_fid=metrics.fid_from_features(feat_fn(reference_images()),
                                                          feat_fn(images)),
-                recognisable=float(np.mean(probs.max(-1) > 0.9)))
+                recognisable=metrics.recognisable_share(probs))
 
 
 def main(argv):
