@@ -479,21 +479,30 @@ def _check_unet(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"latent.posterior must be 'mean' or 'sample', got {c.latent.posterior!r}")
 
 
+def check_eta(eta: float, name: str = "sample.eta") -> None:
+    """DDIM eta in [0, 1]; the one rule for the config, `sample` and `evaluate` (refuses nan)."""
+    if not 0.0 <= eta <= 1.0:
+        raise ConfigError(f"{name} must be in [0, 1], got {eta}")
+
+
+def check_weight(w: float, name: str) -> None:
+    """A guidance weight: finite and >= 0 (refuses nan, which absl's bounds let through)."""
+    if not 0.0 <= w < math.inf:
+        raise ConfigError(f"{name} must be a finite number >= 0, got {w}")
+
+
 def _check_sampling(c: ml_collections.ConfigDict) -> None:
     """The default sampler and its autoguidance."""
     d = c.diffusion
     if c.sample.sampler not in SAMPLERS or not 1 <= c.sample.steps <= d.timesteps:
         raise ConfigError(f"sample.sampler must be {'|'.join(SAMPLERS)} and "
                           "1 <= sample.steps <= timesteps")
-    if not 0.0 <= c.sample.eta <= 1.0:
-        raise ConfigError(f"sample.eta must be in [0, 1], got {c.sample.eta}")
+    check_eta(c.sample.eta)
     if not 0 <= c.sample.guide_step < c.train.steps:
         raise ConfigError(f"sample.guide_step must be 0 (none) or an earlier step than "
                           f"train.steps={c.train.steps}, got {c.sample.guide_step}; set "
                           "sample.guide_step=0 and sample.guide_weight=0 for no autoguidance")
-    if not (0.0 <= c.sample.guide_weight < math.inf):  # also refuses nan
-        raise ConfigError(f"sample.guide_weight must be a finite number >= 0, got "
-                          f"{c.sample.guide_weight}")
+    check_weight(c.sample.guide_weight, "sample.guide_weight")
     if c.sample.guide_weight > 0 and not c.sample.guide_step:
         raise ConfigError("sample.guide_weight > 0 needs sample.guide_step, the earlier "
                           "checkpoint that guides")

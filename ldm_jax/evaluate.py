@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import subprocess
 import sys
@@ -715,11 +714,11 @@ def main(argv: list[str] | None = None) -> None:
         for name in ("num", "steps"):
             if fv[name].value is not None and fv[name].value <= 0:
                 raise cli.UsageError(f"--{name} must be positive, got {fv[name].value}")
-        if not 0.0 <= fv.eta <= 1.0:
-            raise cli.UsageError(f"--eta must be in [0, 1], got {fv.eta}")
-        if not 0.0 <= fv.autoguidance < math.inf:  # also refuses nan
-            raise cli.UsageError(f"--autoguidance must be a finite number >= 0, got "
-                                 f"{fv.autoguidance}")
+        try:  # the rules configs.validate applies to sample.*
+            configs.check_eta(fv.eta, "--eta")
+            configs.check_weight(fv.autoguidance, "--autoguidance")
+        except configs.ConfigError as e:
+            raise cli.UsageError(str(e)) from None
         if fv.num is not None and not MIN_NUM <= fv.num <= configs.MNIST_TRAIN_IMAGES:
             raise cli.UsageError(
                 f"--num must be between {MIN_NUM} (density and coverage use 5 nearest "

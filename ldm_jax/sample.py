@@ -281,9 +281,9 @@ def define_flags(fv) -> None:
     flags.DEFINE_integer("num", 64, "Number of samples.", flag_values=fv)
     flags.DEFINE_string("out", "samples.png", "PNG grid path; the .npz goes beside it.",
                         flag_values=fv)
-    flags.DEFINE_string("sampler", None, "ddpm (all T steps) | ddim | dpmpp2m (DPM-Solver++"
-                        "(2M), deterministic, good at 10-20 steps) (default: the model "
-                        "config's sample.sampler).", flag_values=fv)
+    flags.DEFINE_enum("sampler", None, SAMPLERS, "ddpm (all T steps) | ddim | dpmpp2m "
+                      "(DPM-Solver++(2M), deterministic, good at 10-20 steps) (default: the "
+                      "model config's sample.sampler).", flag_values=fv)
     flags.DEFINE_integer("steps", None, "DDIM steps (1..T; default: the model config's "
                          "sample.steps); ignored by ddpm.", flag_values=fv)
     flags.DEFINE_float("eta", None, "DDIM eta in [0, 1]: 0 deterministic, 1 DDPM-like "
@@ -362,15 +362,14 @@ def check_sampling_flags(fv) -> None:
     for name in ("num", "steps", "batch_size"):
         if fv[name].value is not None and fv[name].value <= 0:
             raise cli.UsageError(f"--{name} must be positive, got {fv[name].value}")
-    if fv.sampler is not None and fv.sampler not in SAMPLERS:
-        raise cli.UsageError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {fv.sampler!r}")
-    if fv.eta is not None and not 0.0 <= fv.eta <= 1.0:  # also refuses nan
-        raise cli.UsageError(f"--eta must be in [0, 1], got {fv.eta}")
-    if not fv.guidance >= 0.0 or not math.isfinite(fv.guidance):
-        raise cli.UsageError(f"--guidance must be a finite number >= 0, got {fv.guidance}")
-    if fv.autoguidance is not None and not 0.0 <= fv.autoguidance < math.inf:
-        raise cli.UsageError(f"--autoguidance must be a finite number >= 0, got "
-                             f"{fv.autoguidance}")
+    try:  # the rules configs.validate applies to sample.*
+        if fv.eta is not None:
+            configs.check_eta(fv.eta, "--eta")
+        configs.check_weight(fv.guidance, "--guidance")
+        if fv.autoguidance is not None:
+            configs.check_weight(fv.autoguidance, "--autoguidance")
+    except configs.ConfigError as e:
+        raise cli.UsageError(str(e)) from None
     cli.check_seed(fv.seed)
 
 

@@ -22,7 +22,7 @@ from test_bad_input import _one_line_exit_2
     (["--label=\u00b2"], "--label must be a digit 0-9 or 'all'"),
     (["--label=\u0663"], "--label must be a digit 0-9 or 'all'"),
     (["--label=all", "--num=3"], "--num must be a multiple of 10, got 3"),
-    (["--sampler=euler"], "--sampler must be one of ddpm, ddim, dpmpp2m"),
+    (["--sampler=euler"], "flag --sampler=euler: value should be one of <ddpm|ddim|dpmpp2m>"),
     (["out=x.png"], "out=x.png"),
 ])
 def test_sample_refuses(smoke_workdir, tmp_path, args, message, monkeypatch):
