@@ -552,7 +552,7 @@ def load_vae(workdir: str, step: int | None = None, digest: str | None = None):
         raise configs.ConfigError(f"the VAE in {vae_dir} stopped at step {meta['step']} of "
                                   f"{cfg['train']['steps']}; rerun --stage=vae to finish it")
     params = models.split_discriminator(params)[0]
-    # Decision (issue 26): the EMA encoder/decoder go with the live VQ codebook, which is
+    # Decision: the EMA encoder/decoder go with the live VQ codebook, which is
     # itself an EMA of encoder outputs; there is no separate EMA codebook to pair them with.
     variables = {"params": params, **model_state}
     if digest is not None and tree_digest(variables) != digest:

@@ -141,7 +141,7 @@ def cpu_devices() -> int:
     LDM_JAX_CPU_DEVICES=N overrides it. XLA:CPU runs a device's convolutions, their weight
     gradients above all, on about one core, so a data-parallel mesh of one device per core
     is what keeps the cores busy: on 2 cores the cpu-quick LDM step is 1.5x faster on two
-    devices than on one (docs/results.md, "CPU train step")."""
+    devices than on one (docs/results.md, "Cost")."""
     if "LDM_JAX_CPU_DEVICES" in os.environ:
         value = os.environ["LDM_JAX_CPU_DEVICES"]
         if not value.isascii() or not value.isdigit() or int(value) < 1:

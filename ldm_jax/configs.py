@@ -70,7 +70,7 @@ def _diffusion(c: ml_collections.ConfigDict, preset: str) -> None:
     c.diffusion.beta_end = 0.02  # beta_T (linear, quadratic)
     c.diffusion.var_type = "fixed_small"  # DDPM sampling variance: fixed_small (beta~) | fixed_large (beta)
     c.diffusion.clip_x0 = c.stage == "pixel"  # clip predicted x_0 to [-1, 1] (pixels only)
-    # The recipe (issue 10; docs/results.md has the ablation that chose the defaults):
+    # The recipe (docs/results.md, "The diffusion recipe", has the ablation that chose it):
     # v + min_snr: classifier FID 155 vs 262 for eps + uniform at 600 LDM steps (DDIM-50).
     c.diffusion.prediction = "v"  # what the U-Net predicts: eps | v (Salimans & Ho 2022) | x0
     c.diffusion.loss_weighting = "min_snr"  # uniform | min_snr (Min-SNR-gamma, Hang et al. 2023)

@@ -260,7 +260,7 @@ def autoencoder_quality(first_stage: tuple, test_images: np.ndarray, feat_fn, re
     return out, recons
 
 
-# Decision (issue 26): a perceptual loss on the FID classifier is allowed, and said beside
+# Decision: a perceptual loss on the FID classifier is allowed, and said beside
 # every classifier number it flatters (prefer the Inception FID for such a VAE).
 PERCEPTUAL_NOTE = ("this VAE was trained with a perceptual loss on the same classifier's "
                    "features that the classifier FID, rFID and PRDC use, which flatters them; "

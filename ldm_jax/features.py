@@ -137,7 +137,7 @@ def perceptual_loss_fn(path: str | None = None) -> Callable[[Array, Array], Arra
     """(x [B, 28, 28, 1], y [B, 28, 28, 1], both in [-1, 1]) -> [B] perceptual distances on
     the committed classifier's conv activations; the classifier is frozen (no gradient to
     its weights, gradients flow to the images)."""
-    # Decision (issue 26): this is the network behind the classifier FID, so a VAE trained
+    # Decision: this is the network behind the classifier FID, so a VAE trained
     # with it is scored by what it optimised; evaluate says so beside such numbers.
     model, params, _ = load_classifier(path)
     params = jax.lax.stop_gradient(params)
