@@ -40,7 +40,7 @@ QUALITY = ("fid", "precision", "recall", "density", "coverage")
 COVERAGE = ("recognisable", "class_kl")  # metrics.class_coverage, on the classifier's probabilities
 GUIDANCE = (0.0, 0.5, 1.0, 2.0, 4.0)
 TEXT_GUIDANCE = (0.0, 1.0, 2.0, 4.0)
-RECOGNISABLE = 0.9  # a sample is recognisable when the classifier's top probability exceeds this
+RECOGNISABLE = metrics.RECOGNISABLE  # the one threshold, defined beside recognisable_share
 FIGURE_W = 2.0  # guidance of prompts.png
 FIGURE_PROMPTS = ("7", "seven", "a handwritten 3", "number four, written by hand",
                   "the handwritten number 5", "a drawing of an eight", "picture of digit 0", "")
@@ -181,7 +181,7 @@ def prompt_sweep(gen, num: int, steps: int, feat_fn, prob_fn, real_all, real_n,
             spelled.append(spellings)
             if name == "seen":
                 row.update(quality(real_all, real_n, feat_fn(images)))
-                row["recognisable"] = float(np.mean(probs.max(1) > RECOGNISABLE))
+                row["recognisable"] = metrics.recognisable_share(probs)
         correct, spelled = np.concatenate(correct), np.concatenate(spelled)
         row["words"] = float(correct[spelled == "word"].mean())
         row["numerals"] = float(correct[spelled == "numeral"].mean())
