@@ -59,53 +59,36 @@ def _common(stage: str, preset: str) -> ml_collections.ConfigDict:
     return c
 
 
-def _diffusion(c: ml_collections.ConfigDict, preset: str) -> None:
-    """The ldm and pixel stages: schedule and recipe, U-Net, sampler, then the preset."""
+def _diffusion(c: ml_collections.ConfigDict) -> None:
+    """The ldm and pixel stages (full preset): schedule and recipe, U-Net, sampler."""
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.timesteps = 1000  # T
-    # Cosine (Nichol & Dhariwal 2021) beat linear by 17-20 classifier-FID points at 600 LDM
-    # steps with both seeds tried, more than the seed-to-seed spread (docs/results.md).
+    # The recipe below was chosen by the ablation in docs/results.md, "The diffusion recipe".
     c.diffusion.schedule = "cosine"  # beta schedule: linear | quadratic | cosine
     c.diffusion.beta_start = 1e-4  # beta_1 (linear, quadratic)
     c.diffusion.beta_end = 0.02  # beta_T (linear, quadratic)
     c.diffusion.var_type = "fixed_small"  # DDPM sampling variance: fixed_small (beta~) | fixed_large (beta)
     c.diffusion.clip_x0 = c.stage == "pixel"  # clip predicted x_0 to [-1, 1] (pixels only)
-    # The recipe (docs/results.md, "The diffusion recipe", has the ablation that chose it):
-    # v + min_snr: classifier FID 155 vs 262 for eps + uniform at 600 LDM steps (DDIM-50).
     c.diffusion.prediction = "v"  # what the U-Net predicts: eps | v (Salimans & Ho 2022) | x0
     c.diffusion.loss_weighting = "min_snr"  # uniform | min_snr (Min-SNR-gamma, Hang et al. 2023)
     c.diffusion.min_snr_gamma = 5.0  # gamma of min_snr
-    # Zero terminal SNR measured no gain (FID 154.6 vs 155.0 at 600 steps, linear schedule,
-    # which already ends at alpha_bar_T = 4e-5). Off.
+    # Off: no gain measured; the schedules here already end near alpha_bar_T = 0.
     c.diffusion.zero_terminal_snr = False  # rescale betas so alpha_bar_T = 0 (Lin et al. 2024; v or x0)
 
     _unet(c)
     _sampler(c)
+    c.model.ch, c.model.num_res_blocks = 128, 2
+    c.train.steps = 50_000
     if c.stage == "ldm":
         c.latent = ml_collections.ConfigDict()
         c.latent.posterior = "sample"  # encode training images as posterior 'mean' or a 'sample'
         c.optim.lr = 1e-3
-        c.model.ch, c.model.ch_mult, c.model.num_res_blocks = 64, (1, 2), 1
+        # Chosen on the holdout by Inception FID (docs/results.md, "Accelerators").
+        c.sample.sampler, c.sample.steps, c.sample.eta = "ddim", 50, 1.0
+        c.sample.guide_step, c.sample.guide_weight = 2_000, 1.0
     else:
         c.optim.lr = 5e-4
-        c.model.ch, c.model.ch_mult, c.model.num_res_blocks = 32, (1, 2, 2), 1
-
-    if preset == "smoke":
-        c.model.ch, c.model.ch_mult, c.model.num_res_blocks = 16, (1, 2), 1
-        c.model.heads, c.model.groups = 2, 4
-        c.diffusion.timesteps = 50
-        c.sample.steps = 5
-    elif preset == "cpu-quick":
-        _cpu_quick_diffusion(c)
-    else:
-        c.model.ch = 128
-        c.model.num_res_blocks = 2
-        c.train.steps = 50_000
-        if c.stage == "ldm":  # chosen on the holdout by Inception FID (docs/results.md, "Accelerators")
-            c.sample.sampler, c.sample.steps, c.sample.eta = "ddim", 50, 1.0
-            c.sample.guide_step, c.sample.guide_weight = 2_000, 1.0
-
-
+        c.model.ch_mult = (1, 2, 2)
 
 
 def _unet(c: ml_collections.ConfigDict) -> None:
@@ -126,9 +109,8 @@ def _unet(c: ml_collections.ConfigDict) -> None:
     c.model.context_tokens = 4  # crossattn: learned tokens per label
     c.model.context_dim = 64  # crossattn: width of each token; text: width of the text encoder
     c.model.text_layers = 2  # text: transformer blocks of the text encoder (model.heads heads)
-    # text: width of a convolution over the character embeddings (0 = none). 5 took held-out
-    # prompts from 93.0 % to 100 % at 1,200 steps (docs/results.md): a word gets the same
-    # features wherever a template puts it.
+    # text: width of a convolution over the character embeddings (0 = none): a word gets the
+    # same features wherever a template puts it (docs/results.md, "Conditioning and text").
     c.model.text_conv = 5
     # Compute dtype of the U-Net: float32 | bfloat16 (for GPU/TPU; parameters, gradients and
     # optimizer state stay float32, GroupNorm statistics and the loss are float32).
@@ -138,7 +120,7 @@ def _unet(c: ml_collections.ConfigDict) -> None:
 def _sampler(c: ml_collections.ConfigDict) -> None:
     """The default sampler of sample and pipeline, and its autoguidance."""
     c.sample = ml_collections.ConfigDict()
-    # DPM-Solver++(2M) at 20 steps beat DDIM at 50 for every recipe in the ablation.
+    # DPM-Solver++(2M)-20 beat DDIM-50 for every recipe (docs/results.md, "Samplers and guidance").
     c.sample.sampler = "dpmpp2m"  # default sampler of sample/pipeline: ddpm | ddim | dpmpp2m
     c.sample.steps = 20  # DDIM / DPM-Solver++ steps
     c.sample.eta = 0.0  # DDIM eta in [0, 1] (0 = deterministic, 1 = DDPM-like)
@@ -151,46 +133,22 @@ def _sampler(c: ml_collections.ConfigDict) -> None:
 
 def _cpu_quick_diffusion(c: ml_collections.ConfigDict) -> None:
     """The diffusion stages at the README job's 2-core CPU budget."""
-    # At a fixed wall clock on 2 CPU cores, more and cheaper steps win (docs/results.md):
-    # width 32, batch 64 and lr 2e-3 together gave classifier FID 77 against 127 for
-    # width 64, batch 128, lr 1e-3 (3,079 steps against 600 in the same minutes).
-    # At the README job's budget (2026-11-27, docs/results.md) lr 4e-3 beat 2e-3 with both
-    # seeds tried (61.8 and 67.7 against 67.8 and 68.8), while batch 32 (at matched time)
-    # and width 48 did not. The VAE's batch 64 frees ~2 minutes: 1,000 more LDM steps.
-    # The README's pipeline: VAE 1,200 + LDM 4,600 steps took 11 min 26 s on one CPU
-    # device (install included; 15:06 for 5,000 LDM steps on a slow day). Data parallel
-    # over one device per core (cli.setup_jax) the LDM step went from 0.110 to 0.074 s
-    # and the VAE's from 0.10 to 0.06 s on 2 cores, and that saving is 7,000 LDM steps.
-    # Pixel: 1,050 steps at ~1.6 s on one device matched the wall clock of VAE 1500 +
-    # LDM 1600 steps of the width-64 LDM (docs/results.md's equal-time comparison);
-    # at 1.09 s on two devices the same minutes are 1,500 steps.
+    # At a fixed wall clock, more and cheaper steps win (docs/results.md, "The diffusion recipe").
+    c.model.ch, c.model.num_res_blocks, c.data.batch_size = 32, 1, 64
+    # Stochastic DDIM-50 corrects an under-trained model (docs/results.md, "Samplers and guidance").
+    c.sample.sampler, c.sample.steps, c.sample.eta = "ddim", 50, 1.0
+    # Guides and weights chosen on the holdout (docs/results.md, "Sample quality on Inception
+    # features"): the pixel model's step-200 guide is kept but off by default.
     if c.stage == "ldm":
-        c.model.ch, c.data.batch_size, c.optim.lr = 32, 64, 4e-3
-        # Stochastic DDIM (eta 1) at 50 steps: classifier FID 35.4 against 55.5 for
-        # deterministic DDIM-50 and DPM-Solver++(2M)-20 on the README job's LDM (2,000
-        # samples; 48.5 and 51.0 against 67.8 and 68.8 on two 4,000-step seeds at 600):
-        # the noise it adds corrects an under-trained model's errors (docs/results.md).
-        c.sample.sampler, c.sample.steps, c.sample.eta = "ddim", 50, 1.0
-        # Autoguidance by this run's own step-500 EMA weights, w = 2: on the README
-        # job's LDM (2,000 samples, DDIM-50 eta 1) classifier FID 26.2 against 36.1 and
-        # recognisable share 0.949 against 0.869; a step-1000 or -2500 guide did less,
-        # w = 3 overshot (docs/results.md, "Autoguidance").
+        c.model.ch_mult, c.optim.lr, c.train.steps = (1, 2), 4e-3, 7_000
         c.sample.guide_step, c.sample.guide_weight = 500, 2.0
-    else:
-        # In the wall clock of 480 steps at batch 128: lr 2e-3 gave classifier FID 117.5
-        # against 187.6 for 5e-4, and batch 64 at 1,055 steps (same minutes) 89.7, against
-        # 231.9 for the 2020 recipe (docs/results.md).
-        c.optim.lr, c.data.batch_size = 2e-3, 64
-        # Stochastic DDIM-50 without autoguidance, chosen on the holdout by Inception FID
-        # (docs/results.md, "Sample quality on Inception features"): the step-200 guide
-        # raised the classifier's recognisable share but doubled Inception FID.
-        c.sample.sampler, c.sample.steps, c.sample.eta = "ddim", 50, 1.0
+    else:  # 1,500 steps: the README job's VAE + LDM minutes (docs/results.md, "Cost")
+        c.optim.lr, c.train.steps = 2e-3, 1_500
         c.sample.guide_step, c.sample.guide_weight = 200, 0.0
-    c.train.steps = 7_000 if c.stage == "ldm" else 1_500
 
 
-def _first_stage(c: ml_collections.ConfigDict, preset: str) -> None:
-    """The VAE stage: its networks, regulariser and loss."""
+def _first_stage(c: ml_collections.ConfigDict) -> None:
+    """The VAE stage (full preset): its networks, regulariser and loss."""
     c.model = ml_collections.ConfigDict()
     c.model.channels = (32, 64)  # encoder channels per level; each level halves 28 -> 14 -> 7
     c.model.latent_ch = 4  # latent channels c of the s x s x c latent
@@ -211,68 +169,78 @@ def _first_stage(c: ml_collections.ConfigDict, preset: str) -> None:
     # Adversarial term of Esser et al. 2021 / Rombach et al. 2022: a patch discriminator
     # (hinge loss) and a generator loss -D(x_hat) scaled by the adaptive weight
     # ||grad L_rec|| / (||grad L_G|| + 1e-4) at the decoder's last layer, clipped to [0, 1e4].
-    # Off by default: at cpu-quick, 0.5 from step 600 lowered rFID in two seeds (5.09 -> 3.75,
-    # 4.53 -> 3.92) but the LDM's FID only within noise (152 -> 148) at +42% per VAE step
-    # (docs/results.md). Worth trying when the LDM nears its decoder's ceiling.
+    # Off: it lowered rFID but not the LDM's FID, at +42 % per VAE step (docs/results.md,
+    # "The first stage").
     c.loss.adversarial_weight = 0.0  # times the adaptive weight (0 = off: no discriminator at all)
     c.loss.adversarial_start = 10_000  # step from which the term (and the discriminator's training) is on
     c.optim.lr = 1e-3
     c.optim.ema_decay = 0.99
     c.train.steps = 20_000
-    if preset == "cpu-quick":  # ~0.12 s/step on 2 CPU cores: full-resolution convs dominate
-        c.model.channels, c.model.num_res_blocks = (16, 32), 0
-        # Batch 64 halves the step (1,200 steps in 145 s against ~270 s) and the LDM on it
-        # scored within the seed spread of one on the batch-128 VAE (68.9 against 67.8 and
-        # 68.8, docs/results.md), so its saving goes into LDM steps.
-        c.data.batch_size = 64
-        c.train.steps = 1_200
-        # lr 3e-3 against 1e-3 (Bernoulli decoder, validation split): MSE 0.0057 against
-        # 0.0074 on the 2,000 held-out images (docs/results.md).
-        c.optim.lr = 3e-3
-        c.loss.adversarial_start = 600
-    elif preset == "smoke":
-        c.model.channels, c.model.groups = (8, 16), 4
-        c.loss.adversarial_start = 3
 
 
-def _classifier(c: ml_collections.ConfigDict, preset: str) -> None:
+def _classifier(c: ml_collections.ConfigDict) -> None:
     """The MNIST CNN whose features the classifier FID uses."""
     c.model = ml_collections.ConfigDict()
     c.model.feature_dim = 128  # width of the penultimate layer (the FID features)
     c.optim.lr = 1e-3
     c.optim.ema_decay = 0.99
     c.optim.weight_decay = 1e-4
-    c.train.steps = 3_000 if preset == "cpu-quick" else 6_000
+    c.train.steps = 6_000
+
+
+def _full(c: ml_collections.ConfigDict) -> None:
+    """A GPU or TPU: the stage defaults, with a validation split."""
+    _holdout(c)
+
+
+def _cpu_quick(c: ml_collections.ConfigDict) -> None:
+    """The README job: every stage sized for two CPU cores (docs/results.md, "Cost")."""
+    _holdout(c)
+    # A checkpoint costs about 0.5 s: rarer for the fast stages.
+    c.train.log_every, c.train.ckpt_every = 25, 500 if c.stage in ("vae", "ldm") else 200
+    if c.stage == "vae":  # full-resolution convolutions dominate the step
+        c.model.channels, c.model.num_res_blocks, c.data.batch_size = (16, 32), 0, 64
+        c.train.steps, c.optim.lr, c.loss.adversarial_start = 1_200, 3e-3, 600
+    elif c.stage == "classifier":
+        c.train.steps = 3_000
+    else:
+        _cpu_quick_diffusion(c)
+
+
+def _smoke(c: ml_collections.ConfigDict) -> None:
+    """Seconds per stage, for tests and CI."""
+    c.data.batch_size, c.data.max_examples = 16, 512
+    c.train.steps, c.train.log_every, c.train.ckpt_every = 6, 2, 3
+    c.optim.warmup_steps = 1
+    if c.stage == "vae":
+        c.model.channels, c.model.groups, c.loss.adversarial_start = (8, 16), 4, 3
+    elif c.stage in DIFFUSION_STAGES:
+        c.model.ch, c.model.ch_mult, c.model.num_res_blocks = 16, (1, 2), 1
+        c.model.heads, c.model.groups, c.diffusion.timesteps = 2, 4, 50
+        _sampler(c)
+        c.sample.steps = 5
+
+
+def _holdout(c: ml_collections.ConfigDict) -> None:
+    """Defaults are chosen on the last 2,000 training images (docs/results.md, "How defaults
+    are chosen"); the classifier, which defines the FID features, trains on all."""
+    c.data.holdout = 2_000 if c.stage != "classifier" else 0
+
+
+STAGE_DEFAULTS = {"vae": _first_stage, "ldm": _diffusion, "pixel": _diffusion,
+                  "classifier": _classifier}
+PRESET_OVERRIDES = {"smoke": _smoke, "cpu-quick": _cpu_quick, "full": _full}
 
 
 def get_config(stage: str, preset: str = "full") -> ml_collections.ConfigDict:
-    """The config of one stage at one preset (smoke | cpu-quick | full)."""
+    """The config of one stage at one preset: the stage's defaults, then the preset's overrides."""
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     c = _common(stage, preset)
-
-    if stage == "vae":
-        _first_stage(c, preset)
-    elif stage == "classifier":
-        _classifier(c, preset)
-    else:
-        _diffusion(c, preset)
-
-    if preset == "smoke":
-        c.data.batch_size, c.data.max_examples = 16, 512
-        c.train.steps, c.train.log_every, c.train.ckpt_every = 6, 2, 3
-        c.optim.warmup_steps = 1
-    elif preset == "cpu-quick":
-        # A checkpoint costs the README job's LDM about 0.5 s (digests, Orbax write): every
-        # 500 steps for the two fast stages, every 200 for the slow pixel and classifier.
-        c.train.log_every = 25
-        c.train.ckpt_every = 500 if stage in ("vae", "ldm") else 200
-    if preset != "smoke":
-        # A validation split: sampler defaults are chosen on these 2,000 held-out training
-        # images and reported on the test set (docs/results.md, "How defaults are chosen").
-        c.data.holdout = 2_000 if stage != "classifier" else 0
+    STAGE_DEFAULTS[stage](c)
+    PRESET_OVERRIDES[preset](c)
     return c
 
 
