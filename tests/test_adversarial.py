@@ -72,6 +72,7 @@ def _abs_max(tree) -> float:
     return max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(tree))
 
 
+@pytest.mark.slow  # keeps the default run under 10 minutes on 2 cores
 def test_each_player_gets_gradients_only_from_its_own_loss(adv):
     (_, (m, _)), grads = adv(START)["on"]
     vae_grads, disc_grads = models.split_discriminator(grads)

@@ -18,6 +18,7 @@ def _vq_state(codebook, sizes):
     return dict(codebook=codebook, cluster_size=sizes, embed_sum=codebook * sizes[:, None])
 
 
+@pytest.mark.slow  # keeps the default run under 10 minutes on 2 cores
 def test_straight_through_gradient_is_the_identity_and_reaches_the_encoder():
     vq = nets.VectorQuantizer(num_codes=8)
     z = jax.random.normal(jax.random.key(0), (2, 3, 3, 4))

@@ -56,6 +56,7 @@ def test_autoguidance_by_the_model_itself_is_the_model_alone(stage, request):
     assert np.abs(guided - alone).max() > 1e-2
 
 
+@pytest.mark.slow  # keeps the default run under 10 minutes on 2 cores
 def test_sample_cli_uses_the_config_weight_and_the_flag_overrides_it(guided_workdir, tmp_path):
     out = {}
     for name, args in (("config", []), ("off", ["--autoguidance=0"])):

@@ -106,6 +106,7 @@ def test_evaluate_bad_num(tmp_path):
     _one_line_exit_2(r, "--num must be positive, got -1")
 
 
+@pytest.mark.slow  # keeps the default run under 10 minutes on 2 cores
 def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
     # Step 1 is computed at the initial parameters (finite) and checkpointed; its update
     # by lr 1e30 overflows the loss of step 2, so a good checkpoint precedes the bad step.
@@ -304,6 +305,7 @@ def test_convert_inception_bad_source(tmp_path, args, message):
     assert sorted(os.listdir(tmp_path)) == before
 
 
+@pytest.mark.slow  # keeps the default run under 10 minutes on 2 cores
 def test_evaluate_does_not_reuse_samples_of_another_model(smoke_workdir, tmp_path, capsys):
     """The sample cache is keyed on the weights: a model retrained (another seed) to the
     same step gets new samples (the same model reuses them: the next test)."""

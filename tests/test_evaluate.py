@@ -14,7 +14,8 @@ from conftest import run_module
 from ldm_jax import benchmark, data, evaluate, features, sample
 
 
-@pytest.mark.parametrize("stage,sampler", [("ldm", "ddim"), ("pixel", "ddpm")])
+@pytest.mark.parametrize("stage,sampler", [
+    ("ldm", "ddim"), pytest.param("pixel", "ddpm", marks=pytest.mark.slow)])  # ddpm: all T steps
 def test_sample_cli_writes_grid_and_uint8_npz(smoke_workdir, tmp_path, stage, sampler):
     out = tmp_path / f"{stage}.png"
     r = run_module("sample", f"--workdir={smoke_workdir}", f"--stage={stage}", "--num=12",
@@ -26,6 +27,7 @@ def test_sample_cli_writes_grid_and_uint8_npz(smoke_workdir, tmp_path, stage, sa
     assert out.stat().st_size > 0 and images.std() > 0
 
 
+@pytest.mark.slow  # keeps the default run under 10 minutes on 2 cores
 def test_sampling_is_seeded(smoke_workdir, tmp_path):
     """The seed alone fixes the samples: the CLI in a fresh process (its own trace, compile
     and host state) draws exactly this process's samples for --seed=3, and key 4 others.

@@ -94,6 +94,7 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(trained, tmp_path, ho
     chex.assert_trees_all_close(params, reference, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.slow  # keeps the default run under 10 minutes on 2 cores
 def test_sample_and_the_ldm_refuse_damaged_checkpoints_in_one_line(smoke_workdir, tmp_path):
     workdir = tmp_path / "w"
     shutil.copytree(smoke_workdir, workdir)

@@ -141,6 +141,7 @@ def test_logs_hold_interval_means_cumulative_time_and_no_duplicates(tmp_path):
     assert meta["train_seconds"] >= times[1]
 
 
+@pytest.mark.slow  # keeps the default run under 10 minutes on 2 cores
 def test_ctrl_c_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
     args = ["--stage=vae", "--preset=smoke", f"--workdir={tmp_path}",
             "--config.train.steps=100000", "--config.train.ckpt_every=2",
