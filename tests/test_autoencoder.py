@@ -38,6 +38,7 @@ def test_straight_through_gradient_is_the_identity_and_reaches_the_encoder():
     assert max(float(jnp.max(jnp.abs(g))) for g in enc) > 0  # reconstruction reaches z_e
 
 
+@pytest.mark.slow  # keeps the default run under 10 minutes on 2 cores
 def test_ema_update_moves_codes_toward_their_assigned_vectors():
     decay, eps = 0.9, 1e-5
     codebook, sizes = np.array([[0.0, 0.0], [10.0, 10.0]]), np.array([5.0, 5.0])
@@ -58,6 +59,7 @@ def test_ema_update_moves_codes_toward_their_assigned_vectors():
     assert np.linalg.norm(np.asarray(new["codebook"][0]) - z[:2].mean(0)) < before
 
 
+@pytest.mark.slow  # keeps the default run under 10 minutes on 2 cores
 def test_dead_codes_restart_on_batch_vectors():
     codebook, sizes = np.array([[0.0, 0.0], [100.0, 100.0], [5.0, 5.0]]), np.array([5.0, 0.5, 5.0])
     z = jnp.asarray([[0.5, 0.0], [4.5, 5.0], [0.0, 0.5]])
@@ -75,6 +77,7 @@ def test_codebook_usage():
     assert float(u["perplexity"]) == pytest.approx(4.0) and float(u["codes_used"]) == 0.5
 
 
+@pytest.mark.slow  # keeps the default run under 10 minutes on 2 cores
 def test_perceptual_loss_is_zero_for_identical_images_and_positive_otherwise():
     images, _ = data.load_mnist("test")
     x = jnp.asarray(data.to_float(images[:8]))

@@ -36,7 +36,7 @@ def test_training_keeps_the_guide_beside_the_newest(guided_workdir):
     assert checkpoints.tree_digest(guide) != checkpoints.tree_digest(gen.params)
 
 
-@pytest.mark.parametrize("stage", ["ldm", "pixel"])
+@pytest.mark.parametrize("stage", ["ldm", pytest.param("pixel", marks=pytest.mark.slow)])
 def test_autoguidance_by_the_model_itself_is_the_model_alone(stage, request):
     """(1 + w) eps - w eps = eps: with the model as its own guide, any w gives the unguided
     samples (float32 rounding only); another guide changes them. ldm: the run's kept guide;

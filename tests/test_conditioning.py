@@ -65,6 +65,7 @@ def test_conditional_unet_shapes_and_label_effect(mode):
         unet.apply({"params": params}, x, t)
 
 
+@pytest.mark.slow  # keeps the default run under 10 minutes on 2 cores
 def test_spatial_transformer_is_identity_at_init_and_reads_context():
     block = nets.SpatialTransformer(heads=2, groups=4)
     x = jax.random.normal(jax.random.key(0), (2, 4, 4, 16))
