@@ -43,11 +43,12 @@ flags.DEFINE_string("out", "", "Append the JSON lines here too.")
 def score(name: str, images: np.ndarray, refs: dict, feat_fn, prob_fn, **extra) -> dict:
     """One row: Inception FID and precision/recall against each reference, pixel stats."""
     fake = feat_fn(images)
+    fake_stats = metrics.feature_stats(fake)
     row = dict(what=name, n=len(images), **extra)
-    for split, ref in refs.items():
+    for split, (ref, ref_stats) in refs.items():
         pick = np.random.default_rng(0).permutation(len(ref))[:len(fake)]
         p, r = metrics.precision_recall(ref[pick], fake, k=3)
-        row.update({f"fid_{split}": metrics.fid_from_features(ref, fake),
+        row.update({f"fid_{split}": metrics.frechet_distance(*ref_stats, *fake_stats),
                     f"precision_{split}": p, f"recall_{split}": r})
     row["recognisable"] = metrics.recognisable_share(prob_fn(images))
     row.update(metrics.pixel_stats(images))
@@ -74,7 +75,9 @@ def main(argv):
     prob_fn = features.probabilities_fn(features.DEFAULT_PATH)
     train, test = data.load("package", "train")[0], data.load("package", "test")[0]
     cut = FLAGS.max_ref or None
-    refs = {"val": feat_fn(train[-FLAGS.holdout:][:cut]), "test": feat_fn(test[:cut])}
+    # Each reference's features with their mean and covariance, computed once for every row.
+    refs = {split: (f, metrics.feature_stats(f)) for split, f in
+            (("val", feat_fn(train[-FLAGS.holdout:][:cut])), ("test", feat_fn(test[:cut])))}
     floor = train[:-FLAGS.holdout][np.random.default_rng(1).choice(
         len(train) - FLAGS.holdout, FLAGS.num, replace=False)]
     score(f"real: {FLAGS.num} training images", floor, refs, feat_fn, prob_fn)
