@@ -217,7 +217,7 @@ def _smoke(c: ml_collections.ConfigDict) -> None:
     elif c.stage in DIFFUSION_STAGES:
         c.model.ch, c.model.ch_mult, c.model.num_res_blocks = 16, (1, 2), 1
         c.model.heads, c.model.groups, c.diffusion.timesteps = 2, 4, 50
-        _sampler(c)
+        _sampler(c)  # the plain default sampler: 6 steps keep no step-2,000 guide
         c.sample.steps = 5
 
 
