@@ -163,14 +163,26 @@ def data_mesh(batch_size: int | None = None) -> jax.sharding.Mesh:
                          devices=devices)
 
 
+def may_run_on_cpu() -> bool:
+    """Whether JAX may start its CPU backend: JAX_PLATFORMS (jax.config.jax_platforms) is
+    unset, or names cpu. Set to accelerators only (tpu, cuda, rocm, gpu), JAX starts no CPU
+    backend, so a CPU device count has nothing to apply to."""
+    named = {p.strip().lower() for p in (jax.config.jax_platforms or "").split(",")}
+    return named <= {""} or "cpu" in named
+
+
 def setup_jax() -> None:
     """Persistent compilation cache (start-up drops from tens of seconds to a few), and one
-    CPU device per core (cpu_devices) unless XLA_FLAGS already sets the count. Call it
-    before anything touches a JAX backend."""
+    CPU device per core (cpu_devices) unless XLA_FLAGS already sets the count. The count is
+    jax_num_cpu_devices, which only JAX's CPU client reads: on a TPU or GPU host (JAX_PLATFORMS
+    unset) the accelerator's devices stay as they are, and where JAX_PLATFORMS names
+    accelerators only, LDM_JAX_CPU_DEVICES is neither read nor checked. Call it before
+    anything touches a JAX backend."""
     cache = os.environ.get("LDM_JAX_CACHE", os.path.expanduser("~/.cache/ldm_jax/xla"))
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    if may_run_on_cpu() and \
+            "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         try:
             jax.config.update("jax_num_cpu_devices", cpu_devices())
         except RuntimeError:  # a backend is already up (a caller in the same process): keep it
