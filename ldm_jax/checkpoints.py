@@ -560,3 +560,61 @@ def load_vae(workdir: str, step: int | None = None, digest: str | None = None):
                               f"{workdir}/ldm was trained on (weight digest differs); put that "
                               "VAE back, or retrain the LDM in a new workdir")
     return models.build_vae(cfg), variables, cfg, meta
+
+
+def check_teacher(workdir: str, student: str, bound: dict) -> int:
+    """The step of the teacher checkpoint a student (its stored meta `bound`) was distilled
+    from, if workdir's teacher is still exactly that checkpoint (read without its arrays;
+    loading it checks them against the same digests): a teacher trained further, or
+    replaced, refuses its old student in one line."""
+    teacher = configs.STUDENTS[student]
+    teacher_dir = os.path.join(workdir, teacher)
+    steps = step_dirs(teacher_dir)
+    newest = steps[-1] if steps else None
+    if newest != bound["teacher_step"]:
+        raise configs.ConfigError(
+            f"the {teacher} model in {teacher_dir} is "
+            + (f"now at step {newest}" if newest is not None else "gone")
+            + f", but the student in {workdir}/{student} was distilled from its step "
+            f"{bound['teacher_step']}; distil again in a new workdir")
+    if (stored_meta(teacher_dir) or {}).get("digests", {}).get("tree") != bound["teacher_digest"]:
+        raise configs.ConfigError(
+            f"{teacher_dir} step {newest} is not the {teacher} model the student in "
+            f"{workdir}/{student} was distilled from (weight digest differs); distil again "
+            "in a new workdir")
+    return newest
+
+
+def load_teacher(workdir: str, student: str, bound: dict | None = None):
+    """(ema_params, config dict, meta) of the newest checkpoint of the model a student
+    stage distils (configs.STUDENTS); with the student's stored meta `bound`, only the
+    checkpoint it was distilled from (see check_teacher)."""
+    check_step_names(os.path.join(workdir, configs.STUDENTS[student]))
+    if bound is not None:
+        check_teacher(workdir, student, bound)
+    return load_stage(workdir, configs.STUDENTS[student])
+
+
+def load_stage(workdir: str, stage: str, step: int | None = None):
+    """(EMA params, config dict, meta) of workdir/<stage> at `step` (default: the newest);
+    one line if there is none or it holds another stage."""
+    stage_dir = os.path.join(workdir, stage)
+    restored = load_checkpoint(stage_dir, step)
+    if restored is None:
+        raise configs.ConfigError(f"no trained {stage} model in {stage_dir}; run "
+                                  f"`python -m ldm_jax.train --stage={stage} --workdir={workdir}`")
+    if restored[1].get("stage") != stage:
+        raise configs.ConfigError(f"{stage_dir} holds a {restored[1].get('stage')!r} checkpoint")
+    return restored
+
+
+def teacher_guide(workdir: str, teacher_cfg: dict, teacher_step: int):
+    """The EMA parameters of the teacher's autoguidance guide, if its default sampler uses
+    one (sample.guide_weight > 0) and the checkpoint is kept; else None."""
+    sample_cfg = teacher_cfg.get("sample", {})
+    guide_step = sample_cfg.get("guide_step", 0)
+    teacher_dir = os.path.join(workdir, teacher_cfg["stage"])
+    if (sample_cfg.get("guide_weight", 0.0) > 0 and 0 < guide_step < teacher_step
+            and guide_step in step_dirs(teacher_dir)):
+        return load_checkpoint(teacher_dir, guide_step)[0]
+    return None

@@ -1,7 +1,8 @@
 """One ml_collections ConfigDict per stage, and presets that scale it.
 
 Stages: `vae` (first stage), `ldm` (diffusion on VAE latents), `pixel` (the same diffusion
-on 28x28 pixels, the baseline) and `classifier` (the MNIST feature network for FID).
+on 28x28 pixels, the baseline), `classifier` (the MNIST feature network for FID), and
+`distill` / `distill_pixel` (few-step consistency students of the ldm / pixel model).
 Presets: `smoke` (seconds, for tests/CI), `cpu-quick` (the real CPU configuration),
 `full` (quality configuration for a GPU/TPU). Any field can be overridden from the CLI
 with `--config.<section>.<field>=value`; `validate` runs before any work starts.
@@ -15,9 +16,10 @@ import ml_collections
 
 from ldm_jax import diffusion, nets
 
-STAGES = ("vae", "ldm", "pixel", "classifier")
+STAGES = ("vae", "ldm", "pixel", "classifier", "distill", "distill_pixel")
 PRESETS = ("smoke", "cpu-quick", "full")
 DIFFUSION_STAGES = ("ldm", "pixel")
+STUDENTS = {"distill": "ldm", "distill_pixel": "pixel"}  # student stage -> its teacher
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
 MNIST_TRAIN_IMAGES = 60_000
 
@@ -188,6 +190,18 @@ def _classifier(c: ml_collections.ConfigDict) -> None:
     c.train.steps = 6_000
 
 
+def _distill(c: ml_collections.ConfigDict) -> None:
+    """A consistency student (full preset); its U-Net, schedule and data are its teacher's."""
+    c.distill = ml_collections.ConfigDict()
+    c.distill.intervals = 50  # N: the grid of teacher timesteps, one DDIM step apart (LCM: 50)
+    c.distill.target_ema = 0.95  # EMA decay of the target network (LCM); 0: the student, no gradient
+    c.distill.guidance = 0.0  # class-conditional teachers: CFG weight w built into the target
+    c.sample = ml_collections.ConfigDict()
+    c.sample.steps = 4  # default sampling steps of sample and pipeline, in [1, intervals]
+    c.optim.lr, c.optim.warmup_steps = 1e-4, 100
+    c.train.steps = 10_000
+
+
 def _full(c: ml_collections.ConfigDict) -> None:
     """A GPU or TPU: the stage defaults, with a validation split."""
     _holdout(c)
@@ -203,6 +217,8 @@ def _cpu_quick(c: ml_collections.ConfigDict) -> None:
         c.train.steps, c.optim.lr, c.loss.adversarial_start = 1_200, 3e-3, 600
     elif c.stage == "classifier":
         c.train.steps = 3_000
+    elif c.stage in STUDENTS:
+        c.data.batch_size, c.train.steps = 64, 2_000
     else:
         _cpu_quick_diffusion(c)
 
@@ -219,6 +235,8 @@ def _smoke(c: ml_collections.ConfigDict) -> None:
         c.model.heads, c.model.groups, c.diffusion.timesteps = 2, 4, 50
         _sampler(c)  # the plain default sampler: 6 steps keep no step-2,000 guide
         c.sample.steps = 5
+    elif c.stage in STUDENTS:  # a smoke teacher has T = 50
+        c.distill.intervals = 10
 
 
 def _holdout(c: ml_collections.ConfigDict) -> None:
@@ -228,7 +246,7 @@ def _holdout(c: ml_collections.ConfigDict) -> None:
 
 
 STAGE_DEFAULTS = {"vae": _first_stage, "ldm": _diffusion, "pixel": _diffusion,
-                  "classifier": _classifier}
+                  "classifier": _classifier, "distill": _distill, "distill_pixel": _distill}
 PRESET_OVERRIDES = {"smoke": _smoke, "cpu-quick": _cpu_quick, "full": _full}
 
 
@@ -323,9 +341,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if c.data.source not in ("package", "tfds"):
         raise ConfigError(f"data.source must be 'package' or 'tfds', got {c.data.source!r}")
     _check_training(c)
-    if "groups" in c.model:
+    if "model" in c and "groups" in c.model:
         _check_at_least({"model.groups": c.model.groups}, 1)
-    if "num_res_blocks" in c.model:
+    if "model" in c and "num_res_blocks" in c.model:
         _check_at_least({"model.num_res_blocks": c.model.num_res_blocks}, 0)
     if c.stage == "classifier":
         _check_at_least({"model.feature_dim": c.model.feature_dim}, 1)
@@ -335,6 +353,20 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _check_diffusion(c)
         _check_unet(c)
         _check_sampling(c)
+    if c.stage in STUDENTS:
+        _check_distill(c)
+
+
+def _check_distill(c: ml_collections.ConfigDict) -> None:
+    """The student's grid, target network, guidance and default step count."""
+    d = c.distill
+    _check_at_least({"distill.intervals": d.intervals}, 1)
+    if not 0.0 <= d.target_ema < 1.0:
+        raise ConfigError(f"distill.target_ema must be in [0, 1), got {d.target_ema}")
+    check_weight(d.guidance, "distill.guidance")
+    if not 1 <= c.sample.steps <= d.intervals:
+        raise ConfigError(f"sample.steps must be in [1, distill.intervals={d.intervals}], "
+                          f"got {c.sample.steps}")
 
 
 def _check_training(c: ml_collections.ConfigDict) -> None:

@@ -12,6 +12,10 @@ compile times, peak memory, parameter count. Writes workdir/eval/{metrics.json, 
 samples.png, cost.png, <stage>_samples.npz}; a rerun reuses <stage>_samples.npz only when
 they come from the same weights (sample.Generator.identity), sampler, steps and size.
 
+Each distilled student (workdir/distill, workdir/distill_pixel) adds a few-step table: the
+student at 1, 2, 4 and 8 steps beside its teacher's default sampler (ldm_jax.fewstep), and
+<student>_few_step.png.
+
 A class-conditional model adds a guidance sweep (accuracy against the requested digit);
 a text-conditioned one adds a prompt sweep at w in TEXT_GUIDANCE (`prompt_sweep`) and
 prompts.png, prompts against samples. For a conditional model the quality table's row is
@@ -32,7 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax import checkpoints, cli, configs, data, features, inception, metrics, nets, sample, text
+from ldm_jax import (checkpoints, cli, configs, data, features, fewstep, inception, metrics, nets,
+                     sample, text)
 
 # Per preset: (samples per model, DDIM steps for the quality samples).
 PLAN = {"smoke": (128, 5), "cpu-quick": (2000, 50), "full": (10_000, 100)}
@@ -489,6 +494,11 @@ def write_report(result: dict, out_dir: str) -> str:
     lines += ["![samples](samples.png)", ""] + (["![cost](cost.png)", ""] if r["cost"] else [])
     if r.get("autoencoder"):
         lines += _autoencoder_section(r["autoencoder"])
+    for stage, f in (r.get("few_step") or {}).items():
+        lines += fewstep.section(stage, f["rows"], r["num"], f["inception"], _fmt)
+        lines += [f"Training wall clock: {k} {_fmt(v.get('train_wall_s', float('nan')) / 60)} "
+                  f"min ({_fmt(v.get('train_steps'))} steps)." for k, v in f["training"].items()]
+        lines.append("")
     for stage, rows in (r.get("guidance") or {}).items():
         lines += _guidance_section(stage, rows, r["num"])
     for stage, rows in (r.get("text") or {}).items():
@@ -617,6 +627,21 @@ def _cost_rows(workdir: str, stages: list[str], preset: str) -> dict:
     return cost_rows
 
 
+def _few_step(workdir: str, students: list[str], num: int, ref: _Reference, out_dir: str,
+              with_inception: bool) -> dict:
+    """{student: {'rows', 'inception', 'training'}}: fewstep.few_step_rows, their Inception
+    FID if asked, and the training minutes of teacher and student; and their figures."""
+    out = {}
+    for s in students:
+        rows, samples = fewstep.few_step_rows(workdir, s, num, SAMPLE_SEED, ref.score)
+        fewstep.save_grid(samples, os.path.join(out_dir, f"{s}_few_step.png"))
+        inc = _inception_fid(samples, ref, None, None) if with_inception else None
+        out[s] = dict(rows=rows, inception=inc, training={
+            k: training_summary(workdir, k) for k in (configs.STUDENTS[s], s)})
+        print(f"{s}: few-step rows measured", file=sys.stderr)
+    return out
+
+
 def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int | None = None,
              classifier: str | None = None, inception: bool = False, cost: bool = True,
              command: str = "", step: int | None = None, sweeps: bool = True,
@@ -625,7 +650,7 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
     scored far better on an under-trained LDM, docs/results.md); the sweeps keep eta 0.
     autoguidance is w for each stage that kept a guide checkpoint (sample.guide_step);
     stages without one sample without it, and metrics.json records which did."""
-    stages = trained_stages(workdir)
+    stages, students = trained_stages(workdir), fewstep.trained_students(workdir)
     if not stages and not os.path.isdir(os.path.join(workdir, "vae", "checkpoints")):
         raise configs.ConfigError(f"no trained vae, ldm or pixel model in {workdir}; train one "
                                   f"with `python -m ldm_jax.train --stage=vae --workdir={workdir}`")
@@ -635,6 +660,8 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
         raise cli.UsageError(f"--num={num} is more than the {configs.MNIST_TRAIN_IMAGES:,} "
                              "training images the real-vs-real floor draws")
     first_stage, gens = _load_models(workdir, stages, step, autoguidance)
+    for s in students:  # a student whose teacher changed fails here, before writing
+        fewstep.load_teacher_of(workdir, s)
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     classifier = classifier or features.DEFAULT_PATH
@@ -658,13 +685,15 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
                                     out_dir)
     inception_fid = _inception_fid(samples, ref, autoencoder, recons) if inception else None
     cost_rows = _cost_rows(workdir, stages, preset) if cost else {}
+    few_step = _few_step(workdir, students, num, ref, out_dir, inception)
 
     result = dict(workdir=workdir, command=command, preset=preset, num=num,
                   ddim_steps=ddim_steps or steps_default, ddim_eta=float(eta),
                   autoguidance={s: float(w) for s, w in guided.items()},
                   device=jax.devices()[0].device_kind,
                   date=time.strftime("%Y-%m-%d"), quality=q, inception=inception_fid,
-                  cost=cost_rows, guidance=guidance, text=prompt_rows, autoencoder=autoencoder,
+                  cost=cost_rows, few_step=few_step, guidance=guidance, text=prompt_rows,
+                  autoencoder=autoencoder,
                   classifier=os.path.abspath(classifier))
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(result, f, indent=2)
@@ -725,10 +754,10 @@ def main(argv: list[str] | None = None) -> None:
                 f"neighbours) and {configs.MNIST_TRAIN_IMAGES:,} (the training images the "
                 f"real-vs-real floor draws), got {fv.num}")
         cli.check_workdir(fv.workdir, must_exist=True)
+        cli.setup_jax()  # before anything starts a backend (the classifier's arrays would)
         features.load_classifier(fv.classifier)
         if fv.inception:  # a cut-off weights file fails now, not after the sampling
             inception.check_weights_file(inception.default_weights_path())
-        cli.setup_jax()
         command = "python -m ldm_jax.evaluate " + " ".join(argv[1:])
         result = evaluate(fv.workdir, fv.preset, fv.num, fv.steps, fv.classifier, fv.inception,
                           fv.cost, command, fv.step, fv.sweeps, fv.eta, fv.autoguidance)

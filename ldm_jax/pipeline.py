@@ -28,7 +28,7 @@ from ml_collections import config_flags
 
 from ldm_jax import checkpoints, cli, configs, data, sample, train
 
-PIPELINE_STAGES = ("vae", "ldm", "pixel")
+PIPELINE_STAGES = ("vae", "ldm", "pixel", *configs.STUDENTS)
 SEED = 0  # the sampling seed of the pipeline's grids
 
 
@@ -38,7 +38,7 @@ def define_flags(fv) -> None:
                         flag_values=fv)
     flags.DEFINE_string("preset", "cpu-quick", f"Config preset: {' | '.join(configs.PRESETS)}.",
                         flag_values=fv)
-    flags.DEFINE_list("stages", ["vae", "ldm"], "Stages to train, in order (vae, ldm, pixel).",
+    flags.DEFINE_list("stages", ["vae", "ldm"], "Stages to train, in order (vae, ldm, pixel, distill, distill_pixel).",
                       flag_values=fv)
     flags.DEFINE_integer("num", 100, "Samples in the grid of each trained generator.",
                          flag_values=fv)
@@ -124,6 +124,31 @@ def write_samples(workdir: str, gen: sample.Generator, request: dict) -> str:
             f"{request['steps']} steps){note}")
 
 
+def check_stage_list(stages: list[str], workdir: str) -> None:
+    """--stages: known, each once, and each model's parent (the LDM's VAE, a student's
+    teacher) trained earlier in the list or already in the workdir."""
+    if not stages:
+        raise cli.UsageError("--stages is empty; name at least one of "
+                             + ", ".join(PIPELINE_STAGES))
+    unknown = [s for s in stages if s not in PIPELINE_STAGES]
+    if unknown:
+        raise cli.UsageError(f"unknown stage {unknown[0]!r} in --stages; use "
+                             + ", ".join(PIPELINE_STAGES))
+    if len(set(stages)) != len(stages):
+        raise cli.UsageError(f"--stages names a stage twice: {','.join(stages)}")
+    cli.check_workdir(workdir)
+    parents = {"ldm": "vae", **configs.STUDENTS}
+    for i, stage in enumerate(stages):
+        parent = parents.get(stage)
+        if parent is None or parent in stages[:i]:
+            continue
+        if parent in stages:
+            raise cli.UsageError(f"--stages lists {stage} before {parent}, which it is trained on")
+        if checkpoints.stored_meta(os.path.join(workdir, parent)) is None:
+            raise configs.ConfigError(f"--stages has {stage} without {parent} and "
+                                      f"{workdir}/{parent} is empty")
+
+
 def main(argv: list[str] | None = None) -> None:
     with cli.sigterm_as_interrupt():  # SIGTERM: the one line Ctrl-C prints
         _main(argv)
@@ -140,24 +165,17 @@ def _main(argv: list[str] | None) -> None:
         cli.require(fv, "workdir")
         if fv.num <= 0:
             raise cli.UsageError(f"--num must be positive, got {fv.num}")
-        if not fv.stages:
-            raise cli.UsageError("--stages is empty; name at least one of vae, ldm, pixel")
-        unknown = [s for s in fv.stages if s not in PIPELINE_STAGES]
-        if unknown:
-            raise cli.UsageError(f"unknown stage {unknown[0]!r} in --stages; use vae, ldm, pixel")
-        if len(set(fv.stages)) != len(fv.stages):
-            raise cli.UsageError(f"--stages names a stage twice: {','.join(fv.stages)}")
-        cli.check_workdir(fv.workdir)
-        if "ldm" in fv.stages and "vae" not in fv.stages and \
-                checkpoints.stored_meta(os.path.join(fv.workdir, "vae")) is None:
-            raise configs.ConfigError(f"--stages has ldm without vae and {fv.workdir}/vae is empty")
+        check_stage_list(fv.stages, fv.workdir)
         cfgs = stage_configs(fv)
         requests = {}
         for c in cfgs:  # refuse before training anything if a stage could not resume
             checkpoints.check_resumable(c, os.path.join(fv.workdir, c.stage))
-            if c.stage in configs.DIFFUSION_STAGES:
+            if c.stage in configs.STUDENTS:
+                requests[c.stage] = samples_request(fv.num, c.sample.steps, "consistency", 0.0)
+            elif c.stage in configs.DIFFUSION_STAGES:
                 requests[c.stage] = samples_request(fv.num, c.sample.steps, c.sample.sampler,
                                                     c.sample.eta, c.sample.guide_weight)
+            if c.stage in requests:
                 check_saved_samples(fv.workdir, c.stage, requests[c.stage])
         cli.setup_jax()
         t0 = time.time()

@@ -30,7 +30,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ldm_jax import checkpoints, cli, configs, data, diffusion, models, nets, text
+from ldm_jax import (checkpoints, cli, configs, consistency, data, diffusion, models, nets,
+                     stages, text)
 
 SAMPLERS = configs.SAMPLERS
 
@@ -59,16 +60,13 @@ class Generator:
 def load_generator(workdir: str, stage: str, step: int | None = None) -> Generator:
     """Loads workdir/<stage> at `step` (default: the newest checkpoint) and, for the LDM,
     the VAE checkpoint it was trained on; every array is checked against its digest."""
+    if stage in configs.STUDENTS:
+        return load_student(workdir, stage, step)
     if stage not in configs.DIFFUSION_STAGES:
-        raise configs.ConfigError(f"cannot sample stage {stage!r}; choose ldm or pixel")
+        raise configs.ConfigError(f"cannot sample stage {stage!r}; choose "
+                                  f"{', '.join(configs.DIFFUSION_STAGES + tuple(configs.STUDENTS))}")
     stage_dir = os.path.join(workdir, stage)
-    restored = checkpoints.load_checkpoint(stage_dir, step)
-    if restored is None:
-        raise configs.ConfigError(f"no trained {stage} model in {stage_dir}; run "
-                                  f"`python -m ldm_jax.train --stage={stage} --workdir={workdir}`")
-    params, cfg, meta = restored
-    if cfg.get("stage") != stage:
-        raise configs.ConfigError(f"{stage_dir} holds a {cfg.get('stage')!r} checkpoint")
+    params, cfg, meta = checkpoints.load_stage(workdir, stage, step)
     guide_step = cfg.get("sample", {}).get("guide_step", 0)
     guide = None
     # A guide must be an earlier (weaker) model: at or past it, check_autoguidance refuses.
@@ -87,6 +85,33 @@ def load_generator(workdir: str, stage: str, step: int | None = None) -> Generat
                                         "scale": np.float64(meta["scale_factor"])})
     return Generator(shape=tuple(meta["latent_shape"]), vae=vae, vae_vars=vae_vars,
                      scale_factor=meta["scale_factor"], identity=identity, **common)
+
+
+def load_student(workdir: str, stage: str, step: int | None = None) -> Generator:
+    """A few-step student (configs.STUDENTS) at `step`, with its teacher's U-Net
+    architecture, schedule and first stage; refused unless workdir's teacher is still the
+    checkpoint it was distilled from (checkpoints.check_teacher)."""
+    params, cfg, meta = checkpoints.load_stage(workdir, stage, step)
+    teacher = load_generator(workdir, configs.STUDENTS[stage],
+                             checkpoints.check_teacher(workdir, stage, meta))
+    weights = {"unet": params} if teacher.vae is None else {
+        "unet": params, "vae": teacher.vae_vars, "scale": np.float64(teacher.scale_factor)}
+    config = dict(teacher.config, stage=stage, distill=cfg["distill"], sample=cfg["sample"])
+    return dataclasses.replace(teacher, stage=stage, params=params, config=config,
+                               step=meta["step"], identity=checkpoints.tree_digest(weights),
+                               guide_params=None, guide_step=0)
+
+
+def is_student(gen: Generator) -> bool:
+    return gen.stage in configs.STUDENTS
+
+
+def check_student_steps(gen: Generator, steps: int) -> None:
+    """A student samples in 1 to distill.intervals steps."""
+    intervals = gen.config["distill"]["intervals"]
+    if not 1 <= steps <= intervals:
+        raise configs.ConfigError(f"the {gen.stage} student samples in 1 to {intervals} steps "
+                                  f"(distill.intervals), got --steps={steps}")
 
 
 def check_autoguidance(gen: Generator, w: float) -> None:
@@ -179,6 +204,43 @@ def _reverse_chain(eps_fn, gen: Generator, key: jax.Array, shape: tuple, sampler
                                  keep_trajectory)
 
 
+def _student_chain(gen: Generator, key: jax.Array, shape: tuple, steps: int, params, labels):
+    """x_0 [n, ...] from noise in `steps` student steps (consistency.sample)."""
+    cfg = gen.config
+    grid = consistency.student_grid(gen.sched.num_timesteps, cfg["distill"]["intervals"])
+    tc = checkpoints.config_from_stored(dict(cfg, stage=configs.STUDENTS[gen.stage]))
+    x0_fn = stages.student_x0_fn(gen.unet, tc, gen.sched, params,
+                                 labels if is_conditional(gen) else None)
+    x = consistency.sample(x0_fn, gen.sched, key, shape, consistency.sampling_times(grid, steps))
+    return jnp.clip(x, -1, 1) if cfg["diffusion"]["clip_x0"] else x
+
+
+def _chain_fn(gen: Generator, shape: tuple, sampler: str, steps: int, eta: float,
+              keep_trajectory: bool, autoguidance: float):
+    """(params, guide_params, key, labels, guidance) -> x_0 (and the chain, if asked)."""
+    if is_student(gen):
+        check_student_steps(gen, steps)
+        if keep_trajectory:
+            raise configs.ConfigError("a student keeps no trajectory")
+        return lambda params, guide_params, key, labels, guidance: _student_chain(
+            gen, key, shape, steps, params, labels)
+    if sampler not in SAMPLERS:
+        raise configs.ConfigError(f"unknown sampler {sampler!r}; choose {', '.join(SAMPLERS)}")
+    check_autoguidance(gen, autoguidance)
+    clip = bool(gen.config["diffusion"]["clip_x0"])
+    eps_of = _eps_of(gen)
+
+    def chain(params, guide_params, key, labels, guidance):
+        eps_fn = eps_of(params)
+        if autoguidance > 0:
+            eps_fn = diffusion.autoguided_eps_fn(eps_fn, eps_of(guide_params), autoguidance)
+        if is_conditional(gen):
+            eps_fn = diffusion.guided_eps_fn(eps_fn, labels, null_label(gen), guidance)
+        return _reverse_chain(eps_fn, gen, key, shape, sampler, steps, eta, clip,
+                              keep_trajectory)
+    return chain
+
+
 def sample_fn(gen: Generator, n: int, sampler: str = "ddim", steps: int = 100,
               eta: float = 0.0, keep_trajectory: bool = False, autoguidance: float = 0.0):
     """A jitted (key, labels=None, guidance=0.0) -> images [n, 28, 28, 1] in [-1, 1]
@@ -190,27 +252,17 @@ def sample_fn(gen: Generator, n: int, sampler: str = "ddim", steps: int = 100,
     For a conditional model, labels [n] picks the digits, or for a text model tokens
     [n, L] (text.encode_batch) the prompts (None: the null label or empty prompt, i.e.
     unconditional) and guidance is w of eps = (1 + w) eps(z, c) - w eps(z, null); both are
-    traced arguments, so changing them does not recompile.
+    traced arguments, so changing them does not recompile. A student (configs.STUDENTS)
+    samples in `steps` consistency steps; its guidance was fixed when it was distilled.
     """
-    if sampler not in SAMPLERS:
-        raise configs.ConfigError(f"unknown sampler {sampler!r}; choose {', '.join(SAMPLERS)}")
-    check_autoguidance(gen, autoguidance)
-    clip = bool(gen.config["diffusion"]["clip_x0"])
-    shape = (n, *gen.shape)
-    conditional = is_conditional(gen)
-    decode, eps_of = _decode_fn(gen), _eps_of(gen)
+    chain = _chain_fn(gen, (n, *gen.shape), sampler, steps, eta, keep_trajectory, autoguidance)
+    decode = _decode_fn(gen)
     replicate, out_shardings = _placement(n, keep_trajectory)
     params, guide_params = replicate((gen.params, gen.guide_params if autoguidance > 0 else None))
 
     @functools.partial(jax.jit, out_shardings=out_shardings)
     def run(params, guide_params, key, labels, guidance):
-        eps_fn = eps_of(params)
-        if autoguidance > 0:
-            eps_fn = diffusion.autoguided_eps_fn(eps_fn, eps_of(guide_params), autoguidance)
-        if conditional:
-            eps_fn = diffusion.guided_eps_fn(eps_fn, labels, null_label(gen), guidance)
-        out = _reverse_chain(eps_fn, gen, key, shape, sampler, steps, eta, clip,
-                             keep_trajectory)
+        out = chain(params, guide_params, key, labels, guidance)
         x, traj = out if keep_trajectory else (out, None)
         return (jnp.clip(decode(x), -1, 1), traj) if keep_trajectory else jnp.clip(decode(x), -1, 1)
 
@@ -277,7 +329,9 @@ def save_grid(images: np.ndarray, path, ncol: int | None = None) -> None:
 def define_flags(fv) -> None:
     from absl import flags  # pylint: disable=import-outside-toplevel
     flags.DEFINE_string("workdir", None, "Run directory holding workdir/<stage>.", flag_values=fv)
-    flags.DEFINE_string("stage", "ldm", "Which generator: ldm | pixel.", flag_values=fv)
+    flags.DEFINE_enum("stage", "ldm", configs.DIFFUSION_STAGES + tuple(configs.STUDENTS),
+                      "Which generator: ldm | pixel, or a few-step student of one: distill | "
+                      "distill_pixel.", flag_values=fv)
     flags.DEFINE_integer("num", 64, "Number of samples.", flag_values=fv)
     flags.DEFINE_string("out", "samples.png", "PNG grid path; the .npz goes beside it.",
                         flag_values=fv)
@@ -392,6 +446,17 @@ def check_conditioning_flags(fv, gen: Generator, labels, prompts) -> None:
 
 def sampling_settings(fv, gen: Generator) -> tuple[str, int, float, float]:
     """(sampler, steps, eta, autoguidance): each flag, or else the model config's default."""
+    if is_student(gen):
+        if fv.sampler or fv.eta is not None or fv.autoguidance or fv.guidance:
+            raise cli.UsageError(f"the {gen.stage} student has its own sampler and the "
+                                 "guidance it was distilled with; drop --sampler, --eta, "
+                                 "--autoguidance and --guidance")
+        steps = fv.steps or gen.config["sample"]["steps"]
+        try:
+            check_student_steps(gen, steps)
+        except configs.ConfigError as e:
+            raise cli.UsageError(str(e)) from None
+        return "consistency", steps, 0.0, 0.0
     sampler = fv.sampler or gen.config["sample"].get("sampler", "ddim")
     steps = fv.steps or gen.config["sample"]["steps"]
     eta = gen.config["sample"].get("eta", 0.0) if fv.eta is None else fv.eta

@@ -2,7 +2,8 @@
 
 vae: the first stage (KL or VQ autoencoder). ldm: diffusion on the VAE's latents, which it
 encodes once at start-up. pixel: the same diffusion on 28x28 pixels. classifier: the MNIST
-feature network behind FID. The loop in `ldm_jax.train` runs any Task.
+feature network behind FID. distill, distill_pixel: a few-step consistency student of the
+ldm or pixel model. The loop in `ldm_jax.train` runs any Task.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ldm_jax import checkpoints, configs, data, diffusion, features, models, nets, text
+from ldm_jax import checkpoints, configs, consistency, data, diffusion, features, models, nets, text
 
 Array = jax.Array
 PyTree = Any
@@ -255,11 +256,10 @@ def vae_task(c, workdir: str) -> Task:
         **_data(c, {"image": images}), meta=meta)
 
 
-def diffusion_task(c, workdir: str) -> Task:
+def diffusion_data(c, workdir: str) -> tuple[dict, dict, float]:
+    """(arrays, meta, scale) a diffusion stage trains on: pixels, or for an LDM the latents
+    of its VAE (posterior mean and std), the latent scale and the VAE it is bound to."""
     images, labels = _train_images(c)
-    conditional = c.model.conditioning != "none"
-    sched = models.build_schedule(c.diffusion)
-    unet = models.build_unet(c.model)
     if c.stage == "ldm":
         # An LDM is bound to one VAE: its first checkpoint records the VAE step, digest and
         # latent scale, and every resume (and benchmark) uses exactly those, never whatever
@@ -278,10 +278,27 @@ def diffusion_task(c, workdir: str) -> Task:
                     latent_shape=list(mean.shape[1:]))
     else:
         arrays, meta, scale = {"image": images}, {}, 1.0
+    if c.model.conditioning != "none":
+        arrays["label"] = labels
+    return arrays, meta, scale
+
+
+def clean_batch(batch: dict, key: Array, scale: float) -> Array:
+    """The diffusion's x_0 of a batch: pixels, or a scaled latent (a posterior sample
+    z = mean + std * eps where the batch holds the std)."""
+    x0 = batch["image"] if "image" in batch else batch["mean"]
+    if "std" in batch:
+        x0 = x0 + batch["std"] * jax.random.normal(key, x0.shape)
+    return x0 * scale
+
+
+def diffusion_task(c, workdir: str) -> Task:
+    arrays, meta, scale = diffusion_data(c, workdir)
+    conditional = c.model.conditioning != "none"
+    sched = models.build_schedule(c.diffusion)
+    unet = models.build_unet(c.model)
     example = next(iter(arrays.values()))[:1]
     configs.check_unet_input(c, example.shape[1], example.shape[3])
-    if conditional:
-        arrays["label"] = labels
     prompts = c.model.conditioning == "text"
     # Text: every step draws, for each label, a prompt from the training (template,
     # spelling) pairs, on the device (tokens of all of them: [10, K, L]).
@@ -289,9 +306,7 @@ def diffusion_task(c, workdir: str) -> Task:
 
     def loss_fn(params, batch, key):
         z_key, d_key, y_key = jax.random.split(key, 3)
-        x0 = batch["image"] if "image" in batch else batch["mean"]
-        if "std" in batch:  # a posterior sample z = mean + std * eps
-            x0 = x0 + batch["std"] * jax.random.normal(z_key, x0.shape)
+        x0 = clean_batch(batch, z_key, scale)
         apply = models.unet_fn(unet, c.model, params)
         if prompts:  # classifier-free guidance: some prompts become the empty prompt
             y = text.sample_prompts(y_key, batch["label"], table, c.model.label_dropout)
@@ -303,7 +318,7 @@ def diffusion_task(c, workdir: str) -> Task:
         else:
             net_fn = apply
         loss = jnp.mean(diffusion.training_losses(
-            net_fn, sched, x0 * scale, d_key, prediction=c.diffusion.prediction,
+            net_fn, sched, x0, d_key, prediction=c.diffusion.prediction,
             weighting=c.diffusion.loss_weighting, min_snr_gamma=c.diffusion.min_snr_gamma))
         return loss, {}
 
@@ -314,6 +329,82 @@ def diffusion_task(c, workdir: str) -> Task:
         key, example, jnp.zeros((1,), jnp.int32), init_y)["params"])
     return Task(init=init, loss_fn=loss_fn, **_data(c, arrays),
                 meta=lambda variables: meta)
+
+
+def teacher_eps_fn(unet: nets.UNet, tc, sched: diffusion.Schedule, teacher: dict,
+                   labels: Array | None = None, guidance: float = 0.0) -> diffusion.EpsFn:
+    """The eps of a teacher's default sampler: autoguided by teacher['guide'] (if any) with
+    its sample.guide_weight and, for class labels, classifier-free guided with w = guidance."""
+    eps_of = lambda p: diffusion.eps_fn_from_model(models.unet_fn(unet, tc.model, p), sched,
+                                                   tc.diffusion.prediction)
+    eps_fn = eps_of(teacher["unet"])
+    if "guide" in teacher:
+        eps_fn = diffusion.autoguided_eps_fn(eps_fn, eps_of(teacher["guide"]),
+                                             tc.sample.guide_weight)
+    if labels is not None:
+        eps_fn = diffusion.guided_eps_fn(eps_fn, labels, tc.model.num_classes, guidance)
+    return eps_fn
+
+
+def student_x0_fn(unet: nets.UNet, tc, sched: diffusion.Schedule, params,
+                  labels: Array | None = None) -> consistency.X0Fn:
+    """(z_t, t) -> the x_0 a U-Net of the teacher's architecture predicts (at labels)."""
+    apply = models.unet_fn(unet, tc.model, params)
+    net = apply if labels is None else (lambda z, t: apply(z, t, labels))
+    return lambda z, t: diffusion.predict_xstart(sched, net(z, t), z, t, tc.diffusion.prediction)
+
+
+def _load_teacher(c, workdir: str):
+    """(teacher config, {'unet': params[, 'guide': params]}, meta to store): the teacher a
+    student starts from, or the very one its checkpoints were distilled from."""
+    bound = checkpoints.stored_meta(os.path.join(workdir, c.stage))
+    params, t_cfg, t_meta = checkpoints.load_teacher(workdir, c.stage, bound)
+    tc = checkpoints.config_from_stored(t_cfg)
+    if tc.model.conditioning == "text":
+        raise configs.ConfigError("distilling a text-conditioned teacher is not supported; "
+                                  "distil an unconditional or class-conditional model")
+    if not c.distill.intervals < tc.diffusion.timesteps:
+        raise configs.ConfigError(f"distill.intervals={c.distill.intervals} must be below the "
+                                  f"teacher's {tc.diffusion.timesteps} timesteps")
+    guide = checkpoints.teacher_guide(workdir, t_cfg, t_meta["step"])
+    teacher = {"unet": params} if guide is None else {"unet": params, "guide": guide}
+    meta = dict(teacher_stage=tc.stage, teacher_step=t_meta["step"],
+                teacher_digest=t_meta["digests"]["tree"],
+                autoguidance=tc.sample.guide_weight if guide is not None else 0.0)
+    return tc, teacher, meta
+
+
+def distill_task(c, workdir: str) -> Task:
+    """Latent consistency distillation (Luo et al. 2023) of workdir's ldm or pixel model: the
+    student starts as the teacher and regresses on an EMA target one guided teacher step
+    closer to the data (consistency.distillation_pair), under a pseudo-Huber loss."""
+    tc, teacher, teacher_meta = _load_teacher(c, workdir)
+    arrays, data_meta, scale = diffusion_data(tc, workdir)
+    sched, unet = models.build_schedule(tc.diffusion), models.build_unet(tc.model)
+    grid = jnp.asarray(consistency.student_grid(tc.diffusion.timesteps, c.distill.intervals))
+    conditional, ema = tc.model.conditioning != "none", c.distill.target_ema
+
+    def loss_fn(params, model_state, batch, key):
+        z_key, y_key, d_key = jax.random.split(key, 3)
+        y = diffusion.drop_labels(y_key, batch["label"], tc.model.label_dropout,
+                                  tc.model.num_classes) if conditional else None
+        eps_fn = teacher_eps_fn(unet, tc, sched, model_state["teacher"], y, c.distill.guidance)
+        target = model_state["target"] if ema > 0 else jax.lax.stop_gradient(params)
+        pred, want = consistency.distillation_pair(
+            student_x0_fn(unet, tc, sched, params, y), student_x0_fn(unet, tc, sched, target, y),
+            eps_fn, sched, grid, clean_batch(batch, z_key, scale), d_key, tc.diffusion.clip_x0)
+        if ema > 0:
+            model_state = dict(model_state, target=optax.incremental_update(
+                jax.lax.stop_gradient(params), target, 1.0 - ema))
+        return jnp.mean(consistency.pseudo_huber(pred, want)), ({}, model_state)
+
+    def init(key):
+        del key  # the student starts as its teacher
+        state = {"teacher": teacher, **({"target": teacher["unet"]} if ema > 0 else {})}
+        return teacher["unet"], state
+    meta = dict(data_meta, **teacher_meta, intervals=c.distill.intervals,
+                guidance=c.distill.guidance)
+    return Task(init=init, loss_fn=loss_fn, **_data(c, arrays), meta=lambda variables: meta)
 
 
 def classifier_accuracy(params, images: np.ndarray, labels: np.ndarray, feature_dim: int = 128,
@@ -348,4 +439,4 @@ def classifier_task(c, workdir: str) -> Task:
 
 
 TASKS = {"vae": vae_task, "ldm": diffusion_task, "pixel": diffusion_task,
-         "classifier": classifier_task}
+         "classifier": classifier_task, "distill": distill_task, "distill_pixel": distill_task}

@@ -84,7 +84,7 @@ def test_incompatible_workdir_is_left_byte_identical(smoke_workdir):
     (["--out=/nonexistent/dir/grid.png"], "output directory /nonexistent/dir does not exist"),
     (["--label=11"], "--label must be a digit 0-9 or 'all', got '11'"),
     (["--label=3"], "is unconditional; drop --label"),
-    (["--stage=vae"], "cannot sample stage 'vae'"),
+    (["--stage=vae"], "--stage=vae: value should be one of"),
     (["--steps=100000"], "exceeds the 50 timesteps"),
     (["--autoguidance=-1"], "--autoguidance must be a finite number >= 0, got -1.0"),
     (["--autoguidance=1"], "it was trained without sample.guide_step; sample with --autoguidance=0"),

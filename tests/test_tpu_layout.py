@@ -142,13 +142,7 @@ def setup_order(tmp_path_factory):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("entry_point", [
-    pytest.param(e, marks=pytest.mark.xfail(
-        strict=True, reason="evaluate.main loads the feature classifier (jnp.asarray starts "
-                            "the CPU backend) before cli.setup_jax, so `python -m "
-                            "ldm_jax.evaluate` samples on one CPU device; move setup_jax "
-                            "above features.load_classifier")) if e == "evaluate" else e
-    for e in ENTRY_POINTS])
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
 def test_every_entry_point_sets_the_device_count_before_a_backend_is_up(setup_order,
                                                                         entry_point):
     assert setup_order[entry_point] is False, setup_order

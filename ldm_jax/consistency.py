@@ -1,0 +1,102 @@
+"""Consistency distillation: pure functions for a few-step student of a diffusion model.
+
+The student f(z_t, t) = c_skip(t) z_t + c_out(t) x0_net(z_t, t) maps any point of the
+teacher's probability-flow ODE to its end (Song et al. 2023). Latent consistency
+distillation (Luo et al. 2023) trains it on a grid of `intervals` teacher timesteps
+0 = t_0 < ... < t_N = T - 1: from z at t_{n+1}, one guided DDIM step of the teacher gives
+z at t_n, and the student at t_{n+1} regresses on the target network at t_n.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ldm_jax import diffusion
+
+Array = jax.Array
+X0Fn = Callable[[Array, Array], Array]  # (z_t [B, ...], t [B] int) -> x_0 [B, ...]
+
+SIGMA_DATA = 0.5  # the c_skip / c_out constants of LCM (diffusers' LCMScheduler)
+TIME_SCALE = 10.0
+
+
+def student_grid(num_timesteps: int, intervals: int) -> np.ndarray:
+    """The teacher timesteps the student is trained on, ascending: intervals + 1 evenly
+    spaced integers from 0 to T - 1 (LCM's skipping interval k is (T - 1) / intervals)."""
+    if not 1 <= intervals <= num_timesteps - 1:
+        raise ValueError(f"intervals must be in [1, {num_timesteps - 1}], got {intervals}")
+    return np.round(np.linspace(0, num_timesteps - 1, intervals + 1)).astype(np.int32)
+
+
+def sampling_times(grid: np.ndarray, steps: int) -> np.ndarray:
+    """The student's `steps` sampling times, descending from T - 1 with a stride of
+    intervals / steps grid points (LCM's sampler: 4 of 50 intervals is 999, 759, 499, 259)."""
+    intervals = len(grid) - 1
+    if not 1 <= steps <= intervals:
+        raise ValueError(f"a student of {intervals} intervals samples in 1 to {intervals} "
+                         f"steps, got {steps}")
+    return grid[intervals - np.arange(steps) * intervals // steps]
+
+
+def boundary_coefficients(t: Array) -> tuple[Array, Array]:
+    """(c_skip, c_out) [B] at integer timesteps t: exactly (1, 0) at t = 0, so the student
+    at the smallest time returns its input; c_skip < 1e-5 from t = 20."""
+    s = jnp.asarray(t, jnp.float32) * TIME_SCALE
+    c_skip = SIGMA_DATA**2 / (s**2 + SIGMA_DATA**2)
+    c_out = s / jnp.sqrt(s**2 + SIGMA_DATA**2)
+    return c_skip, c_out
+
+
+def consistency_fn(x0_fn: X0Fn) -> X0Fn:
+    """f(z, t) = c_skip(t) z + c_out(t) x0_fn(z, t): the student from its x_0 prediction."""
+    def f(z: Array, t: Array) -> Array:
+        c_skip, c_out = boundary_coefficients(t)
+        return diffusion.batch_mul(c_skip, z) + diffusion.batch_mul(c_out, x0_fn(z, t))
+    return f
+
+
+def teacher_step(eps_fn: diffusion.EpsFn, sched: diffusion.Schedule, z: Array, t: Array,
+                 t_prev: Array, clip_x0: bool = False) -> Array:
+    """One deterministic DDIM step (eta = 0) of the (guided) teacher from t to t_prev."""
+    eps = eps_fn(z, t)
+    return diffusion.ddim_step(sched, eps, z, t, t_prev, 0.0, jnp.zeros_like(z), clip_x0)[0]
+
+
+def distillation_pair(student: X0Fn, target: X0Fn, eps_fn: diffusion.EpsFn,
+                      sched: diffusion.Schedule, grid: Array, x0: Array, key: Array,
+                      clip_x0: bool = False) -> tuple[Array, Array]:
+    """(f_student(z_{n+1}, t_{n+1}), f_target(z_n, t_n)): z_{n+1} ~ q(z | x0) at a random
+    grid interval n, z_n its teacher step; the target carries no gradient."""
+    n_key, z_key = jax.random.split(key)
+    n = jax.random.randint(n_key, (x0.shape[0],), 0, grid.shape[0] - 1)
+    t_hi, t_lo = grid[n + 1], grid[n]
+    z_hi = diffusion.q_sample(sched, x0, t_hi, jax.random.normal(z_key, x0.shape))
+    z_lo = jax.lax.stop_gradient(teacher_step(eps_fn, sched, z_hi, t_hi, t_lo, clip_x0))
+    want = jax.lax.stop_gradient(consistency_fn(target)(z_lo, t_lo))
+    return consistency_fn(student)(z_hi, t_hi), want
+
+
+def pseudo_huber(a: Array, b: Array) -> Array:
+    """sqrt(||a - b||^2 + c^2) - c per example, c = 0.00054 sqrt(dim) (Song & Dhariwal 2023)."""
+    c = 0.00054 * np.sqrt(np.prod(a.shape[1:]))
+    return jnp.sqrt(jnp.sum(jnp.square(a - b), axis=tuple(range(1, a.ndim))) + c**2) - c
+
+
+def sample(student: X0Fn, sched: diffusion.Schedule, key: Array, shape: tuple[int, ...],
+           times: np.ndarray) -> Array:
+    """Multistep consistency sampling: x = f(noise, t_1), then for each later time t_i
+    re-noise x to t_i (q_sample) and denoise again with f."""
+    f = consistency_fn(student)
+    batch = shape[0]
+    x = f(jax.random.normal(jax.random.fold_in(key, sched.num_timesteps), shape),
+          jnp.full((batch,), times[0], jnp.int32))
+    for i, t in enumerate(times[1:], start=1):
+        t_batch = jnp.full((batch,), t, jnp.int32)
+        z = diffusion.q_sample(sched, x, t_batch, jax.random.normal(jax.random.fold_in(key, i),
+                                                                    shape))
+        x = f(z, t_batch)
+    return x

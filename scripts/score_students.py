@@ -1,0 +1,98 @@
+"""Score distilled students at 1, 2, 4 and 8 steps beside their teacher's default sampler, on
+the validation split and the test set: docs/results.md, "Few-step sampling".
+
+    python scripts/score_students.py --workdirs=A,B --student=distill --out=F.jsonl
+
+Each workdir holds a teacher and a student of it (e.g. one per distillation setting). Every row
+draws --num samples (seed 7) and scores them by Inception FID and precision/recall (k = 3)
+against the validation images (the last --holdout training images, which cpu-quick never trains
+on) and the 10,000 test images, by the committed classifier's FID against the test images, its
+recognisable share, and pixel statistics; it also records images/s after compilation and U-Net
+calls per image. Choose the setting on `fid_val`; report `fid_test`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from absl import app, flags, logging
+
+from ldm_jax import cli, data, features, fewstep, inception, metrics
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("workdirs", [], "Workdirs, each with a teacher and a student of it.")
+flags.DEFINE_string("student", "distill", "The student stage: distill | distill_pixel.")
+flags.DEFINE_list("steps", ["1", "2", "4", "8"], "Student step counts to score.")
+flags.DEFINE_list("student_steps", [], "Student checkpoints to score (default: the newest).")
+flags.DEFINE_bool("teacher", True, "Score the teacher's default sampler too (once per workdir).")
+flags.DEFINE_integer("num", 2000, "Samples per row.")
+flags.DEFINE_integer("holdout", 2000, "The validation images: the last HOLDOUT training images.")
+flags.DEFINE_integer("max_ref", 0, "Only this many reference images per split (0: all; tests).")
+flags.DEFINE_string("save", "", "Save every sample drawn here (compressed .npz, a key per row).")
+flags.DEFINE_string("out", "", "Append the JSON lines here too.")
+
+
+class Scorer:
+    """Inception features of both splits (with their statistics) and the classifier's."""
+
+    def __init__(self, on_cpu: bool):
+        self.inc = inception.make_feature_fn(inception.load_params(),
+                                             batch_size=10 if on_cpu else 500)
+        self.cls = features.feature_fn(features.DEFAULT_PATH)
+        self.prob = features.probabilities_fn(features.DEFAULT_PATH)
+        train, test = data.load("package", "train")[0], data.load("package", "test")[0]
+        cut = FLAGS.max_ref or None
+        self.refs = {s: (f, metrics.feature_stats(f)) for s, f in
+                     (("val", self.inc(train[-FLAGS.holdout:][:cut])), ("test", self.inc(test[:cut])))}
+        self.cls_test = self.cls(test)
+
+    def __call__(self, images: np.ndarray) -> dict:
+        fake = self.inc(images)
+        stats = metrics.feature_stats(fake)
+        row = {}
+        for split, (ref, ref_stats) in self.refs.items():
+            pick = np.random.default_rng(0).permutation(len(ref))[:len(fake)]
+            p, r = metrics.precision_recall(ref[pick], fake, k=3)
+            row.update({f"fid_{split}": metrics.frechet_distance(*ref_stats, *stats),
+                        f"precision_{split}": p, f"recall_{split}": r})
+        row["classifier_fid_test"] = metrics.fid_from_features(self.cls_test, self.cls(images))
+        row["recognisable"] = metrics.recognisable_share(self.prob(images))
+        return {k: float(v) for k, v in {**row, **metrics.pixel_stats(images)}.items()}
+
+
+def emit(row: dict) -> None:
+    print(json.dumps(row), flush=True)
+    if FLAGS.out:
+        with open(FLAGS.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    cli.setup_jax()
+    import jax  # pylint: disable=import-outside-toplevel
+    scorer, saved = Scorer(jax.default_backend() == "cpu"), {}
+    steps = {int(s) for s in FLAGS.steps}
+    for workdir in FLAGS.workdirs:
+        name = os.path.basename(os.path.normpath(workdir))
+        teacher = fewstep.load_teacher_of(workdir, FLAGS.student)
+        rows = [r for step in [int(s) for s in FLAGS.student_steps] or [None]
+                for r in fewstep.settings(workdir, FLAGS.student, teacher, step)]
+        for i, (row, gen, sampler, k, eta, w) in enumerate(rows):
+            if (row == fewstep.TEACHER and (not FLAGS.teacher or i)) or (
+                    row != fewstep.TEACHER and k not in steps):
+                continue
+            images, seconds = fewstep.timed_generate(gen, FLAGS.num, 7, sampler, k, eta, w)
+            saved[f"{name}_{gen.step}_{row.replace(' ', '')}"] = images
+            emit(dict(workdir=name, what=row, student_step=gen.step if row != fewstep.TEACHER
+                      else None, n=FLAGS.num, images_per_s=FLAGS.num / seconds,
+                      unet_calls=fewstep.unet_calls(gen, sampler, k, w), **scorer(images)))
+    if FLAGS.save:
+        np.savez_compressed(FLAGS.save, **saved)
+
+
+if __name__ == "__main__":
+    app.run(main)

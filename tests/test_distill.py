@@ -1,0 +1,197 @@
+"""The few-step student (consistency distillation): its math against float64 numpy, its
+training, resuming, binding to its teacher, sampling and bad input."""
+
+import os
+import shutil
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ldm_jax import checkpoints, configs, consistency, diffusion, features, metrics, sample, train
+from tests.conftest import run_main
+
+T = 1000
+
+
+def _sched():
+    return diffusion.make_schedule("cosine", T)
+
+
+def test_the_student_at_the_smallest_time_returns_its_input_exactly():
+    z = jax.random.normal(jax.random.key(0), (3, 7, 7, 4))
+    f = consistency.consistency_fn(lambda z, t: 5.0 * z + 1.0)
+    np.testing.assert_array_equal(np.asarray(f(z, jnp.zeros((3,), jnp.int32))), np.asarray(z))
+    c_skip, c_out = consistency.boundary_coefficients(jnp.array([0, 20, 999]))
+    assert c_skip[0] == 1.0 and c_out[0] == 0.0 and c_skip[1] < 1e-5 and c_out[2] > 0.9999
+
+
+def _np_consts():
+    return diffusion.schedule_constants(diffusion.beta_schedule("cosine", T))
+
+
+def test_the_distillation_target_equals_a_float64_numpy_teacher_step():
+    sched, grid = _sched(), consistency.student_grid(T, 50)
+    x0 = np.asarray(jax.random.normal(jax.random.key(1), (4, 7, 7, 4)))
+    eps_fn = lambda z, t: 0.3 * z + 1e-3 * t[:, None, None, None]
+    student = lambda z, t: 0.9 * z
+    target = lambda z, t: 0.5 * z - 0.1
+    key = jax.random.key(2)
+    pred, want = consistency.distillation_pair(student, target, eps_fn, sched, jnp.asarray(grid),
+                                               jnp.asarray(x0), key)
+    # The same random draws, then every formula in float64 numpy.
+    n_key, z_key = jax.random.split(key)
+    n = np.asarray(jax.random.randint(n_key, (4,), 0, len(grid) - 1))
+    noise = np.asarray(jax.random.normal(z_key, x0.shape), np.float64)
+    ab = _np_consts()["alphas_cumprod"]
+    b = lambda v: v[:, None, None, None]
+    t_hi, t_lo = grid[n + 1], grid[n]
+    z_hi = b(np.sqrt(ab[t_hi])) * x0 + b(np.sqrt(1 - ab[t_hi])) * noise
+    eps = 0.3 * z_hi + 1e-3 * b(t_hi.astype(np.float64))
+    x0_pred = (z_hi - b(np.sqrt(1 - ab[t_hi])) * eps) / b(np.sqrt(ab[t_hi]))
+    z_lo = b(np.sqrt(ab[t_lo])) * x0_pred + b(np.sqrt(1 - ab[t_lo])) * eps
+    skip = lambda t: 0.25 / ((10.0 * t) ** 2 + 0.25)
+    out = lambda t: 10.0 * t / np.sqrt((10.0 * t) ** 2 + 0.25)
+    np_want = b(skip(t_lo)) * z_lo + b(out(t_lo)) * (0.5 * z_lo - 0.1)
+    np_pred = b(skip(t_hi)) * z_hi + b(out(t_hi)) * 0.9 * z_hi
+    np.testing.assert_allclose(np.asarray(want), np_want, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(pred), np_pred, rtol=2e-5, atol=2e-5)
+
+
+def test_sampling_times_descend_from_the_last_timestep_on_the_grid():
+    grid = consistency.student_grid(T, 50)
+    assert grid[0] == 0 and grid[-1] == T - 1 and len(grid) == 51
+    for steps in (1, 2, 4, 8, 50):
+        times = consistency.sampling_times(grid, steps)
+        assert len(times) == steps and times[0] == T - 1 and set(times) <= set(grid)
+        assert np.all(np.diff(times) < 0)
+    for bad in (0, 51):
+        with pytest.raises(ValueError):
+            consistency.sampling_times(grid, bad)
+
+
+def test_pseudo_huber_is_zero_at_equality_and_grows_like_the_distance():
+    a = jnp.ones((2, 4, 4, 1))
+    np.testing.assert_allclose(np.asarray(consistency.pseudo_huber(a, a)), 0.0, atol=1e-7)
+    far = np.asarray(consistency.pseudo_huber(a, a + 1.0))
+    np.testing.assert_allclose(far, 4.0, rtol=1e-3)  # ||1||_2 over 16 entries
+
+
+@pytest.fixture(scope="module")
+def teacher_workdir(smoke_workdir, tmp_path_factory):
+    """A copy of the smoke vae, ldm and pixel, for students of their own."""
+    workdir = str(tmp_path_factory.mktemp("teachers"))
+    for stage in ("vae", "ldm", "pixel"):
+        shutil.copytree(os.path.join(smoke_workdir, stage), os.path.join(workdir, stage))
+    return workdir
+
+
+def _student(workdir, stage="distill", **overrides):
+    c = configs.get_config(stage, "smoke")
+    for k, v in overrides.items():
+        section, field = k.split("__")
+        c[section][field] = v
+    return c
+
+
+def _final(stage_dir):
+    params, model_state, _, meta = checkpoints.load_checkpoint(stage_dir, with_state=True)
+    return params, model_state, meta
+
+
+@pytest.mark.slow
+def test_a_resumed_distillation_equals_an_uninterrupted_one(teacher_workdir, tmp_path):
+    for name in ("full", "split"):
+        shutil.copytree(teacher_workdir, tmp_path / name)
+    c = _student(teacher_workdir)
+    train.train_and_evaluate(c, str(tmp_path / "full"))
+    train.train_and_evaluate(c, str(tmp_path / "split"), stop_at_step=3)
+    train.train_and_evaluate(c, str(tmp_path / "split"))
+    a, a_state, meta_a = _final(str(tmp_path / "full" / "distill"))
+    b, b_state, meta_b = _final(str(tmp_path / "split" / "distill"))
+    assert meta_a["step"] == meta_b["step"] == 6 and meta_b["finished"]
+    chex.assert_trees_all_close(a, b, atol=1e-6, rtol=1e-6)
+    chex.assert_trees_all_close(a_state["target"], b_state["target"], atol=1e-6, rtol=1e-6)
+    teacher = checkpoints.load_checkpoint(str(tmp_path / "full" / "ldm"))[0]
+    chex.assert_trees_all_equal(a_state["teacher"]["unet"], teacher)  # never trained
+    assert meta_a["teacher_step"] == 6 and meta_a["teacher_stage"] == "ldm"
+
+
+def _fid(images, real):
+    feat = features.feature_fn(features.DEFAULT_PATH)
+    return float(metrics.fid_from_features(real, feat(images)))
+
+
+@pytest.mark.slow
+def test_a_distilled_student_beats_the_untrained_one_at_one_step(teacher_workdir, tmp_path):
+    shutil.copytree(teacher_workdir, tmp_path / "w")
+    workdir = str(tmp_path / "w")
+    train.train_and_evaluate(_student(workdir, train__steps=150, optim__lr=1e-3,
+                                      train__ckpt_every=150, distill__target_ema=0.0), workdir)
+    gen = sample.load_generator(workdir, "distill")
+    untrained = sample.load_student(workdir, "distill").__class__(
+        **{**gen.__dict__, "params": sample.load_generator(workdir, "ldm").params})
+    key = jax.random.key(0)
+    trained_x = sample.generate(gen, 256, key, steps=1, progress=False)
+    untrained_x = sample.generate(untrained, 256, key, steps=1, progress=False)
+    from ldm_jax import data
+    real = features.feature_fn(features.DEFAULT_PATH)(data.load("package", "test")[0][:2000])
+    assert _fid(trained_x, real) < _fid(untrained_x, real)
+
+
+@pytest.mark.slow
+def test_students_of_a_pixel_and_a_class_conditional_teacher_sample(teacher_workdir, tmp_path):
+    shutil.copytree(teacher_workdir, tmp_path / "w")
+    workdir = str(tmp_path / "w")
+    train.train_and_evaluate(_student(workdir, "distill_pixel"), workdir)
+    r = run_main("sample", f"--workdir={workdir}", "--stage=distill_pixel", "--num=4",
+                 "--steps=2", f"--out={tmp_path}/p.png")
+    assert r.returncode == 0, r.stderr
+    with np.load(tmp_path / "p.npz", allow_pickle=False) as z:
+        assert z["images"].shape == (4, 28, 28)
+    cond = str(tmp_path / "cond")
+    shutil.copytree(os.path.join(workdir, "vae"), os.path.join(cond, "vae"))
+    c = configs.get_config("ldm", "smoke")
+    c.model.conditioning = "class"
+    train.train_and_evaluate(c, cond)
+    train.train_and_evaluate(_student(cond, distill__guidance=1.0), cond)
+    r = run_main("sample", f"--workdir={cond}", "--stage=distill", "--num=10", "--label=all",
+                 "--steps=2", f"--out={tmp_path}/c.png")
+    assert r.returncode == 0, r.stderr
+
+
+def _nothing_written(workdir, before):
+    return sorted(os.listdir(workdir)) == before
+
+
+@pytest.mark.parametrize("stage, teacher", [("distill", "ldm"), ("distill_pixel", "pixel")])
+def test_no_trained_teacher_is_one_line_exit_2_and_writes_nothing(tmp_path, stage, teacher):
+    r = run_main("train", f"--stage={stage}", "--preset=smoke", f"--workdir={tmp_path}")
+    assert r.returncode == 2 and f"no trained {teacher} model" in r.stderr, r.stderr
+    assert os.listdir(tmp_path) == [] and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(teacher_workdir, tmp_path):
+    shutil.copytree(teacher_workdir, tmp_path / "w")
+    workdir = str(tmp_path / "w")
+    train.train_and_evaluate(_student(workdir), workdir)
+    for steps, message in (("0", "must be positive"), ("11", "samples in 1 to 10 steps")):
+        r = run_main("sample", f"--workdir={workdir}", "--stage=distill", f"--steps={steps}",
+                     f"--out={tmp_path}/x.png")
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+        assert not os.path.exists(tmp_path / "x.png")
+    # The teacher trained further: its old student is refused, for sampling and for training.
+    c = configs.get_config("ldm", "smoke")
+    c.train.steps = 9
+    train.train_and_evaluate(c, workdir)
+    before = sorted(os.listdir(os.path.join(workdir, "distill")))
+    r = run_main("sample", f"--workdir={workdir}", "--stage=distill", f"--out={tmp_path}/x.png")
+    assert r.returncode == 2 and "distilled from its step 6" in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / "x.png")
+    r = run_main("train", "--stage=distill", "--preset=smoke", f"--workdir={workdir}",
+                 "--config.train.steps=9")
+    assert r.returncode == 2 and "now at step 9" in r.stderr, r.stderr
+    assert _nothing_written(os.path.join(workdir, "distill"), before)
