@@ -195,3 +195,25 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(teacher_workdir, tmp_pa
                  "--config.train.steps=9")
     assert r.returncode == 2 and "now at step 9" in r.stderr, r.stderr
     assert _nothing_written(os.path.join(workdir, "distill"), before)
+
+
+@pytest.mark.parametrize("stages, message", [
+    ("distill,ldm", "lists distill before ldm"),
+    ("distill", "has distill without ldm"),
+    ("vae,distill_pixel", "has distill_pixel without pixel"),
+])
+def test_pipeline_refuses_a_student_without_its_teacher(tmp_path, stages, message):
+    r = run_main("pipeline", f"--workdir={tmp_path}/w", "--preset=smoke", f"--stages={stages}")
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / "w" / "distill")
+
+
+@pytest.mark.slow
+def test_pipeline_distils_and_draws_the_students_grid(teacher_workdir, tmp_path):
+    shutil.copytree(teacher_workdir, tmp_path / "w")
+    r = run_main("pipeline", f"--workdir={tmp_path}/w", "--preset=smoke", "--stages=distill",
+                 "--num=8")
+    assert r.returncode == 0, r.stderr
+    with np.load(tmp_path / "w" / "distill_samples.npz", allow_pickle=False) as z:
+        assert z["images"].shape == (8, 28, 28)
+    assert "distill_samples.png" in os.listdir(tmp_path / "w")
