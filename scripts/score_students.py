@@ -6,7 +6,7 @@ the validation split and the test set: docs/results.md, "Few-step sampling".
 Each workdir holds a teacher and a student of it (e.g. one per distillation setting). Every row
 draws --num samples (seed 7) and scores them by Inception FID and precision/recall (k = 3)
 against the validation images (the last --holdout training images, which cpu-quick never trains
-on) and the 10,000 test images, by the committed classifier's FID against the test images, its
+on) and the 10,000 test images, by the committed classifier's FID against each of them, its
 recognisable share, and pixel statistics; it also records images/s after compilation and U-Net
 calls per image. Choose the setting on `fid_val`; report `fid_test`.
 """
@@ -28,6 +28,8 @@ flags.DEFINE_list("steps", ["1", "2", "4", "8"], "Student step counts to score."
 flags.DEFINE_list("student_steps", [], "Student checkpoints to score (default: the newest).")
 flags.DEFINE_bool("teacher", True, "Score the teacher's default sampler too (once per workdir).")
 flags.DEFINE_integer("num", 2000, "Samples per row.")
+flags.DEFINE_bool("inception", True, "Inception FID and precision/recall (slow on a CPU: about "
+                  "6 images/s); --noinception keeps the classifier's metrics only.")
 flags.DEFINE_integer("holdout", 2000, "The validation images: the last HOLDOUT training images.")
 flags.DEFINE_integer("max_ref", 0, "Only this many reference images per split (0: all; tests).")
 flags.DEFINE_string("save", "", "Save every sample drawn here (compressed .npz, a key per row).")
@@ -37,27 +39,31 @@ flags.DEFINE_string("out", "", "Append the JSON lines here too.")
 class Scorer:
     """Inception features of both splits (with their statistics) and the classifier's."""
 
-    def __init__(self, on_cpu: bool):
-        self.inc = inception.make_feature_fn(inception.load_params(),
-                                             batch_size=10 if on_cpu else 500)
+    def __init__(self, on_cpu: bool, with_inception: bool):
         self.cls = features.feature_fn(features.DEFAULT_PATH)
         self.prob = features.probabilities_fn(features.DEFAULT_PATH)
         train, test = data.load("package", "train")[0], data.load("package", "test")[0]
+        self.cls_val, self.cls_test, self.refs = self.cls(train[-FLAGS.holdout:]), self.cls(test), {}
+        if not with_inception:
+            return
+        self.inc = inception.make_feature_fn(inception.load_params(),
+                                             batch_size=10 if on_cpu else 500)
         cut = FLAGS.max_ref or None
         self.refs = {s: (f, metrics.feature_stats(f)) for s, f in
                      (("val", self.inc(train[-FLAGS.holdout:][:cut])), ("test", self.inc(test[:cut])))}
-        self.cls_test = self.cls(test)
 
     def __call__(self, images: np.ndarray) -> dict:
-        fake = self.inc(images)
-        stats = metrics.feature_stats(fake)
         row = {}
+        fake = self.inc(images) if self.refs else None
+        stats = metrics.feature_stats(fake) if self.refs else None
         for split, (ref, ref_stats) in self.refs.items():
             pick = np.random.default_rng(0).permutation(len(ref))[:len(fake)]
             p, r = metrics.precision_recall(ref[pick], fake, k=3)
             row.update({f"fid_{split}": metrics.frechet_distance(*ref_stats, *stats),
                         f"precision_{split}": p, f"recall_{split}": r})
-        row["classifier_fid_test"] = metrics.fid_from_features(self.cls_test, self.cls(images))
+        mine = self.cls(images)
+        row["classifier_fid_val"] = metrics.fid_from_features(self.cls_val, mine)
+        row["classifier_fid_test"] = metrics.fid_from_features(self.cls_test, mine)
         row["recognisable"] = metrics.recognisable_share(self.prob(images))
         return {k: float(v) for k, v in {**row, **metrics.pixel_stats(images)}.items()}
 
@@ -74,7 +80,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     cli.setup_jax()
     import jax  # pylint: disable=import-outside-toplevel
-    scorer, saved = Scorer(jax.default_backend() == "cpu"), {}
+    scorer, saved = Scorer(jax.default_backend() == "cpu", FLAGS.inception), {}
     steps = {int(s) for s in FLAGS.steps}
     for workdir in FLAGS.workdirs:
         name = os.path.basename(os.path.normpath(workdir))
