@@ -90,6 +90,7 @@ def test_each_player_gets_gradients_only_from_its_own_loss(adv):
                                 rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_before_the_start_the_loss_is_the_weight_zero_loss_exactly(adv):
     out = adv(START - 1)
     (loss, (m, _)), grads = out["on"]

@@ -45,7 +45,8 @@ def test_guidance_matches_formula_in_one_call(w):
         np.testing.assert_allclose(got, cond, rtol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["class", pytest.param("crossattn", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["class", "crossattn"])
 def test_conditional_unet_shapes_and_label_effect(mode):
     unet = nets.UNet(ch=16, ch_mult=(1, 2), num_res_blocks=1, heads=2, groups=4, conditioning=mode)
     x, t = jnp.ones((2, 7, 7, 4)), jnp.array([3, 3])

@@ -37,6 +37,7 @@ def _config(stage="vae", **train_fields):
     return c
 
 
+@pytest.mark.slow
 def test_vae_under_an_ldm_cannot_be_trained_further(smoke_workdir, tmp_path):
     """Item 1: training the VAE on (with keep_checkpoints=1, which would rotate away the
     step the LDM was trained on) is refused in one line and changes nothing."""
@@ -79,6 +80,7 @@ def test_ldm_resumes_on_the_vae_it_was_trained_on(smoke_workdir, tmp_path):
         assert last[k] == first[k], k
 
 
+@pytest.mark.slow
 def test_budget_stop_is_final_and_cumulative(tmp_path):
     """Item 3: a max_minutes stop is final for that budget (a rerun trains nothing), and
     the budget counts time over every resume."""

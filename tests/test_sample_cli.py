@@ -47,6 +47,7 @@ def test_sample_refuses_bad_places(smoke_workdir, tmp_path):
     assert "train" not in r.stderr  # a file is not an untrained workdir
 
 
+@pytest.mark.slow
 def test_sample_uses_the_config_sampler_and_writes_both_files(smoke_workdir, tmp_path):
     out = tmp_path / "g.png"
     r = run_module("sample", f"--workdir={smoke_workdir}", "--stage=pixel", f"--out={out}",

@@ -156,6 +156,7 @@ def test_item4_two_writers_of_one_out_never_mix(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- 5. autoguidance
 
 
+@pytest.mark.slow
 def test_item5_autoguidance_at_or_before_the_guide_step_is_refused(smoke_workdir, tmp_path):
     workdir = _copy(smoke_workdir, tmp_path, "pixel")
     for step in (3, 6):  # a run whose guide is its step 3
@@ -343,6 +344,7 @@ def test_item11_cut_off_or_non_finite_inception_weights_are_one_line(tmp_path, m
 # ----------------------------------------------------------------------------- 12. messages
 
 
+@pytest.mark.slow
 def test_item12_sigterm_is_one_line_and_a_leftover_temporary_is_silent(smoke_workdir, tmp_path):
     """SIGTERM stops like Ctrl-C (one line, 143); a temporary directory an earlier write
     left behind is removed without an absl WARNING."""
