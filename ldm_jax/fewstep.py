@@ -54,7 +54,7 @@ def settings(workdir: str, student: str, teacher: sample.Generator,
     it can take."""
     s = teacher.config["sample"]
     w = s.get("guide_weight", 0.0) if teacher.guide_params is not None else 0.0
-    gen = sample.load_generator(workdir, student, step)
+    gen = sample.load_student(workdir, student, step, teacher)
     rows = [(TEACHER, teacher, s.get("sampler", "ddim"), s["steps"], s.get("eta", 0.0), w)]
     return rows + [(f"{k} step{'s' * (k > 1)}", gen, "consistency", k, 0.0, 0.0) for k in STEPS
                    if k <= gen.config["distill"]["intervals"]]
@@ -67,13 +67,13 @@ def load_teacher_of(workdir: str, student: str) -> sample.Generator:
                                  checkpoints.check_teacher(workdir, student, meta))
 
 
-def few_step_rows(workdir: str, student: str, num: int, seed: int,
+def few_step_rows(workdir: str, student: str, teacher: sample.Generator, num: int, seed: int,
                   score: Callable[[np.ndarray], dict]) -> tuple[dict, dict]:
-    """({row: metrics}, {row: samples}) for one student and its teacher; each row's
-    metrics are score(samples) plus images/s, U-Net calls per image and its sampler."""
+    """({row: metrics}, {row: samples}) for one student and its teacher (load_teacher_of);
+    each row's metrics are score(samples) plus images/s, U-Net calls per image and its
+    sampler."""
     rows, samples = {}, {}
-    for name, gen, sampler, steps, eta, w in settings(workdir, student,
-                                                      load_teacher_of(workdir, student)):
+    for name, gen, sampler, steps, eta, w in settings(workdir, student, teacher):
         images, seconds = timed_generate(gen, num, seed, sampler, steps, eta, w)
         samples[name] = images
         rows[name] = dict(score(images), images_per_s=num / seconds, seconds=seconds,
@@ -87,22 +87,3 @@ def save_grid(samples: dict[str, np.ndarray], path: str, per_row: int = 10) -> N
     rows = np.concatenate([x[:per_row] for x in samples.values()])
     with cli.atomic_output(path) as f:
         sample.save_grid(rows, f, ncol=per_row)
-
-
-def section(student: str, rows: dict, num: int, inception: dict | None, fmt) -> list[str]:
-    """The report's few-step table of one student."""
-    inc = inception is not None
-    lines = [f"## Few-step sampling ({student}, distilled from its teacher)", "",
-             f"{num} samples per row, the quality table's features. U-Net calls per image "
-             "count guidance passes; images/s excludes compilation. Rows top to bottom are "
-             f"the rows of `{student}_few_step.png`.", "",
-             "| sampler | U-Net calls | images/s | FID | precision | recall | recognisable | "
-             "class_kl |" + (" Inception FID |" if inc else ""), "|---" * (8 + inc) + "|"]
-    for name, r in rows.items():
-        label = (f"teacher: {r['sampler']}-{r['steps']}, eta {r['eta']:g}, autoguidance "
-                 f"{r['autoguidance']:g}" if name == TEACHER else f"student, {name}")
-        lines.append(f"| {label} | {r['unet_calls']} | {fmt(r['images_per_s'])} | "
-                     + " | ".join(fmt(r[k]) for k in ("fid", "precision", "recall",
-                                                       "recognisable", "class_kl"))
-                     + " |" + (f" {fmt(inception.get(name))} |" if inc else ""))
-    return lines + ["", f"![few-step samples]({student}_few_step.png)", ""]

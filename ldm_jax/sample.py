@@ -87,13 +87,16 @@ def load_generator(workdir: str, stage: str, step: int | None = None) -> Generat
                      scale_factor=meta["scale_factor"], identity=identity, **common)
 
 
-def load_student(workdir: str, stage: str, step: int | None = None) -> Generator:
+def load_student(workdir: str, stage: str, step: int | None = None,
+                 teacher: Generator | None = None) -> Generator:
     """A few-step student (configs.STUDENTS) at `step`, with its teacher's U-Net
     architecture, schedule and first stage; refused unless workdir's teacher is still the
-    checkpoint it was distilled from (checkpoints.check_teacher)."""
+    checkpoint it was distilled from (checkpoints.check_teacher). `teacher`: that teacher,
+    already loaded (its step is checked), so it is not read again."""
     params, cfg, meta = checkpoints.load_stage(workdir, stage, step)
-    teacher = load_generator(workdir, configs.STUDENTS[stage],
-                             checkpoints.check_teacher(workdir, stage, meta))
+    teacher_step = checkpoints.check_teacher(workdir, stage, meta)
+    if teacher is None or teacher.step != teacher_step:
+        teacher = load_generator(workdir, configs.STUDENTS[stage], teacher_step)
     weights = {"unet": params} if teacher.vae is None else {
         "unet": params, "vae": teacher.vae_vars, "scale": np.float64(teacher.scale_factor)}
     config = dict(teacher.config, stage=stage, distill=cfg["distill"], sample=cfg["sample"])

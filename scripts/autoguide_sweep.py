@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from ldm_jax import cli, configs, data, evaluate, features, metrics, nets, sample
+from ldm_jax import cli, configs, data, evaluate, features, metrics, nets, sample, score
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Workdir of the guided generator.")
@@ -61,7 +61,7 @@ def main(argv):
     cli.setup_jax()
     feat_fn = features.feature_fn(features.DEFAULT_PATH)
     probs_fn = features.probabilities_fn(features.DEFAULT_PATH)
-    real = evaluate.reference_features(feat_fn, features.DEFAULT_PATH)
+    real = score.reference_features(feat_fn, features.DEFAULT_PATH)
     model = sample.load_generator(FLAGS.workdir, FLAGS.stage)
     if FLAGS.guide == "-":
         reconstructions(model, FLAGS.num, feat_fn, probs_fn, real)

@@ -24,7 +24,7 @@ from absl import app, flags
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ldm_jax import checkpoints, cli, evaluate, features, metrics, sample  # noqa: E402
+from ldm_jax import checkpoints, cli, features, metrics, sample, score  # noqa: E402
 
 FLAGS = flags.FLAGS
 # A string, not a list: a label may hold commas (main splits it on the paths).
@@ -60,7 +60,7 @@ def main(argv):
     num, out = FLAGS.num, FLAGS.out
     cli.setup_jax()
     feat_fn = features.feature_fn(features.DEFAULT_PATH)
-    real_all = evaluate.reference_features(feat_fn, features.DEFAULT_PATH)
+    real_all = score.reference_features(feat_fn, features.DEFAULT_PATH)
     result = {label: curve(w, num, feat_fn, real_all) for label, w in runs}
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, points in result.items():

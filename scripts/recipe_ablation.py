@@ -33,7 +33,7 @@ import time
 import jax
 from absl import app, flags
 
-from ldm_jax import benchmark, cli, configs, evaluate, features, metrics, sample, train
+from ldm_jax import benchmark, cli, configs, features, metrics, sample, score, train
 
 RECIPES = {  # name -> LDM overrides of today's cpu-quick default (v + min_snr, cosine)
     "default": {},  # today's default as is: the reference of the rows trained after it
@@ -130,7 +130,7 @@ def main(argv):
 
     feat_fn = features.feature_fn(features.DEFAULT_PATH)
     probs_fn = features.probabilities_fn(features.DEFAULT_PATH)
-    real_all = evaluate.reference_features(feat_fn, features.DEFAULT_PATH)
+    real_all = score.reference_features(feat_fn, features.DEFAULT_PATH)
     out_path = os.path.join(root, "ablation.json")
     results = json.load(open(out_path)) if os.path.isfile(out_path) else {}
     for row in results.values():  # files written before the rename call it "confident"

@@ -13,7 +13,7 @@ import time
 import jax
 from absl import app, flags
 
-from ldm_jax import cli, configs, evaluate, features, metrics, sample
+from ldm_jax import cli, configs, evaluate, features, metrics, sample, score
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Workdir of the generator.")
@@ -44,7 +44,7 @@ def main(argv):
     cli.setup_jax()
     feat_fn = features.feature_fn(features.DEFAULT_PATH)
     probs_fn = features.probabilities_fn(features.DEFAULT_PATH)
-    real = evaluate.reference_features(feat_fn, features.DEFAULT_PATH)
+    real = score.reference_features(feat_fn, features.DEFAULT_PATH)
     gen = sample.load_generator(FLAGS.workdir, FLAGS.stage)
     for name, steps, eta in specs:
         t = time.time()

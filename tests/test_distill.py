@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax import checkpoints, configs, consistency, diffusion, features, metrics, sample, train
+from ldm_jax import (checkpoints, configs, consistency, diffusion, evaluate, features, metrics,
+                     sample, train)
 from tests.conftest import run_main
 
 T = 1000
@@ -217,3 +218,24 @@ def test_pipeline_distils_and_draws_the_students_grid(teacher_workdir, tmp_path)
     with np.load(tmp_path / "w" / "distill_samples.npz", allow_pickle=False) as z:
         assert z["images"].shape == (8, 28, 28)
     assert "distill_samples.png" in os.listdir(tmp_path / "w")
+
+
+@pytest.mark.slow
+def test_evaluate_scores_the_student_beside_its_teacher_read_once(teacher_workdir, tmp_path,
+                                                                   monkeypatch):
+    shutil.copytree(teacher_workdir, tmp_path / "w")
+    shutil.rmtree(tmp_path / "w" / "pixel")
+    workdir = str(tmp_path / "w")
+    train.train_and_evaluate(_student(workdir), workdir)
+    loaded, real = [], sample.load_generator
+    monkeypatch.setattr(sample, "load_generator",
+                        lambda w, s, step=None: loaded.append(s) or real(w, s, step))
+    result = evaluate.evaluate(workdir, "smoke", num=16, cost=False)
+    # The quality row's LDM and the student's teacher: each read once.
+    assert loaded.count("ldm") == 2 and loaded.count("distill") == 0, loaded
+    rows = result["few_step"]["distill"]["rows"]
+    assert list(rows) == ["teacher", "1 step", "2 steps", "4 steps", "8 steps"]
+    assert [r["unet_calls"] for r in rows.values()][1:] == [1, 2, 4, 8]
+    assert all(0 <= r["zero"] <= 1 and np.isfinite(r["fid"]) for r in rows.values())
+    text = open(os.path.join(workdir, "eval", "report.md")).read()
+    assert "## Few-step sampling (distill" in text and "| student, 4 steps | 4 |" in text

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import run_module
-from ldm_jax import benchmark, data, evaluate, features, sample
+from ldm_jax import benchmark, data, evaluate, features, report, sample
 
 
 @pytest.mark.parametrize("stage,sampler", [
@@ -101,6 +101,8 @@ def test_evaluate_smoke_writes_report_with_floor(smoke_workdir):
         assert 0 <= q["recognisable"] <= 1 and q["class_kl"] >= 0 and len(q["class_hist"]) == 10
     # Real digits: recognisable, every class about as often as in the test set.
     assert floor["recognisable"] > 0.9 and floor["class_kl"] < 0.1
+    # MNIST's pixel statistics: 80.8 % exactly 0, 1.1 % in 1-15, 7.3 % above 250.
+    assert floor["zero"] > 0.75 and floor["haze"] < 0.02 and floor["saturated"] > 0.05
     # Six smoke steps make noise: far from MNIST, and much worse than real digits.
     assert result["quality"]["pixel"]["fid"] > 5 * floor["fid"]
     assert floor["precision"] > 0.5 and floor["recall"] > 0.5
@@ -108,11 +110,13 @@ def test_evaluate_smoke_writes_report_with_floor(smoke_workdir):
     assert ae["reg"] == "kl" and ae["latent_shape"] == [7, 7, 4] and ae["mse"] > 0
     # PSNR and rFID against hand values: test_autoencoder_quality_against_hand_values.
     assert np.isfinite(ae["psnr"]) and ae["psnr"] > 0 and ae["rfid"] > 0
+    assert all(0 <= ae[k] <= 1 for k in ("zero", "haze", "saturated"))
     assert result["cost"] == {} and result["ddim_eta"] == 0.0
     for name in ("report.md", "samples.png", "reconstructions.png", "ldm_samples.npz"):
         assert os.path.getsize(os.path.join(out, name)) > 0
     report = open(os.path.join(out, "report.md")).read()
     assert "| ldm |" in report and "| kl | 7×7×4 |" in report and "cost.png" not in report
+    assert "| exact 0 | 1–15 | > 250 |" in report
 
 
 class _ShiftingFirstStage:
@@ -173,15 +177,15 @@ def test_report_without_cost_links_only_what_exists(tmp_path):
                   guidance={"ldm": {"0.0": dict(q, accuracy=0.5), "2.0": dict(q, accuracy=0.9)}})
     cost = {"ldm": {"train_s_per_iter": 0.5, "ddim10_images_per_s": 70.0,
                     "ddim50_images_per_s": 15.0, "ddpm_images_per_s": 0.7}}
-    evaluate.save_cost_plot(cost, str(tmp_path))  # the plot evaluate makes when it has costs
+    report.save_cost_plot(cost, str(tmp_path))  # the plot evaluate makes when it has costs
     assert (tmp_path / "cost.png").stat().st_size > 0
     (tmp_path / "cost.png").unlink()
-    evaluate.save_figures(imgs, imgs["ldm"], {}, str(tmp_path))
-    evaluate.save_guidance_plot(result["guidance"], str(tmp_path))
-    report = open(evaluate.write_report(result, str(tmp_path))).read()
-    for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
+    report.save_figures(imgs, imgs["ldm"], {}, str(tmp_path))
+    report.save_guidance_plot(result["guidance"], str(tmp_path))
+    text = open(report.write_report(result, str(tmp_path))).read()
+    for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
         assert (tmp_path / link).is_file(), link
-    assert "cost.png" not in report and "| 2.0 | 0.9000 |" in report
+    assert "cost.png" not in text and "| 2.0 | 0.9000 |" in text
 
 
 @pytest.mark.slow  # ~15 s quiet: 10,000 reconstructions and their classifier features; CI margin

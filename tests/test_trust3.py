@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_main
-from ldm_jax import checkpoints, configs, data, evaluate, features, pipeline, sample, train
+from ldm_jax import checkpoints, configs, data, evaluate, features, pipeline, sample, score, train
 from test_integrity import _damage
 
 
@@ -235,10 +235,10 @@ def test_item8_unreadable_sample_caches_are_absent(tmp_path, monkeypatch):
     # The cached reference features: a cut-off file is computed again, atomically.
     monkeypatch.setenv("LDM_JAX_CACHE_DIR", str(tmp_path / "cache"))
     feat_fn = lambda images: np.ones((len(images), 3), np.float32)
-    first = evaluate.reference_features(feat_fn, features.DEFAULT_PATH)
+    first = score.reference_features(feat_fn, features.DEFAULT_PATH)
     (cached,) = os.listdir(tmp_path / "cache")
     os.truncate(tmp_path / "cache" / cached, 10)
-    np.testing.assert_array_equal(evaluate.reference_features(feat_fn, features.DEFAULT_PATH), first)
+    np.testing.assert_array_equal(score.reference_features(feat_fn, features.DEFAULT_PATH), first)
     assert os.listdir(tmp_path / "cache") == [cached]
 
 

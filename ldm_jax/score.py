@@ -1,0 +1,160 @@
+"""Scoring images against real MNIST: the one place evaluate, the notebook and scripts/ get
+their quality metrics from.
+
+    ref = score.Reference(features.DEFAULT_PATH, num=2000)
+    row = ref.score(images)          # FID, PRDC, recognisable, class KL, pixel statistics
+    fids = ref.inception_fid({"ldm": images})   # InceptionV3 features, with the floor
+
+FID uses all 10,000 test images; PRDC and Inception FID use N of them drawn at seed 0; the
+floor is N training images scored as if they were samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ldm_jax import cli, data, features, inception, metrics, nets
+
+QUALITY = ("fid", "precision", "recall", "density", "coverage")
+COVERAGE = ("recognisable", "class_kl")  # metrics.class_coverage, on the classifier's probabilities
+PIXELS = ("zero", "haze", "saturated")  # metrics.pixel_stats: exact 0, levels 1-15, above 250
+RECOGNISABLE = metrics.RECOGNISABLE  # the one threshold, defined beside recognisable_share
+FLOOR = "real (train vs test)"  # the row of N training images scored as samples
+# What reading a cut-off or garbled .npz raises: such a cache is treated as absent.
+UNREADABLE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)
+# Decision: a perceptual loss on the FID classifier is allowed, and said beside
+# every classifier number it flatters (prefer the Inception FID for such a VAE).
+PERCEPTUAL_NOTE = ("this VAE was trained with a perceptual loss on the same classifier's "
+                   "features that the classifier FID, rFID and PRDC use, which flatters them; "
+                   "compare with --inception")
+
+
+def cache_dir() -> str:
+    d = os.environ.get("LDM_JAX_CACHE_DIR", os.path.expanduser("~/.cache/ldm_jax"))
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def reference_features(feat_fn, classifier_path: str) -> np.ndarray:
+    """Classifier features of the 10,000 MNIST test images, computed once and cached
+    (keyed by the classifier file's MD5)."""
+    with open(classifier_path, "rb") as f:
+        digest = hashlib.md5(f.read()).hexdigest()[:12]
+    path = os.path.join(cache_dir(), f"mnist_test_features_{digest}.npz")
+    if os.path.isfile(path):
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return z["features"]
+        except UNREADABLE:  # a cut-off cache is no cache: compute it again
+            pass
+    test_images, _ = data.load("package", "test")
+    feats = feat_fn(test_images)
+    with cli.atomic_output(path) as f:
+        np.savez(f, features=feats)
+    return feats
+
+
+def quality(real_all: np.ndarray, real_n: np.ndarray, fake: np.ndarray) -> dict:
+    """FID against all test features; PRDC against N test features."""
+    out = {"fid": metrics.fid_from_features(real_all, fake)}
+    out.update(metrics.prdc(real_n, fake, k_pr=3, k_dc=5))
+    return {k: float(out[k]) for k in QUALITY}
+
+
+def inception_feature_fn():
+    """uint8 [N, 28, 28] -> InceptionV3 pool features; FileNotFoundError without weights."""
+    # Batches of 10 keep the CPU's memory low; an accelerator wants bigger ones.
+    batch = 10 if jax.default_backend() == "cpu" else 250
+    return inception.make_feature_fn(inception.load_params(), batch_size=batch)
+
+
+class Reference:
+    """What images are scored against: the classifier's features of all test images, and
+    N test and N training images (the real-vs-real floor), drawn at a fixed seed. Inception
+    features of the N test and training images are computed once, when first asked for."""
+
+    def __init__(self, classifier: str, num: int):
+        self.feat_fn = features.feature_fn(classifier)
+        self.real_all = reference_features(self.feat_fn, classifier)
+        self.prob_fn = features.probabilities_fn(classifier)
+        self.test_images, self.test_labels = data.load("package", "test")
+        train_images, _ = data.load("package", "train")
+        rng = np.random.default_rng(0)
+        self.test_idx = rng.choice(len(self.test_images), min(num, len(self.test_images)),
+                                   replace=False)
+        self.test_n = self.test_images[self.test_idx]
+        self.train_n = train_images[rng.choice(len(train_images), num, replace=False)]
+        self.real_n = self.feat_fn(self.test_n)
+        self._inception = None  # (feature fn, test_n features, train_n features)
+
+    def score(self, images: np.ndarray) -> dict:
+        """QUALITY, COVERAGE and PIXELS of images uint8 [N, 28, 28]."""
+        return dict(quality(self.real_all, self.real_n, self.feat_fn(images)),
+                    **metrics.class_coverage(self.prob_fn(images), self.test_labels,
+                                             RECOGNISABLE),
+                    **metrics.pixel_stats(images))
+
+    def inception_fid(self, images: dict[str, np.ndarray]) -> dict | None:
+        """{name: Inception FID against the N test images} and the floor's; None (with a
+        line on stderr) without the Inception weights."""
+        if self._inception is None:
+            try:
+                fn = inception_feature_fn()
+            except FileNotFoundError as e:
+                print(f"Inception FID skipped: {str(e).splitlines()[0]}", file=sys.stderr)
+                return None
+            self._inception = (fn, fn(self.test_n), fn(self.train_n))
+        fn, real, floor = self._inception
+        fids = {s: metrics.fid_from_features(real, fn(x)) for s, x in images.items()}
+        fids[FLOOR] = metrics.fid_from_features(real, floor)
+        return fids
+
+
+def reconstruct(first_stage: tuple, images: np.ndarray, batch: int = 500):
+    """(float reconstructions in [-1, 1], inputs on that scale, codebook indices or None) of
+    uint8 images through first_stage, the (model, variables, config, meta) of
+    checkpoints.load_vae: posterior mean, quantised for vq, EMA parameters."""
+    vae, variables = first_stage[:2]
+    recon_fn = jax.jit(lambda v, x: vae.apply(v, x, method=nets.VAE.reconstruct))
+    x = data.to_float(images)
+    recons, codes = [], []
+    for i in range(0, len(x), batch):
+        r, info = recon_fn(variables, x[i:i + batch])
+        recons.append(np.clip(np.asarray(r), -1.0, 1.0))
+        if "index" in info:
+            codes.append(np.asarray(info["index"]).ravel())
+    return np.concatenate(recons), x, (np.concatenate(codes) if codes else None)
+
+
+def autoencoder_quality(first_stage: tuple, test_images: np.ndarray, feat_fn, real_all: np.ndarray,
+                        batch: int = 500) -> tuple[dict, np.ndarray]:
+    """Reconstructions of test_images (uint8 [N, 28, 28]) through first_stage: MSE and PSNR
+    on the [-1, 1] scale (peak-to-peak 2), reconstruction FID against the test set, pixel
+    statistics, and for vq the codebook's perplexity and share of codes used. Returns
+    (metrics, uint8 reconstructions [N, 28, 28])."""
+    _, _, cfg, meta = first_stage
+    r, x, codes = reconstruct(first_stage, test_images, batch)
+    mse = float(np.mean(np.mean(np.square(r - x), axis=(1, 2, 3))))
+    recons = data.to_uint8(r)
+    ae = cfg.get("autoencoder") or {"reg": "kl"}
+    out = dict(reg=ae["reg"], latent_shape=meta["latent_shape"], steps=meta["step"],
+               perceptual_weight=cfg["loss"].get("perceptual_weight", 0.0),
+               adversarial_weight=cfg["loss"].get("adversarial_weight", 0.0), mse=mse,
+               psnr=float(10 * np.log10(4.0 / mse)),
+               rfid=metrics.fid_from_features(real_all, feat_fn(recons)),
+               **metrics.pixel_stats(recons))
+    if codes is not None:
+        usage = nets.codebook_usage(jnp.asarray(codes), ae["codebook_size"])
+        out.update({k: float(v) for k, v in usage.items()}, codebook_size=ae["codebook_size"])
+    print("vae: " + ", ".join(f"{k} {v:.4g}" for k, v in out.items()
+                             if isinstance(v, float)), file=sys.stderr)
+    if out["perceptual_weight"]:
+        print(f"vae: note: {PERCEPTUAL_NOTE}", file=sys.stderr)
+    return out, recons
