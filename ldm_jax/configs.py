@@ -139,8 +139,8 @@ def _cpu_quick_diffusion(c: ml_collections.ConfigDict) -> None:
     c.model.ch, c.model.num_res_blocks, c.data.batch_size = 32, 1, 64
     # Stochastic DDIM-50 corrects an under-trained model (docs/results.md, "Samplers and guidance").
     c.sample.sampler, c.sample.steps, c.sample.eta = "ddim", 50, 1.0
-    # Guides and weights chosen on the holdout (docs/results.md, "Sample quality on Inception
-    # features"): the pixel model's step-200 guide is kept but off by default.
+    # Guides and weights chosen on the holdout (docs/results.md, "Chosen on the holdout"):
+    # the pixel model's step-200 guide is kept but off by default.
     if c.stage == "ldm":
         c.model.ch_mult, c.optim.lr, c.train.steps = (1, 2), 4e-3, 7_000
         c.sample.guide_step, c.sample.guide_weight = 500, 2.0
@@ -241,8 +241,8 @@ def _smoke(c: ml_collections.ConfigDict) -> None:
 
 
 def _holdout(c: ml_collections.ConfigDict) -> None:
-    """Defaults are chosen on the last 2,000 training images (docs/results.md, "How defaults
-    are chosen"); the classifier, which defines the FID features, trains on all."""
+    """Defaults are chosen on the last 2,000 training images (docs/results.md, "Chosen on
+    the holdout"); the classifier, which defines the FID features, trains on all."""
     c.data.holdout = 2_000 if c.stage != "classifier" else 0
 
 

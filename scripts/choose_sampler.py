@@ -1,5 +1,5 @@
 """Choose a generator's sampling setting on the validation split by Inception FID, and
-report every setting on the test set: docs/results.md, "Sample quality on Inception features".
+report every setting on the test set: docs/results.md, "Samplers and guidance".
 
     python scripts/choose_sampler.py --workdir=W --stages=ldm,pixel --settings=0:1,2:1,2:0 --out=F.jsonl
     python scripts/choose_sampler.py ... --final_num=10000   # the chosen setting again at 10k

@@ -31,6 +31,8 @@ flags.DEFINE_integer("num", 2000, "N: images scored and reference images.")
 flags.DEFINE_string("npz", "", "Samples to score (an .npz with uint8 `images`).")
 flags.DEFINE_string("vae", "", "A workdir whose VAE reconstructs the reference images.")
 flags.DEFINE_bool("real", False, "Score N training images outside the holdout: the floor.")
+flags.DEFINE_bool("inception", True, "--noinception: pixel statistics, MSE and the classifier "
+                  "proxy only (seconds instead of minutes).")
 
 
 def reference_images() -> np.ndarray:
@@ -123,14 +125,17 @@ def main(argv):
     if not (FLAGS.npz or FLAGS.vae or FLAGS.real):
         raise app.UsageError("pass --npz, --vae or --real")
     cli.setup_jax()
-    feat_fn = sharded_feature_fn()
-    ref = cached_reference(feat_fn)
     name, images = images_to_score()
-    fake = sample_features(feat_fn, images)
-    p, r = metrics.precision_recall(ref, fake, k=3)
-    row = dict(what=name, ref=FLAGS.ref, n=len(images),
-               inception_fid=metrics.fid_from_features(ref, fake), precision=p, recall=r,
-               **metrics.pixel_stats(images), **classifier_scores(images))
+    row = dict(what=name, ref=FLAGS.ref, n=len(images), **metrics.pixel_stats(images),
+               **classifier_scores(images))
+    if FLAGS.inception:
+        feat_fn = sharded_feature_fn()
+        ref, fake = cached_reference(feat_fn), sample_features(feat_fn, images)
+        p, r = metrics.precision_recall(ref, fake, k=3)
+        row.update(inception_fid=metrics.fid_from_features(ref, fake), precision=p, recall=r)
+    if FLAGS.vae:  # MSE on the [0, 1] scale, of the uint8 reconstructions
+        real = reference_images().reshape(len(images), -1)
+        row["mse"] = float(np.mean((images.reshape(len(images), -1) / 255.0 - real / 255.0) ** 2))
     print(json.dumps(row))
 
 
