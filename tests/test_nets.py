@@ -14,7 +14,9 @@ def n_params(p):
 
 
 @pytest.mark.parametrize("reg", ["kl", "vq"])
-@pytest.mark.parametrize("channels,side", [((16, 32), 7), ((32, 64), 7), ((8, 16, 32), 4)])
+@pytest.mark.parametrize("channels,side", [  # the other sizes in -m slow (CI margin)
+    ((16, 32), 7), pytest.param((32, 64), 7, marks=pytest.mark.slow),
+    pytest.param((8, 16, 32), 4, marks=pytest.mark.slow)])
 def test_vae_shapes(channels, side, reg):
     vae = nets.VAE(channels=channels, latent_ch=2, num_res_blocks=0, groups=4, reg=reg,
                    num_codes=16)
@@ -36,8 +38,9 @@ def test_vae_shapes(channels, side, reg):
     chex.assert_shape(z, (5, 28, 28, 1))
 
 
-@pytest.mark.parametrize("stage,shape", [("ldm", (2, 7, 7, 4)), ("pixel", (2, 28, 28, 1)),
-                                         ("ldm", (2, 4, 4, 4))])
+@pytest.mark.parametrize("stage,shape", [  # the other shapes in -m slow (CI margin)
+    ("ldm", (2, 7, 7, 4)), pytest.param("pixel", (2, 28, 28, 1), marks=pytest.mark.slow),
+    pytest.param("ldm", (2, 4, 4, 4), marks=pytest.mark.slow)])
 def test_unet_shapes_and_zero_init_output(stage, shape):
     c = configs.get_config(stage, "smoke")
     unet = models.build_unet(c.model)

@@ -64,6 +64,7 @@ def test_sample_uses_the_config_sampler_and_writes_both_files(smoke_workdir, tmp
         assert z["images"].shape == (4, 28, 28) and z["images"].std() > 0
 
 
+@pytest.mark.slow  # CI margin (30 s); training's 1 = 4 devices stays in the default run
 def test_samples_split_over_four_devices_equal_one_device(smoke_workdir, tmp_path):
     """sample splits its batch over the CPU devices (one per core by default): the same
     samples, noise included (eta 1), on one device and on four, up to float rounding."""
