@@ -333,13 +333,21 @@ def make_feature_fn(
     """uint8 images (N, H, W[, C]) -> float32 numpy (N, 2048) FID features.
 
     Runs in jitted batches of ``batch_size``; the last batch is zero-padded so each
-    input (H, W, C) compiles once.
+    input (H, W, C) compiles once. In one process with several devices, each batch whose
+    size they divide is split over them.
     """
     model = InceptionV3(precision=precision)
-
-    @jax.jit
-    def features(params, batch):  # (B, H, W[, C]) uint8 -> (B, 2048)
-        return model.apply({"params": params}, preprocess(batch, resize_mode))
+    apply = lambda p, batch: model.apply({"params": p}, preprocess(batch, resize_mode))
+    devices = jax.local_devices()
+    if jax.process_count() == 1 and len(devices) > 1 and batch_size % len(devices) == 0:
+        # XLA:CPU runs one device's convolutions on about one core: use every device.
+        mesh = jax.sharding.Mesh(np.array(devices), ("b",))
+        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        part = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("b"))
+        params = jax.device_put(params, rep)
+        features = jax.jit(apply, in_shardings=(rep, part), out_shardings=part)
+    else:
+        features = jax.jit(apply)  # (B, H, W[, C]) uint8 -> (B, 2048)
 
     def feature_fn(images) -> np.ndarray:
         images = np.asarray(images)

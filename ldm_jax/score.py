@@ -4,6 +4,7 @@ their quality metrics from.
     ref = score.Reference(features.DEFAULT_PATH, num=2000)
     row = ref.score(images)          # FID, PRDC, recognisable, class KL, pixel statistics
     fids = ref.inception_fid({"ldm": images})   # InceptionV3 features, with the floor
+    row = score.SplitScorer()(images)    # against the holdout (val) and the test set
 
 FID uses all 10,000 test images; PRDC and Inception FID use N of them drawn at seed 0; the
 floor is N training images scored as if they were samples.
@@ -24,6 +25,7 @@ from ldm_jax import cli, data, features, inception, metrics, nets
 
 QUALITY = ("fid", "precision", "recall", "density", "coverage")
 COVERAGE = ("recognisable", "class_kl")  # metrics.class_coverage, on the classifier's probabilities
+SPLITS = ("val", "test")  # choose on val (the holdout), report on test
 PIXELS = ("zero", "haze", "saturated")  # metrics.pixel_stats: exact 0, levels 1-15, above 250
 RECOGNISABLE = metrics.RECOGNISABLE  # the one threshold, defined beside recognisable_share
 FLOOR = "real (train vs test)"  # the row of N training images scored as samples
@@ -47,18 +49,7 @@ def reference_features(feat_fn, classifier_path: str) -> np.ndarray:
     (keyed by the classifier file's MD5)."""
     with open(classifier_path, "rb") as f:
         digest = hashlib.md5(f.read()).hexdigest()[:12]
-    path = os.path.join(cache_dir(), f"mnist_test_features_{digest}.npz")
-    if os.path.isfile(path):
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                return z["features"]
-        except UNREADABLE:  # a cut-off cache is no cache: compute it again
-            pass
-    test_images, _ = data.load("package", "test")
-    feats = feat_fn(test_images)
-    with cli.atomic_output(path) as f:
-        np.savez(f, features=feats)
-    return feats
+    return cached_features(feat_fn, data.load("package", "test")[0], f"mnist_test_features_{digest}")
 
 
 def quality(real_all: np.ndarray, real_n: np.ndarray, fake: np.ndarray) -> dict:
@@ -70,9 +61,75 @@ def quality(real_all: np.ndarray, real_n: np.ndarray, fake: np.ndarray) -> dict:
 
 def inception_feature_fn():
     """uint8 [N, 28, 28] -> InceptionV3 pool features; FileNotFoundError without weights."""
-    # Batches of 10 keep the CPU's memory low; an accelerator wants bigger ones.
-    batch = 10 if jax.default_backend() == "cpu" else 250
+    # Batches of 10 per CPU device keep the memory low; an accelerator wants bigger ones.
+    batch = 10 * jax.local_device_count() if jax.default_backend() == "cpu" else 256
     return inception.make_feature_fn(inception.load_params(), batch_size=batch)
+
+
+def cached_features(feat_fn, images: np.ndarray, name: str) -> np.ndarray:
+    """feat_fn(images), kept in cache_dir() under name and the images' MD5, for reference
+    sets that many runs score against (Inception: minutes on a CPU)."""
+    digest = hashlib.md5(np.ascontiguousarray(images).tobytes()).hexdigest()[:12]
+    path = os.path.join(cache_dir(), f"{name}_{len(images)}_{digest}.npz")
+    if os.path.isfile(path):
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return z["features"]
+        except UNREADABLE:  # a cut-off cache is no cache: compute it again
+            pass
+    feats = feat_fn(images)
+    with cli.atomic_output(path) as f:
+        np.savez(f, features=feats)
+    return feats
+
+
+def split_images(split: str, holdout: int) -> np.ndarray:
+    """uint8 reference images of a split: 'val', the last `holdout` training images (which
+    data.holdout never trains on), for choosing; 'test', the 10,000 test images, for reporting."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be {'|'.join(SPLITS)}, got {split!r}")
+    return data.load("package", "train")[0][-holdout:] if split == "val" else \
+        data.load("package", "test")[0]
+
+
+def floor_images(num: int, holdout: int) -> np.ndarray:
+    """num training images from outside the holdout (seed 1): real data scored as samples."""
+    train = data.load("package", "train")[0][:-holdout or None]
+    return train[np.random.default_rng(1).choice(len(train), num, replace=False)]
+
+
+class SplitScorer:
+    """The protocol of the scripts that choose defaults: images scored against the validation
+    split and the test set by Inception FID and precision/recall (k = 3, against as many
+    reference images as samples, drawn at seed 0), the classifier's FID against each split,
+    its recognisable share and pixel statistics. Row keys end in _val and _test."""
+
+    def __init__(self, splits=SPLITS, holdout: int = 2000, max_ref: int = 0,
+                 with_inception: bool = True):
+        refs = {s: split_images(s, holdout)[:max_ref or None] for s in splits}
+        self.cls = features.feature_fn(features.DEFAULT_PATH)
+        self.prob = features.probabilities_fn(features.DEFAULT_PATH)
+        self.cls_refs = {s: self.cls(x) for s, x in refs.items()}
+        self.inc = inception_feature_fn() if with_inception else None
+        self.inc_refs = {s: (f, metrics.feature_stats(f)) for s, f in (
+            (s, cached_features(self.inc, x, f"inception_{s}")) for s, x in refs.items())
+        } if with_inception else {}
+
+    def __call__(self, images: np.ndarray, inception_features: np.ndarray | None = None) -> dict:
+        row = {}
+        if self.inc_refs:
+            fake = self.inc(images) if inception_features is None else inception_features
+            stats = metrics.feature_stats(fake)
+            for split, (ref, ref_stats) in self.inc_refs.items():
+                p, r = metrics.precision_recall(
+                    ref[np.random.default_rng(0).permutation(len(ref))[:len(fake)]], fake, k=3)
+                row.update({f"fid_{split}": metrics.frechet_distance(*ref_stats, *stats),
+                            f"precision_{split}": p, f"recall_{split}": r})
+        mine = self.cls(images)
+        row.update({f"classifier_fid_{s}": metrics.fid_from_features(ref, mine)
+                    for s, ref in self.cls_refs.items()})
+        row["recognisable"] = metrics.recognisable_share(self.prob(images))
+        return {k: float(v) for k, v in {**row, **metrics.pixel_stats(images)}.items()}
 
 
 class Reference:

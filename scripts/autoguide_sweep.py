@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from ldm_jax import cli, configs, data, evaluate, features, metrics, nets, sample, score
+from ldm_jax import cli, configs, data, evaluate, features, sample, score
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Workdir of the guided generator.")
@@ -37,17 +37,12 @@ for _name in ("workdir", "guide", "num"):
     flags.mark_flag_as_required(_name)
 
 
-def reconstructions(model, num: int, feat_fn, probs_fn, real) -> None:
-    """The decoder's ceiling: FID and recognisable share of num test images, reconstructed."""
-    x = data.to_float(data.load("package", "test")[0][:num])
-    rec = jax.jit(lambda v: model.vae.apply(model.vae_vars, v, method=nets.VAE.reconstruct)[0])
-    u8 = data.to_uint8(np.clip(np.concatenate(
-        [np.asarray(rec(x[i:i + 500])) for i in range(0, num, 500)]), -1, 1))
-    print(json.dumps(dict(what="reconstructions", num=num,
-                          fid=metrics.fid_from_features(real, feat_fn(u8)),
-                          recognisable=metrics.recognisable_share(probs_fn(u8)),
-                          real_recognisable=metrics.recognisable_share(
-                              probs_fn(data.to_uint8(x))))), flush=True)
+def reconstructions(model, num: int, ref: score.Reference) -> None:
+    """The decoder's ceiling: the scores of num test images, reconstructed, and of the originals."""
+    x = data.load("package", "test")[0][:num]
+    u8 = data.to_uint8(score.reconstruct((model.vae, model.vae_vars), x)[0])
+    print(json.dumps(dict(what="reconstructions", num=num, **ref.score(u8),
+                          real_recognisable=ref.score(x)["recognisable"])), flush=True)
 
 
 def main(argv):
@@ -59,12 +54,10 @@ def main(argv):
         raise app.UsageError("pass --weights, e.g. --weights=0,1,2")
     ws = [float(w) for w in FLAGS.weights]
     cli.setup_jax()
-    feat_fn = features.feature_fn(features.DEFAULT_PATH)
-    probs_fn = features.probabilities_fn(features.DEFAULT_PATH)
-    real = score.reference_features(feat_fn, features.DEFAULT_PATH)
+    ref = score.Reference(features.DEFAULT_PATH, FLAGS.num)
     model = sample.load_generator(FLAGS.workdir, FLAGS.stage)
     if FLAGS.guide == "-":
-        reconstructions(model, FLAGS.num, feat_fn, probs_fn, real)
+        reconstructions(model, FLAGS.num, ref)
         return
     guide_dir, _, guide_step = FLAGS.guide.partition("@")
     guide = sample.load_generator(guide_dir, FLAGS.stage, int(guide_step) if guide_step else None)
@@ -79,12 +72,9 @@ def main(argv):
         xs = sample.generate(model, FLAGS.num, jax.random.key(evaluate.SAMPLE_SEED), "ddim",
                              FLAGS.steps, FLAGS.eta, batch_size=200, progress=False,
                              autoguidance=w)
-        probs = probs_fn(xs)
-        hist = np.bincount(probs.argmax(-1), minlength=10)
+        hist = np.bincount(ref.prob_fn(xs).argmax(-1), minlength=10)
         print(json.dumps(dict(stage=FLAGS.stage, steps=FLAGS.steps, eta=FLAGS.eta,
-                              guide=FLAGS.guide, w=w, num=FLAGS.num,
-                              fid=metrics.fid_from_features(real, feat_fn(xs)),
-                              recognisable=metrics.recognisable_share(probs),
+                              guide=FLAGS.guide, w=w, num=FLAGS.num, **ref.score(xs),
                               classes=hist.tolist(), sample_s=round(time.time() - t, 1))),
               flush=True)
 

@@ -6,14 +6,13 @@ report every setting on the test set: docs/results.md, "Samplers and guidance".
     python scripts/choose_sampler.py --npz=name:path.npz ...  # also score samples drawn elsewhere
 
 Each setting is W:ETA, DDIM-50 with autoguidance weight W and eta ETA, --num samples (seed 7).
-Each is scored against the validation images (the last --holdout training images, which the
-cpu-quick preset never trains on) and against the 10,000 test images: Inception FID,
-precision/recall (k = 3), pixel statistics, the committed classifier's recognisable share.
+Each is scored by score.SplitScorer against the validation images (the last --holdout training
+images, which the cpu-quick preset never trains on) and the 10,000 test images: Inception FID,
+precision/recall (k = 3), the classifier's FID and recognisable share, pixel statistics.
 The floor row scores --num training images from outside the holdout the same way. For each
 stage the setting with the lowest validation FID is chosen; --final_num draws it again (seed 8)
-and scores it against the test set. One JSON line per row; --save keeps every sample drawn.
-Precision/recall use as many reference images as samples (the test ones drawn with seed 0). Inception needs an accelerator to be quick
-(about 6 images/s on 2 CPU cores).
+and scores it the same way; report its test columns. One JSON line per row; --save keeps every
+sample drawn. Inception needs an accelerator to be quick (about 6 images/s on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from ldm_jax import cli, data, features, inception, metrics, sample
+from ldm_jax import cli, sample, score
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "", "Workdir of the generator (empty: score --npz only).")
@@ -40,18 +39,9 @@ flags.DEFINE_string("save", "", "Save every sample drawn here (compressed .npz, 
 flags.DEFINE_string("out", "", "Append the JSON lines here too.")
 
 
-def score(name: str, images: np.ndarray, refs: dict, feat_fn, prob_fn, **extra) -> dict:
-    """One row: Inception FID and precision/recall against each reference, pixel stats."""
-    fake = feat_fn(images)
-    fake_stats = metrics.feature_stats(fake)
-    row = dict(what=name, n=len(images), **extra)
-    for split, (ref, ref_stats) in refs.items():
-        pick = np.random.default_rng(0).permutation(len(ref))[:len(fake)]
-        p, r = metrics.precision_recall(ref[pick], fake, k=3)
-        row.update({f"fid_{split}": metrics.frechet_distance(*ref_stats, *fake_stats),
-                    f"precision_{split}": p, f"recall_{split}": r})
-    row["recognisable"] = metrics.recognisable_share(prob_fn(images))
-    row.update(metrics.pixel_stats(images))
+def emit(name: str, images: np.ndarray, scorer: score.SplitScorer, **extra) -> dict:
+    """One row, printed and appended to --out: scorer's metrics of images under name."""
+    row = dict(what=name, n=len(images), **extra, **scorer(images))
     print(json.dumps(row), flush=True)
     if FLAGS.out:
         with open(FLAGS.out, "a") as f:
@@ -70,29 +60,21 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # no Orbax restore chatter between the rows
     cli.setup_jax()
-    on_cpu = jax.default_backend() == "cpu"
-    feat_fn = inception.make_feature_fn(inception.load_params(), batch_size=10 if on_cpu else 500)
-    prob_fn = features.probabilities_fn(features.DEFAULT_PATH)
-    train, test = data.load("package", "train")[0], data.load("package", "test")[0]
-    cut = FLAGS.max_ref or None
-    # Each reference's features with their mean and covariance, computed once for every row.
-    refs = {split: (f, metrics.feature_stats(f)) for split, f in
-            (("val", feat_fn(train[-FLAGS.holdout:][:cut])), ("test", feat_fn(test[:cut])))}
-    floor = train[:-FLAGS.holdout][np.random.default_rng(1).choice(
-        len(train) - FLAGS.holdout, FLAGS.num, replace=False)]
-    score(f"real: {FLAGS.num} training images", floor, refs, feat_fn, prob_fn)
+    scorer = score.SplitScorer(score.SPLITS, FLAGS.holdout, FLAGS.max_ref)
+    emit(f"real: {FLAGS.num} training images", score.floor_images(FLAGS.num, FLAGS.holdout),
+         scorer)
     for item in FLAGS.npz:
         name, path = item.split(":", 1)
         with np.load(path, allow_pickle=False) as z:
-            score(name, z["images"][:FLAGS.num], refs, feat_fn, prob_fn)
+            emit(name, z["images"][:FLAGS.num], scorer)
     saved = {}
     for stage in FLAGS.stages if FLAGS.workdir else []:
-        saved.update(sweep(stage, refs, feat_fn, prob_fn))
+        saved.update(sweep(stage, scorer))
     if FLAGS.save:
         np.savez_compressed(FLAGS.save, **saved)
 
 
-def sweep(stage: str, refs: dict, feat_fn, prob_fn) -> dict:
+def sweep(stage: str, scorer: score.SplitScorer) -> dict:
     """Every setting of one stage against both splits; the val-chosen one again at final_num."""
     gen = sample.load_generator(FLAGS.workdir, stage)
     rows, saved = [], {}
@@ -100,15 +82,15 @@ def sweep(stage: str, refs: dict, feat_fn, prob_fn) -> dict:
         w, eta = (float(v) for v in setting.split(":"))
         x, seconds = draw(gen, FLAGS.num, w, eta, seed=7)
         saved[f"{stage}_w{w:g}_eta{eta:g}"] = x
-        rows.append(score(f"{stage} w={w:g} eta={eta:g}", x, refs, feat_fn, prob_fn,
-                          w=w, eta=eta, sample_s=round(seconds, 1)))
+        rows.append(emit(f"{stage} w={w:g} eta={eta:g}", x, scorer,
+                         w=w, eta=eta, sample_s=round(seconds, 1)))
     best = min(rows, key=lambda r: r["fid_val"])
     print(json.dumps(dict(stage=stage, chosen_on_val=best["what"])), flush=True)
     if FLAGS.final_num:
         x, seconds = draw(gen, FLAGS.final_num, best["w"], best["eta"], seed=8)
         saved[f"{stage}_chosen"] = x
-        score(f"chosen {best['what']}", x, {"test": refs["test"]}, feat_fn, prob_fn,
-              w=best["w"], eta=best["eta"], sample_s=round(seconds, 1))
+        emit(f"chosen {best['what']}", x, scorer, w=best["w"], eta=best["eta"],
+             sample_s=round(seconds, 1))
     return saved
 
 

@@ -24,7 +24,7 @@ from absl import app, flags
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ldm_jax import checkpoints, cli, features, metrics, sample, score  # noqa: E402
+from ldm_jax import checkpoints, cli, features, sample, score  # noqa: E402
 
 FLAGS = flags.FLAGS
 # A string, not a list: a label may hold commas (main splits it on the paths).
@@ -35,7 +35,7 @@ flags.DEFINE_string("out", "fid_vs_time.png", "The plot to write.")
 flags.mark_flag_as_required("runs")
 
 
-def curve(workdir: str, num: int, feat_fn, real_all) -> list[dict]:
+def curve(workdir: str, num: int, ref: score.Reference) -> list[dict]:
     stage_dir = os.path.join(workdir, "ldm")
     times = {}
     for line in open(os.path.join(stage_dir, "metrics.jsonl")):
@@ -45,7 +45,7 @@ def curve(workdir: str, num: int, feat_fn, real_all) -> list[dict]:
     for step in checkpoints.step_dirs(stage_dir):
         gen = sample.load_generator(workdir, "ldm", step)
         images = sample.generate(gen, num, jax.random.key(1), "dpmpp2m", 20, progress=False)
-        fid = metrics.fid_from_features(real_all, feat_fn(images))
+        fid = ref.score(images)["fid"]
         points.append(dict(step=step, train_s=times[step], fid=fid))
         print(f"{workdir} step {step}: {times[step]:.0f} s, FID {fid:.1f}", file=sys.stderr)
     return points
@@ -59,9 +59,8 @@ def main(argv):
         raise app.UsageError(f"--runs: no LABEL:PATH in {FLAGS.runs!r}")
     num, out = FLAGS.num, FLAGS.out
     cli.setup_jax()
-    feat_fn = features.feature_fn(features.DEFAULT_PATH)
-    real_all = score.reference_features(feat_fn, features.DEFAULT_PATH)
-    result = {label: curve(w, num, feat_fn, real_all) for label, w in runs}
+    ref = score.Reference(features.DEFAULT_PATH, num)
+    result = {label: curve(w, num, ref) for label, w in runs}
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, points in result.items():
         ax.plot([p["train_s"] / 60 for p in points], [p["fid"] for p in points], "o-", label=label)

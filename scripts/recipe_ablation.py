@@ -33,7 +33,7 @@ import time
 import jax
 from absl import app, flags
 
-from ldm_jax import benchmark, cli, configs, features, metrics, sample, score, train
+from ldm_jax import benchmark, cli, configs, features, sample, score, train
 
 RECIPES = {  # name -> LDM overrides of today's cpu-quick default (v + min_snr, cosine)
     "default": {},  # today's default as is: the reference of the rows trained after it
@@ -128,9 +128,7 @@ def main(argv):
         configs.apply_overrides(vae, {"train.steps": vae_steps, **FIRST_STAGES[first_stage]})
         train.train_and_evaluate(vae, base)
 
-    feat_fn = features.feature_fn(features.DEFAULT_PATH)
-    probs_fn = features.probabilities_fn(features.DEFAULT_PATH)
-    real_all = score.reference_features(feat_fn, features.DEFAULT_PATH)
+    ref = score.Reference(features.DEFAULT_PATH, num)
     out_path = os.path.join(root, "ablation.json")
     results = json.load(open(out_path)) if os.path.isfile(out_path) else {}
     for row in results.values():  # files written before the rename call it "confident"
@@ -165,10 +163,9 @@ def main(argv):
             t = time.time()
             images = sample.generate(gen, num, jax.random.key(1), sampler, steps, progress=False)
             sample_s = time.time() - t
-            feats = feat_fn(images)
-            row = dict(fid=metrics.fid_from_features(real_all, feats), sample_s=sample_s,
+            scores = ref.score(images)
+            row = dict(fid=scores["fid"], recognisable=scores["recognisable"], sample_s=sample_s,
                        train_s=rows[-1]["time"], steps=rows[-1]["step"], identity=gen.identity)
-            row["recognisable"] = metrics.recognisable_share(probs_fn(images))
             results[key] = row
             json.dump(results, open(out_path, "w"), indent=1)
             print(f"{key}: FID {row['fid']:.2f} ({time.time() - t0:.0f}s)", file=sys.stderr)

@@ -13,7 +13,7 @@ import time
 import jax
 from absl import app, flags
 
-from ldm_jax import cli, configs, evaluate, features, metrics, sample, score
+from ldm_jax import cli, configs, evaluate, features, sample, score
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Workdir of the generator.")
@@ -42,9 +42,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     specs = parse_samplers(FLAGS.samplers)
     cli.setup_jax()
-    feat_fn = features.feature_fn(features.DEFAULT_PATH)
-    probs_fn = features.probabilities_fn(features.DEFAULT_PATH)
-    real = score.reference_features(feat_fn, features.DEFAULT_PATH)
+    ref = score.Reference(features.DEFAULT_PATH, FLAGS.num)
     gen = sample.load_generator(FLAGS.workdir, FLAGS.stage)
     for name, steps, eta in specs:
         t = time.time()
@@ -52,9 +50,7 @@ def main(argv):
                             eta=eta, progress=False)
         print(json.dumps(dict(workdir=FLAGS.workdir, stage=FLAGS.stage, step=gen.step,
                               sampler=name, steps=steps, eta=eta, num=FLAGS.num,
-                              fid=metrics.fid_from_features(real, feat_fn(x)),
-                              recognisable=metrics.recognisable_share(probs_fn(x)),
-                              sample_s=time.time() - t)), flush=True)
+                              **ref.score(x), sample_s=time.time() - t)), flush=True)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,10 @@ the validation split and the test set: docs/results.md, "Few-step sampling".
     python scripts/score_students.py --workdirs=A,B --student=distill --out=F.jsonl
 
 Each workdir holds a teacher and a student of it (e.g. one per distillation setting). Every row
-draws --num samples (seed 7) and scores them by Inception FID and precision/recall (k = 3)
-against the validation images (the last --holdout training images, which cpu-quick never trains
-on) and the 10,000 test images, by the committed classifier's FID against each of them, its
-recognisable share, and pixel statistics; it also records images/s after compilation and U-Net
+draws --num samples (seed 7) and scores them by score.SplitScorer: Inception FID and
+precision/recall (k = 3) against the validation images (the last --holdout training images,
+which cpu-quick never trains on) and the 10,000 test images, the committed classifier's FID
+against each of them, its recognisable share, and pixel statistics; it also records images/s after compilation and U-Net
 calls per image. Choose the setting on `fid_val`; report `fid_test`.
 """
 
@@ -19,7 +19,7 @@ import os
 import numpy as np
 from absl import app, flags, logging
 
-from ldm_jax import cli, data, features, fewstep, inception, metrics
+from ldm_jax import cli, fewstep, score
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("workdirs", [], "Workdirs, each with a teacher and a student of it.")
@@ -36,38 +36,6 @@ flags.DEFINE_string("save", "", "Save every sample drawn here (compressed .npz, 
 flags.DEFINE_string("out", "", "Append the JSON lines here too.")
 
 
-class Scorer:
-    """Inception features of both splits (with their statistics) and the classifier's."""
-
-    def __init__(self, on_cpu: bool, with_inception: bool):
-        self.cls = features.feature_fn(features.DEFAULT_PATH)
-        self.prob = features.probabilities_fn(features.DEFAULT_PATH)
-        train, test = data.load("package", "train")[0], data.load("package", "test")[0]
-        self.cls_val, self.cls_test, self.refs = self.cls(train[-FLAGS.holdout:]), self.cls(test), {}
-        if not with_inception:
-            return
-        self.inc = inception.make_feature_fn(inception.load_params(),
-                                             batch_size=10 if on_cpu else 500)
-        cut = FLAGS.max_ref or None
-        self.refs = {s: (f, metrics.feature_stats(f)) for s, f in
-                     (("val", self.inc(train[-FLAGS.holdout:][:cut])), ("test", self.inc(test[:cut])))}
-
-    def __call__(self, images: np.ndarray) -> dict:
-        row = {}
-        fake = self.inc(images) if self.refs else None
-        stats = metrics.feature_stats(fake) if self.refs else None
-        for split, (ref, ref_stats) in self.refs.items():
-            pick = np.random.default_rng(0).permutation(len(ref))[:len(fake)]
-            p, r = metrics.precision_recall(ref[pick], fake, k=3)
-            row.update({f"fid_{split}": metrics.frechet_distance(*ref_stats, *stats),
-                        f"precision_{split}": p, f"recall_{split}": r})
-        mine = self.cls(images)
-        row["classifier_fid_val"] = metrics.fid_from_features(self.cls_val, mine)
-        row["classifier_fid_test"] = metrics.fid_from_features(self.cls_test, mine)
-        row["recognisable"] = metrics.recognisable_share(self.prob(images))
-        return {k: float(v) for k, v in {**row, **metrics.pixel_stats(images)}.items()}
-
-
 def emit(row: dict) -> None:
     print(json.dumps(row), flush=True)
     if FLAGS.out:
@@ -79,8 +47,8 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     cli.setup_jax()
-    import jax  # pylint: disable=import-outside-toplevel
-    scorer, saved = Scorer(jax.default_backend() == "cpu", FLAGS.inception), {}
+    scorer = score.SplitScorer(score.SPLITS, FLAGS.holdout, FLAGS.max_ref, FLAGS.inception)
+    saved = {}
     steps = {int(s) for s in FLAGS.steps}
     for workdir in FLAGS.workdirs:
         name = os.path.basename(os.path.normpath(workdir))

@@ -286,3 +286,25 @@ def test_feature_fn_pads_last_batch():
     direct = inception.InceptionV3().apply({"params": params}, inception.preprocess(images[4:]))
     np.testing.assert_allclose(features[4:], np.asarray(direct), rtol=1e-4, atol=1e-5)
     assert inception.make_feature_fn(params, batch_size=4)(images[:0]).shape == (0, 2048)
+
+
+@pytest.mark.slow
+def test_feature_fn_on_two_devices_equals_one(tmp_path):
+    """Batches split over 2 CPU devices give the features of one device."""
+    script = """
+import sys, jax, jax.numpy as jnp, numpy as np
+from ldm_jax import inception
+params = inception.InceptionV3().init(jax.random.key(0), jnp.zeros((1, 299, 299, 3)))["params"]
+images = np.random.default_rng(6).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+np.save(sys.argv[1], inception.make_feature_fn(params, batch_size=4)(images))
+print(len(jax.devices()))
+"""
+    out = {}
+    for n in (1, 2):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+                   JAX_PLATFORMS="cpu")
+        run = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"{n}.npy")], env=env,
+                             capture_output=True, text=True, timeout=600, check=True)
+        assert run.stdout.split()[-1] == str(n)
+        out[n] = np.load(tmp_path / f"{n}.npy")
+    np.testing.assert_allclose(out[2], out[1], rtol=1e-4, atol=1e-5)
