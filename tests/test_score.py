@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ldm_jax import data, inception, metrics, score
+from ldm_jax import data, features, inception, metrics, score
 
 
 def stand_in(calls: list):
@@ -19,6 +19,9 @@ def test_split_scorer_scores_against_the_holdout_and_the_test_set(tmp_path, monk
     calls = []
     monkeypatch.setattr(inception, "load_params", lambda: {})
     monkeypatch.setattr(inception, "make_feature_fn", lambda params, batch_size: stand_in(calls))
+    monkeypatch.setattr(features, "feature_fn", lambda path: stand_in([]))  # the classifier's
+    monkeypatch.setattr(features, "probabilities_fn",
+                        lambda path: lambda x: np.eye(10)[np.arange(len(x)) % 10])
     holdout, max_ref = 300, 200
     scorer = score.SplitScorer(score.SPLITS, holdout, max_ref)
     assert calls == [max_ref, max_ref]  # each split's reference features, once
@@ -34,7 +37,8 @@ def test_split_scorer_scores_against_the_holdout_and_the_test_set(tmp_path, monk
         p, r = metrics.precision_recall(feats(ref)[pick], feats(images), k=3)
         assert (row[f"precision_{split}"], row[f"recall_{split}"]) == pytest.approx((p, r))
     assert row["fid_val"] != row["fid_test"]
-    assert {"classifier_fid_val", "classifier_fid_test", "recognisable", *score.PIXELS} <= set(row)
+    assert row["classifier_fid_val"] == pytest.approx(row["fid_val"], rel=1e-5)
+    assert row["recognisable"] == 1.0 and set(score.PIXELS) <= set(row)
     calls.clear()
     score.SplitScorer(score.SPLITS, holdout, max_ref)  # the references come from the cache
     assert calls == []
