@@ -66,6 +66,19 @@ def inception_feature_fn():
     return inception.make_feature_fn(inception.load_params(), batch_size=batch)
 
 
+def inception_weights_digest() -> str:
+    """MD5 prefix of the Inception weights file ('none' without it): cached reference
+    features depend on the weights, so their cache names carry it."""
+    path = inception.default_weights_path()
+    if not os.path.isfile(path):
+        return "none"
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:8]
+
+
 def cached_features(feat_fn, images: np.ndarray, name: str) -> np.ndarray:
     """feat_fn(images), kept in cache_dir() under name and the images' MD5, for reference
     sets that many runs score against (Inception: minutes on a CPU)."""
@@ -110,10 +123,12 @@ class SplitScorer:
         self.cls = features.feature_fn(features.DEFAULT_PATH)
         self.prob = features.probabilities_fn(features.DEFAULT_PATH)
         self.cls_refs = {s: self.cls(x) for s, x in refs.items()}
-        self.inc = inception_feature_fn() if with_inception else None
-        self.inc_refs = {s: (f, metrics.feature_stats(f)) for s, f in (
-            (s, cached_features(self.inc, x, f"inception_{s}")) for s, x in refs.items())
-        } if with_inception else {}
+        self.inc, self.inc_refs = None, {}  # split -> (Inception features, their mean and covariance)
+        if with_inception:
+            self.inc, weights = inception_feature_fn(), inception_weights_digest()
+            for s, x in refs.items():
+                f = cached_features(self.inc, x, f"inception{weights}_{s}")
+                self.inc_refs[s] = (f, metrics.feature_stats(f))
 
     def __call__(self, images: np.ndarray, inception_features: np.ndarray | None = None) -> dict:
         row = {}

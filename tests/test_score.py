@@ -42,6 +42,10 @@ def test_split_scorer_scores_against_the_holdout_and_the_test_set(tmp_path, monk
     calls.clear()
     score.SplitScorer(score.SPLITS, holdout, max_ref)  # the references come from the cache
     assert calls == []
+    (tmp_path / "other.npz").write_bytes(b"other weights")
+    monkeypatch.setattr(inception, "default_weights_path", lambda: str(tmp_path / "other.npz"))
+    score.SplitScorer(score.SPLITS, holdout, max_ref)  # other Inception weights: computed again
+    assert calls == [max_ref, max_ref]
 
 
 def test_split_images_refuses_an_unknown_split():
