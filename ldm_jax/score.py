@@ -125,9 +125,9 @@ class SplitScorer:
         self.cls_refs = {s: self.cls(x) for s, x in refs.items()}
         self.inc, self.inc_refs = None, {}  # split -> (Inception features, their mean and covariance)
         if with_inception:
-            self.inc, weights = inception_feature_fn(), inception_weights_digest()
+            self.inc, self.inc_tag = inception_feature_fn(), f"inception{inception_weights_digest()}"
             for s, x in refs.items():
-                f = cached_features(self.inc, x, f"inception{weights}_{s}")
+                f = cached_features(self.inc, x, f"{self.inc_tag}_{s}")
                 self.inc_refs[s] = (f, metrics.feature_stats(f))
 
     def __call__(self, images: np.ndarray, inception_features: np.ndarray | None = None) -> dict:

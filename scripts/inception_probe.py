@@ -10,14 +10,13 @@ of docs/results.md.
 val: the last --holdout training images (data.holdout; the cpu-quick preset holds out 2,000),
 for choosing defaults; test: the 10,000 test images, for reporting. --vae reconstructs the
 first --num images of --recon_split; --real takes --num training images outside the holdout.
-Reference features are cached (score.cached_features), the samples' beside their .npz.
+Reference and scored images' features are cached (score.cached_features).
 Inception runs on every CPU device (cli.setup_jax), a few images/s on 2 cores.
 """
 
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 from absl import app, flags
@@ -35,21 +34,6 @@ flags.DEFINE_enum("recon_split", "test", list(score.SPLITS), "Whose images --vae
 flags.DEFINE_bool("real", False, "Score N training images outside the holdout: the floor.")
 flags.DEFINE_bool("inception", True, "--noinception: pixel statistics, MSE and the classifier "
                   "proxy only (seconds instead of minutes).")
-
-
-def sample_features(feat_fn, images: np.ndarray) -> np.ndarray | None:
-    """Inception features of --npz samples, kept beside it, so that scoring the same samples
-    again costs no second pass; None for other images."""
-    if not FLAGS.npz:
-        return None
-    path = f"{FLAGS.npz[:-4]}_inception{len(images)}.npz"
-    if os.path.isfile(path) and os.path.getmtime(path) > os.path.getmtime(FLAGS.npz):
-        with np.load(path, allow_pickle=False) as z:
-            return z["features"]
-    feats = feat_fn(images)
-    with cli.atomic_output(path) as f:
-        np.savez(f, features=feats)
-    return feats
 
 
 def images_to_score() -> tuple[str, np.ndarray, np.ndarray | None]:
@@ -74,8 +58,9 @@ def main(argv):
     cli.setup_jax()
     name, images, originals = images_to_score()
     scorer = score.SplitScorer(FLAGS.splits, FLAGS.holdout, FLAGS.max_ref, FLAGS.inception)
-    row = dict(what=name, n=len(images),
-               **scorer(images, sample_features(scorer.inc, images) if scorer.inc else None))
+    # Kept in the cache, so that scoring the same images again costs no second Inception pass.
+    feats = score.cached_features(scorer.inc, images, f"{scorer.inc_tag}_scored") if scorer.inc else None
+    row = dict(what=name, n=len(images), **scorer(images, feats))
     if originals is not None:  # MSE on the [0, 1] scale, of the uint8 reconstructions
         row["mse"] = float(np.mean((images / 255.0 - originals / 255.0) ** 2))
     print(json.dumps(row))
