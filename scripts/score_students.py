@@ -7,8 +7,8 @@ Each workdir holds a teacher and a student of it (e.g. one per distillation sett
 draws --num samples (seed 7) and scores them by score.SplitScorer: Inception FID and
 precision/recall (k = 3) against the validation images (the last --holdout training images,
 which cpu-quick never trains on) and the 10,000 test images, the committed classifier's FID
-against each of them, its recognisable share, and pixel statistics; it also records images/s after compilation and U-Net
-calls per image. Choose the setting on `fid_val`; report `fid_test`.
+against each of them, its recognisable share, and pixel statistics; it also records images/s
+after compilation and U-Net calls per image. Choose the setting on `fid_val`; report `fid_test`.
 """
 
 from __future__ import annotations
