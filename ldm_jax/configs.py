@@ -198,6 +198,7 @@ def _distill(c: ml_collections.ConfigDict) -> None:
     c.distill.guidance = 0.0  # class-conditional teachers: CFG weight w built into the target
     c.sample = ml_collections.ConfigDict()
     c.sample.steps = 4  # default sampling steps of sample and pipeline, in [1, intervals]
+    c.sample.time_power = 1.0  # re-noise times ~ (T - 1)(1 - i / steps)^power; 1: LCM's
     c.optim.lr, c.optim.warmup_steps = 1e-4, 100
     c.train.steps = 10_000
 
@@ -368,6 +369,8 @@ def _check_distill(c: ml_collections.ConfigDict) -> None:
     if not 1 <= c.sample.steps <= d.intervals:
         raise ConfigError(f"sample.steps must be in [1, distill.intervals={d.intervals}], "
                           f"got {c.sample.steps}")
+    if not 0.0 < c.sample.time_power <= 1.0:
+        raise ConfigError(f"sample.time_power must be in (0, 1], got {c.sample.time_power}")
 
 
 def _check_training(c: ml_collections.ConfigDict) -> None:

@@ -32,14 +32,21 @@ def student_grid(num_timesteps: int, intervals: int) -> np.ndarray:
     return np.round(np.linspace(0, num_timesteps - 1, intervals + 1)).astype(np.int32)
 
 
-def sampling_times(grid: np.ndarray, steps: int) -> np.ndarray:
-    """The student's `steps` sampling times, descending from T - 1 with a stride of
-    intervals / steps grid points (LCM's sampler: 4 of 50 intervals is 999, 759, 499, 259)."""
+def sampling_times(grid: np.ndarray, steps: int, power: float = 1.0) -> np.ndarray:
+    """The student's `steps` sampling times, descending from T - 1: step i at the first grid
+    point at or above (T - 1)(1 - i / steps)^power. power = 1 is LCM's sampler (4 of 50
+    intervals: 999, 759, 500, 260); power < 1 re-noises higher (0.5: 999, 879, 719, 500)."""
     intervals = len(grid) - 1
     if not 1 <= steps <= intervals:
         raise ValueError(f"a student of {intervals} intervals samples in 1 to {intervals} "
                          f"steps, got {steps}")
-    return grid[intervals - np.arange(steps) * intervals // steps]
+    if not 0 < power <= 1:
+        raise ValueError(f"the sampling times' power must be in (0, 1], got {power}")
+    frac = 1.0 - (1.0 - np.arange(steps) / steps) ** power  # 0 at the first step
+    idx = intervals - np.floor(intervals * frac + 1e-9).astype(np.int64)
+    for i in range(1, steps):  # rounding may meet the previous step: keep them distinct
+        idx[i] = min(idx[i], idx[i - 1] - 1)
+    return grid[idx]
 
 
 def boundary_coefficients(t: Array) -> tuple[Array, Array]:

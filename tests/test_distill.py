@@ -73,6 +73,22 @@ def test_sampling_times_descend_from_the_last_timestep_on_the_grid():
             consistency.sampling_times(grid, bad)
 
 
+@pytest.mark.parametrize("power", [1.0, 0.7, 0.5, 0.1])
+def test_sampling_times_follow_the_power_law_on_the_grid(power):
+    grid = consistency.student_grid(T, 50)
+    assert consistency.sampling_times(grid, 4).tolist() == [999, 759, 500, 260]  # LCM's
+    for steps in (1, 2, 4, 8, 50):
+        times = consistency.sampling_times(grid, steps, power)
+        assert len(times) == steps and times[0] == T - 1 and np.all(np.diff(times) < 0)
+        assert np.all(times >= consistency.sampling_times(grid, steps))  # never below LCM's
+        # the first grid point at or above (T - 1)(1 - i / steps)^power, where those differ
+        law = grid[np.ceil(50 * (1 - np.arange(steps) / steps) ** power - 1e-9).astype(int)]
+        if len(set(law)) == steps:
+            np.testing.assert_array_equal(times, law)
+    with pytest.raises(ValueError):
+        consistency.sampling_times(grid, 4, 0.0)
+
+
 def test_pseudo_huber_is_zero_at_equality_and_grows_like_the_distance():
     a = jnp.ones((2, 4, 4, 1))
     np.testing.assert_allclose(np.asarray(consistency.pseudo_huber(a, a)), 0.0, atol=1e-7)
