@@ -214,7 +214,8 @@ def _student_chain(gen: Generator, key: jax.Array, shape: tuple, steps: int, par
     tc = checkpoints.config_from_stored(dict(cfg, stage=configs.STUDENTS[gen.stage]))
     x0_fn = stages.student_x0_fn(gen.unet, tc, gen.sched, params,
                                  labels if is_conditional(gen) else None)
-    times = consistency.sampling_times(grid, steps, cfg["sample"].get("time_power", 1.0))
+    power = cfg["sample"].get("time_power", checkpoints.LEGACY_VALUES["sample.time_power"])
+    times = consistency.sampling_times(grid, steps, power)
     x = consistency.sample(x0_fn, gen.sched, key, shape, times)
     return jnp.clip(x, -1, 1) if cfg["diffusion"]["clip_x0"] else x
 

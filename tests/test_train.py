@@ -197,6 +197,11 @@ def test_config_from_stored_fills_fields_added_later():
     assert c.model.text_conv == 0 and configs.get_config("ldm").model.text_conv == 5
     assert c.optim.lr == 3e-4 and tuple(c.model.ch_mult) == (1, 2)
     configs.validate(c)
+    # A student stored before sample.time_power samples at LCM's times, as it did then.
+    student = configs.get_config("distill", "cpu-quick").to_dict()
+    del student["sample"]["time_power"]
+    assert checkpoints.config_from_stored(student).sample.time_power == 1.0
+    assert configs.get_config("distill", "cpu-quick").sample.time_power != 1.0
 
 
 @pytest.mark.slow  # in `-m slow` to keep the default suite under 10 minutes on 2 cores
