@@ -19,13 +19,16 @@ import os
 import numpy as np
 from absl import app, flags, logging
 
-from ldm_jax import cli, fewstep, score
+from ldm_jax import checkpoints, cli, fewstep, score
 
 FLAGS = flags.FLAGS
+LCM = checkpoints.LEGACY_VALUES["sample.time_power"]  # the times of a student stored before it
 flags.DEFINE_list("workdirs", [], "Workdirs, each with a teacher and a student of it.")
 flags.DEFINE_string("student", "distill", "The student stage: distill | distill_pixel.")
 flags.DEFINE_list("steps", ["1", "2", "4", "8"], "Student step counts to score.")
 flags.DEFINE_list("student_steps", [], "Student checkpoints to score (default: the newest).")
+flags.DEFINE_list("time_powers", [], "Score the students at each of these sample.time_power "
+                  "values (default: each student's own).")
 flags.DEFINE_bool("teacher", True, "Score the teacher's default sampler too (once per workdir).")
 flags.DEFINE_integer("num", 2000, "Samples per row.")
 flags.DEFINE_bool("inception", True, "Inception FID and precision/recall (slow on a CPU: about "
@@ -50,20 +53,26 @@ def main(argv):
     scorer = score.SplitScorer(score.SPLITS, FLAGS.holdout, FLAGS.max_ref, FLAGS.inception)
     saved = {}
     steps = {int(s) for s in FLAGS.steps}
+    powers = [float(p) for p in FLAGS.time_powers] or [None]
     for workdir in FLAGS.workdirs:
         name = os.path.basename(os.path.normpath(workdir))
         teacher = fewstep.load_teacher_of(workdir, FLAGS.student)
         rows = [r for step in [int(s) for s in FLAGS.student_steps] or [None]
                 for r in fewstep.settings(workdir, FLAGS.student, teacher, step)]
         for i, (row, gen, sampler, k, eta, w) in enumerate(rows):
-            if (row == fewstep.TEACHER and (not FLAGS.teacher or i)) or (
-                    row != fewstep.TEACHER and k not in steps):
+            student = row != fewstep.TEACHER
+            if (not student and (not FLAGS.teacher or i)) or (student and k not in steps):
                 continue
-            images, seconds = fewstep.timed_generate(gen, FLAGS.num, 7, sampler, k, eta, w)
-            saved[f"{name}_{gen.step}_{row.replace(' ', '')}"] = images
-            emit(dict(workdir=name, what=row, student_step=gen.step if row != fewstep.TEACHER
-                      else None, n=FLAGS.num, images_per_s=FLAGS.num / seconds,
-                      unet_calls=fewstep.unet_calls(gen, sampler, k, w), **scorer(images)))
+            for power in powers if student else [None]:
+                if power is not None:  # the student's sampler reads it from its config
+                    gen.config["sample"]["time_power"] = power
+                images, seconds = fewstep.timed_generate(gen, FLAGS.num, 7, sampler, k, eta, w)
+                tag = f"_p{power}" if power is not None else ""
+                saved[f"{name}_{gen.step}_{row.replace(' ', '')}{tag}"] = images
+                emit(dict(workdir=name, what=row, student_step=gen.step if student else None,
+                          time_power=gen.config["sample"].get("time_power", LCM) if student else None,
+                          n=FLAGS.num, images_per_s=FLAGS.num / seconds,
+                          unet_calls=fewstep.unet_calls(gen, sampler, k, w), **scorer(images)))
     if FLAGS.save:
         np.savez_compressed(FLAGS.save, **saved)
 
