@@ -31,7 +31,8 @@ flags.DEFINE_integer("ref", 10_000, "Test images in the reference.")
 
 
 def read_idx_images(path: str) -> np.ndarray:
-    """uint8 (N, 28, 28) from a gzipped IDX3 file."""
+    """uint8 (N, 28, 28) from a gzipped IDX3 file. Not data.read_idx: that module imports
+    jax, which the torch venv this runs in need not have."""
     with gzip.open(path, "rb") as f:
         data = f.read()
     magic, n, h, w = np.frombuffer(data[:16], ">u4")
