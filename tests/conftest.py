@@ -4,9 +4,11 @@ import contextlib
 import importlib
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import types
 
 import pytest
@@ -64,12 +66,71 @@ def run_main(module: str, *args: str):
     return types.SimpleNamespace(returncode=code, stderr=err.getvalue())
 
 
+SMOKE_STAGES = ("vae", "ldm", "pixel")
+# The fixture's training in a child process (same code, same environment), then a DONE mark.
+_BUILD = """import os, sys
+from ldm_jax import cli, configs, train
+cli.setup_jax()
+for stage in sys.argv[2:]:
+    train.train_and_evaluate(configs.get_config(stage, "smoke"), sys.argv[1])
+open(os.path.join(os.path.dirname(sys.argv[1]), "DONE"), "w").close()
+"""
+
+
+def _xdist_controller(config) -> bool:
+    return not hasattr(config, "workerinput") and (config.getoption("numprocesses", None) or 0) > 0
+
+
+def pytest_configure(config):
+    """Under xdist, the controller trains the smoke workdir once, in the background, while the
+    workers run the tests that do not need it (ordered first): each worker used to train its own."""
+    if not _xdist_controller(config) or "LDM_JAX_TEST_SMOKE" in os.environ:
+        return
+    build = tempfile.mkdtemp(prefix="ldm_jax_test_smoke_")
+    with open(os.path.join(build, "build.log"), "w") as log:
+        config._smoke_builder = subprocess.Popen(
+            [sys.executable, "-c", _BUILD, os.path.join(build, "smoke"), *SMOKE_STAGES],
+            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    os.environ["LDM_JAX_TEST_SMOKE"] = build  # the workers inherit it
+
+
+def pytest_unconfigure(config):
+    builder = getattr(config, "_smoke_builder", None)
+    if builder is not None:
+        if builder.poll() is None:  # a run that never needed it
+            builder.kill()
+            builder.wait()
+        shutil.rmtree(os.environ.pop("LDM_JAX_TEST_SMOKE"), ignore_errors=True)
+
+
+def pytest_collection_modifyitems(items):
+    """The tests that need no smoke workdir first, so the background build overlaps them."""
+    items.sort(key=lambda item: "smoke_workdir" in getattr(item, "fixturenames", ()))
+
+
+def _wait_for_build(build: str, timeout: float = 1200.0) -> str:
+    """The controller's background build: its workdir once DONE, else fail with its log."""
+    start = time.monotonic()
+    while not os.path.exists(os.path.join(build, "DONE")):
+        with open(os.path.join(build, "build.log")) as f:
+            log = f.read()
+        if "Traceback" in log or time.monotonic() - start > timeout:
+            pytest.fail(f"the background smoke build failed or timed out:\n{log[-3000:]}")
+        time.sleep(0.5)
+    return os.path.join(build, "smoke")
+
+
 @pytest.fixture(scope="session")
 def smoke_workdir(tmp_path_factory):
-    """A workdir with vae, ldm and pixel trained on the smoke preset (in this process)."""
-    from ldm_jax import configs, train
+    """A workdir with vae, ldm and pixel trained on the smoke preset, this worker's own: a
+    copy of the controller's background build under xdist, else trained here."""
     workdir = str(tmp_path_factory.mktemp("smoke"))
-    for stage in ("vae", "ldm", "pixel"):
+    if "LDM_JAX_TEST_SMOKE" in os.environ:
+        shutil.copytree(_wait_for_build(os.environ["LDM_JAX_TEST_SMOKE"]), workdir,
+                        dirs_exist_ok=True)
+        return workdir
+    from ldm_jax import configs, train
+    for stage in SMOKE_STAGES:
         train.train_and_evaluate(configs.get_config(stage, "smoke"), workdir)
     return workdir
 
@@ -77,7 +138,6 @@ def smoke_workdir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def text_workdir(smoke_workdir, tmp_path_factory):
     """smoke_workdir's VAE with a text-conditioned LDM trained on the smoke preset."""
-    import shutil
     from ldm_jax import configs, train
     workdir = str(tmp_path_factory.mktemp("text"))
     shutil.copytree(os.path.join(smoke_workdir, "vae"), os.path.join(workdir, "vae"))

@@ -37,11 +37,11 @@ def test_training_keeps_the_guide_beside_the_newest(guided_workdir):
 
 
 @pytest.mark.parametrize("stage", ["ldm", pytest.param("pixel", marks=pytest.mark.slow)])
-def test_autoguidance_by_the_model_itself_is_the_model_alone(stage, request):
+def test_autoguidance_by_the_model_itself_is_the_model_alone(stage, smoke_workdir, request):
     """(1 + w) eps - w eps = eps: with the model as its own guide, any w gives the unguided
     samples (float32 rounding only); another guide changes them. ldm: the run's kept guide;
     pixel (no decoder, x_0 clipped): the smoke model, guided by its weights halved."""
-    workdir = request.getfixturevalue("guided_workdir" if stage == "ldm" else "smoke_workdir")
+    workdir = request.getfixturevalue("guided_workdir") if stage == "ldm" else smoke_workdir
     gen = sample.load_generator(workdir, stage)
     if gen.guide_params is None:
         half = jax.tree_util.tree_map(lambda p: p * 0.5, gen.params)

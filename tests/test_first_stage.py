@@ -3,7 +3,6 @@ validation holdout that defaults are chosen on."""
 
 import hashlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
