@@ -114,6 +114,18 @@ def parse_samplers(specs: list[str]) -> list[tuple[str, int]]:
     return out
 
 
+def print_table(results: dict) -> None:
+    """The markdown table of every scored (recipe, sampler) row, plans left out."""
+    print("| recipe | sampler | classifier FID | recognisable | steps | train s | sample s |")
+    print("|---|---|---|---|---|---|---|")
+    for key, row in results.items():
+        recipe, sampler = key.split(" | ")
+        if sampler == "plan":
+            continue
+        print(f"| {recipe} | {sampler} | {row['fid']:.2f} | {row['recognisable']:.3f} "
+              f"| {row['steps']} | {row['train_s']:.0f} | {row['sample_s']:.1f} |")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -169,14 +181,7 @@ def main(argv):
             results[key] = row
             json.dump(results, open(out_path, "w"), indent=1)
             print(f"{key}: FID {row['fid']:.2f} ({time.time() - t0:.0f}s)", file=sys.stderr)
-    print("| recipe | sampler | classifier FID | recognisable | steps | train s | sample s |")
-    print("|---|---|---|---|---|---|---|")
-    for key, row in results.items():
-        recipe, sampler = key.split(" | ")
-        if sampler == "plan":
-            continue
-        print(f"| {recipe} | {sampler} | {row['fid']:.2f} | {row['recognisable']:.3f} "
-              f"| {row['steps']} | {row['train_s']:.0f} | {row['sample_s']:.1f} |")
+    print_table(results)
 
 
 if __name__ == "__main__":
