@@ -167,6 +167,7 @@ def _first_stage(c: ml_collections.ConfigDict) -> None:
     c.autoencoder.commitment_weight = 0.25  # vq: weight of ||z_e - sg(q)||^2
     c.loss = ml_collections.ConfigDict()
     c.loss.kl_weight = 1e-3  # beta of the KL term (kl only); reconstruction is a per-image sum of squares
+    c.loss.l1_weight = 0.0  # weight of an L1 term on the image in [0, 1] (pulls to the median)
     c.loss.perceptual_weight = 0.0  # weight of the classifier-feature perceptual loss (0 = off)
     # Adversarial term of Esser et al. 2021 / Rombach et al. 2022: a patch discriminator
     # (hinge loss) and a generator loss -D(x_hat) scaled by the adaptive weight
@@ -417,9 +418,9 @@ def _check_first_stage(c: ml_collections.ConfigDict) -> None:
     if not 0 < dim < 784:
         raise ConfigError(f"latent {side}x{side}x{c.model.latent_ch} = {dim} dims must be "
                           "between 1 and 783 (smaller than the 784 pixels)")
-    if c.loss.kl_weight < 0 or c.loss.perceptual_weight < 0 or c.loss.adversarial_weight < 0:
-        raise ConfigError("loss.kl_weight, loss.perceptual_weight and loss.adversarial_weight "
-                          "must be >= 0")
+    weights = ("kl_weight", "l1_weight", "perceptual_weight", "adversarial_weight")
+    if min(c.loss[w] for w in weights) < 0:
+        raise ConfigError(f"loss.{', loss.'.join(weights)} must be >= 0")
     if c.loss.adversarial_start < 0:
         raise ConfigError(f"loss.adversarial_start must be >= 0, got {c.loss.adversarial_start}")
     ae = c.autoencoder

@@ -70,7 +70,8 @@ def reconstruction_nll(out: Array, x: Array, likelihood: str) -> Array:
 
 def vae_loss(model: nets.VAE, c, perceptual, disc, params, model_state, batch, key):
     """First-stage loss, per image, averaged over the batch:
-    1. reconstruction: reconstruction_nll under the model's likelihood;
+    1. reconstruction: reconstruction_nll under the model's likelihood, plus l1_weight times
+       the L1 distance of the image on the [0, 1] scale (it pulls toward the median);
     2. perceptual (if perceptual_weight > 0): classifier-feature distance to the input;
     3. regulariser: kl_weight * KL(q(z|x) || N(0, I)) for kl, commitment_weight *
        ||z_e - sg(q)||^2 for vq (whose codebook takes its EMA step in model_state);
@@ -89,6 +90,9 @@ def vae_loss(model: nets.VAE, c, perceptual, disc, params, model_state, batch, k
     def reconstruction(out):  # 1 + 2: L_rec, which the adversarial weight balances against
         rec = jnp.mean(reconstruction_nll(out, x, model.likelihood))
         metrics = dict(recon=rec)
+        if c.loss.l1_weight > 0:
+            metrics["l1"] = jnp.mean(jnp.sum(jnp.abs(to_image(out) - x), axis=(1, 2, 3))) / 2
+            rec = rec + c.loss.l1_weight * metrics["l1"]
         if c.loss.perceptual_weight > 0:
             metrics["perceptual"] = jnp.mean(perceptual(to_image(out), x))
             rec = rec + c.loss.perceptual_weight * metrics["perceptual"]
