@@ -197,6 +197,7 @@ def _distill(c: ml_collections.ConfigDict) -> None:
     c.distill.intervals = 50  # N: the grid of teacher timesteps, one DDIM step apart (LCM: 50)
     c.distill.target_ema = 0.95  # EMA decay of the target network (LCM); 0: the student, no gradient
     c.distill.guidance = 0.0  # class-conditional teachers: CFG weight w built into the target
+    c.distill.autoguidance = -1.0  # autoguidance w built into the target; < 0: the teacher's own
     c.sample = ml_collections.ConfigDict()
     c.sample.steps = 4  # default sampling steps of sample and pipeline, in [1, intervals]
     c.sample.time_power = 1.0  # re-noise times ~ (T - 1)(1 - i / steps)^power; 1: LCM's
@@ -368,6 +369,8 @@ def _check_distill(c: ml_collections.ConfigDict) -> None:
     if not 0.0 <= d.target_ema < 1.0:
         raise ConfigError(f"distill.target_ema must be in [0, 1), got {d.target_ema}")
     check_weight(d.guidance, "distill.guidance")
+    if not d.autoguidance < 0:  # negative: the teacher's own sample.guide_weight
+        check_weight(d.autoguidance, "distill.autoguidance")
     if not 1 <= c.sample.steps <= d.intervals:
         raise ConfigError(f"sample.steps must be in [1, distill.intervals={d.intervals}], "
                           f"got {c.sample.steps}")

@@ -336,15 +336,17 @@ def diffusion_task(c, workdir: str) -> Task:
 
 
 def teacher_eps_fn(unet: nets.UNet, tc, sched: diffusion.Schedule, teacher: dict,
-                   labels: Array | None = None, guidance: float = 0.0) -> diffusion.EpsFn:
+                   labels: Array | None = None, guidance: float = 0.0,
+                   autoguidance: float | None = None) -> diffusion.EpsFn:
     """The eps of a teacher's default sampler: autoguided by teacher['guide'] (if any) with
-    its sample.guide_weight and, for class labels, classifier-free guided with w = guidance."""
+    w = autoguidance (None: its sample.guide_weight) and, for class labels, classifier-free
+    guided with w = guidance."""
     eps_of = lambda p: diffusion.eps_fn_from_model(models.unet_fn(unet, tc.model, p), sched,
                                                    tc.diffusion.prediction)
     eps_fn = eps_of(teacher["unet"])
     if "guide" in teacher:
-        eps_fn = diffusion.autoguided_eps_fn(eps_fn, eps_of(teacher["guide"]),
-                                             tc.sample.guide_weight)
+        w = tc.sample.guide_weight if autoguidance is None else autoguidance
+        eps_fn = diffusion.autoguided_eps_fn(eps_fn, eps_of(teacher["guide"]), w)
     if labels is not None:
         eps_fn = diffusion.guided_eps_fn(eps_fn, labels, tc.model.num_classes, guidance)
     return eps_fn
@@ -372,9 +374,14 @@ def _load_teacher(c, workdir: str):
                                   f"teacher's {tc.diffusion.timesteps} timesteps")
     guide = checkpoints.teacher_guide(workdir, t_cfg, t_meta["step"])
     teacher = {"unet": params} if guide is None else {"unet": params, "guide": guide}
+    w = c.distill.get("autoguidance", -1.0)
+    if w > 0 and guide is None:
+        raise configs.ConfigError(f"distill.autoguidance={w:g} needs a teacher with an "
+                                  "autoguidance guide (its sample.guide_weight > 0 and "
+                                  "guide_step kept); leave it unset")
+    w = (tc.sample.guide_weight if w < 0 else w) if guide is not None else 0.0
     meta = dict(teacher_stage=tc.stage, teacher_step=t_meta["step"],
-                teacher_digest=t_meta["digests"]["tree"],
-                autoguidance=tc.sample.guide_weight if guide is not None else 0.0)
+                teacher_digest=t_meta["digests"]["tree"], autoguidance=w)
     return tc, teacher, meta
 
 
@@ -392,7 +399,8 @@ def distill_task(c, workdir: str) -> Task:
         z_key, y_key, d_key = jax.random.split(key, 3)
         y = diffusion.drop_labels(y_key, batch["label"], tc.model.label_dropout,
                                   tc.model.num_classes) if conditional else None
-        eps_fn = teacher_eps_fn(unet, tc, sched, model_state["teacher"], y, c.distill.guidance)
+        eps_fn = teacher_eps_fn(unet, tc, sched, model_state["teacher"], y, c.distill.guidance,
+                                teacher_meta["autoguidance"])
         target = model_state["target"] if ema > 0 else jax.lax.stop_gradient(params)
         pred, want = consistency.distillation_pair(
             student_x0_fn(unet, tc, sched, params, y), student_x0_fn(unet, tc, sched, target, y),

@@ -4,7 +4,7 @@ the validation split and the test set: docs/results.md, "Few-step sampling".
     python scripts/score_students.py --workdirs=A,B --student=distill --out=F.jsonl
 
 Each workdir holds a teacher and a student of it (e.g. one per distillation setting). Every row
-draws --num samples (seed 7) and scores them by score.SplitScorer: Inception FID and
+draws --num samples (--seed, 7) and scores them by score.SplitScorer: Inception FID and
 precision/recall (k = 3) against the validation images (the last --holdout training images,
 which cpu-quick never trains on) and the 10,000 test images, the committed classifier's FID
 against each of them, its recognisable share, and pixel statistics; it also records images/s
@@ -31,6 +31,7 @@ flags.DEFINE_list("time_powers", [], "Score the students at each of these sample
                   "values (default: each student's own).")
 flags.DEFINE_bool("teacher", True, "Score the teacher's default sampler too (once per workdir).")
 flags.DEFINE_integer("num", 2000, "Samples per row.")
+flags.DEFINE_integer("seed", 7, "Sampling seed (choose on another seed than the reported 7).")
 flags.DEFINE_bool("inception", True, "Inception FID and precision/recall (slow on a CPU: about "
                   "6 images/s); --noinception keeps the classifier's metrics only.")
 flags.DEFINE_integer("holdout", 2000, "The validation images: the last HOLDOUT training images.")
@@ -66,12 +67,13 @@ def main(argv):
             for power in powers if student else [None]:
                 if power is not None:  # the student's sampler reads it from its config
                     gen.config["sample"]["time_power"] = power
-                images, seconds = fewstep.timed_generate(gen, FLAGS.num, 7, sampler, k, eta, w)
+                images, seconds = fewstep.timed_generate(gen, FLAGS.num, FLAGS.seed, sampler,
+                                                         k, eta, w)
                 tag = f"_p{power}" if power is not None else ""
                 saved[f"{name}_{gen.step}_{row.replace(' ', '')}{tag}"] = images
                 emit(dict(workdir=name, what=row, student_step=gen.step if student else None,
                           time_power=gen.config["sample"].get("time_power", LCM) if student else None,
-                          n=FLAGS.num, images_per_s=FLAGS.num / seconds,
+                          n=FLAGS.num, seed=FLAGS.seed, images_per_s=FLAGS.num / seconds,
                           unet_calls=fewstep.unet_calls(gen, sampler, k, w), **scorer(images)))
     if FLAGS.save:
         np.savez_compressed(FLAGS.save, **saved)

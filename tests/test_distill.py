@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ldm_jax import (checkpoints, configs, consistency, diffusion, evaluate, features, metrics,
-                     sample, train)
+                     models, sample, stages, train)
 from tests.conftest import run_main
 
 T = 1000
@@ -59,6 +59,21 @@ def test_the_distillation_target_equals_a_float64_numpy_teacher_step():
     np_pred = b(skip(t_hi)) * z_hi + b(out(t_hi)) * 0.9 * z_hi
     np.testing.assert_allclose(np.asarray(want), np_want, rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(np.asarray(pred), np_pred, rtol=2e-5, atol=2e-5)
+
+
+def test_the_targets_autoguidance_weight_overrides_the_teachers_own():
+    tc = configs.get_config("ldm", "smoke")
+    tc.sample.guide_weight = 2.0
+    unet, sched = models.build_unet(tc.model), models.build_schedule(tc.diffusion)
+    z, t = jax.random.normal(jax.random.key(0), (2, 7, 7, 4)), jnp.array([3, 40])
+    init = lambda k: unet.init(jax.random.key(k), z[:1], t[:1], None)["params"]
+    teacher = {"unet": init(1), "guide": init(2)}
+    eps = lambda p: np.asarray(stages.teacher_eps_fn(unet, tc, sched, {"unet": p})(z, t),
+                               np.float64)
+    e, g = eps(teacher["unet"]), eps(teacher["guide"])
+    for w, want in ((None, 3 * e - 2 * g), (0.0, e), (3.5, 4.5 * e - 3.5 * g)):
+        got = stages.teacher_eps_fn(unet, tc, sched, teacher, autoguidance=w)(z, t)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
 
 
 def test_sampling_times_descend_from_the_last_timestep_on_the_grid():
@@ -188,6 +203,16 @@ def test_no_trained_teacher_is_one_line_exit_2_and_writes_nothing(tmp_path, stag
     r = run_main("train", f"--stage={stage}", "--preset=smoke", f"--workdir={tmp_path}")
     assert r.returncode == 2 and f"no trained {teacher} model" in r.stderr, r.stderr
     assert os.listdir(tmp_path) == [] and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_an_autoguided_target_of_an_unguided_teacher_is_one_line_exit_2(teacher_workdir,
+                                                                          tmp_path):
+    workdir = str(shutil.copytree(teacher_workdir, tmp_path / "w"))
+    before = sorted(os.listdir(workdir))
+    r = run_main("train", "--stage=distill", "--preset=smoke", f"--workdir={workdir}",
+                 "--config.distill.autoguidance=3")
+    assert r.returncode == 2 and "needs a teacher with an autoguidance guide" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and _nothing_written(workdir, before)
 
 
 @pytest.mark.slow
