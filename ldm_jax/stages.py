@@ -378,7 +378,8 @@ def _load_teacher(c, workdir: str):
     if w > 0 and guide is None:
         raise configs.ConfigError(f"distill.autoguidance={w:g} needs a teacher with an "
                                   "autoguidance guide (its sample.guide_weight > 0 and "
-                                  "guide_step kept); leave it unset")
+                                  "guide_step kept); --config.distill.autoguidance=-1 takes "
+                                  "the teacher's own")
     w = (tc.sample.guide_weight if w < 0 else w) if guide is not None else 0.0
     meta = dict(teacher_stage=tc.stage, teacher_step=t_meta["step"],
                 teacher_digest=t_meta["digests"]["tree"], autoguidance=w)
