@@ -369,8 +369,6 @@ def _check_distill(c: ml_collections.ConfigDict) -> None:
     if not 0.0 <= d.target_ema < 1.0:
         raise ConfigError(f"distill.target_ema must be in [0, 1), got {d.target_ema}")
     check_weight(d.guidance, "distill.guidance")
-    if not d.autoguidance < 0:  # negative: the teacher's own sample.guide_weight
-        check_weight(d.autoguidance, "distill.autoguidance")
     if not 1 <= c.sample.steps <= d.intervals:
         raise ConfigError(f"sample.steps must be in [1, distill.intervals={d.intervals}], "
                           f"got {c.sample.steps}")

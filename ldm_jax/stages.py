@@ -373,14 +373,16 @@ def _load_teacher(c, workdir: str):
         raise configs.ConfigError(f"distill.intervals={c.distill.intervals} must be below the "
                                   f"teacher's {tc.diffusion.timesteps} timesteps")
     guide = checkpoints.teacher_guide(workdir, t_cfg, t_meta["step"])
-    teacher = {"unet": params} if guide is None else {"unet": params, "guide": guide}
-    w = c.distill.get("autoguidance", -1.0)
+    w = c.distill.autoguidance  # negative: the teacher's own (0 without a guide)
     if w > 0 and guide is None:
         raise configs.ConfigError(f"distill.autoguidance={w:g} needs a teacher with an "
                                   "autoguidance guide (its sample.guide_weight > 0 and "
                                   "guide_step kept); --config.distill.autoguidance=-1 takes "
                                   "the teacher's own")
-    w = (tc.sample.guide_weight if w < 0 else w) if guide is not None else 0.0
+    if w < 0:
+        w = tc.sample.guide_weight if guide is not None else 0.0
+    # At w = 0 the guide's U-Net call would be multiplied by zero: leave it out.
+    teacher = {"unet": params, **({"guide": guide} if w > 0 else {})}
     meta = dict(teacher_stage=tc.stage, teacher_step=t_meta["step"],
                 teacher_digest=t_meta["digests"]["tree"], autoguidance=w)
     return tc, teacher, meta
