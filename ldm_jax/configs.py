@@ -155,6 +155,9 @@ def _first_stage(c: ml_collections.ConfigDict) -> None:
     c.model.channels = (32, 64)  # encoder channels per level; each level halves 28 -> 14 -> 7
     c.model.latent_ch = 4  # latent channels c of the s x s x c latent
     c.model.num_res_blocks = 1  # residual blocks per level
+    # The decoder's residual blocks per level (< 0: num_res_blocks); decoding runs once per
+    # sample, so a deeper decoder costs the LDM nothing but VAE training time.
+    c.model.decoder_res_blocks = -1
     c.model.groups = 8  # GroupNorm groups
     c.autoencoder = ml_collections.ConfigDict()
     c.autoencoder.reg = "kl"  # first-stage regulariser: kl (Gaussian posterior) | vq (codebook)
@@ -217,6 +220,7 @@ def _cpu_quick(c: ml_collections.ConfigDict) -> None:
     c.train.log_every, c.train.ckpt_every = 25, 500 if c.stage in ("vae", "ldm") else 200
     if c.stage == "vae":  # full-resolution convolutions dominate the step
         c.model.channels, c.model.num_res_blocks, c.data.batch_size = (16, 32), 0, 64
+        c.model.decoder_res_blocks = 1  # the pixel bars per VAE minute (docs/results.md, "The first stage")
         # 2,400 steps: the least haze per VAE minute on the holdout (docs/results.md, "The first stage").
         c.train.steps, c.optim.lr, c.loss.adversarial_start = 2_400, 3e-3, 600
     elif c.stage == "classifier":

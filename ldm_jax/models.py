@@ -16,6 +16,7 @@ def build_vae(cfg) -> nets.VAE:
     ae = cfg.get("autoencoder") or {}  # checkpoints from before VQ existed lack it
     return nets.VAE(channels=tuple(m["channels"]), latent_ch=m["latent_ch"],
                     num_res_blocks=m["num_res_blocks"], groups=m["groups"],
+                    decoder_res_blocks=m.get("decoder_res_blocks", -1),
                     reg=ae.get("reg", "kl"), num_codes=ae.get("codebook_size", 256),
                     codebook_decay=ae.get("codebook_decay", 0.99),
                     dead_threshold=ae.get("dead_code_threshold", 1.0),

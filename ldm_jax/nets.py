@@ -369,6 +369,7 @@ class VAE(nn.Module):
     latent_ch: int = 4
     num_res_blocks: int = 1
     groups: int = 8
+    decoder_res_blocks: int = -1  # the decoder's blocks per level; < 0: num_res_blocks
     reg: str = "kl"
     num_codes: int = 256  # vq only
     codebook_decay: float = 0.99  # vq only
@@ -382,7 +383,8 @@ class VAE(nn.Module):
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
         out_ch = 2 * self.latent_ch if self.reg == "kl" else self.latent_ch
         self.encoder = Encoder(self.channels, out_ch, self.num_res_blocks, self.groups)
-        self.decoder = Decoder(self.channels, self.num_res_blocks, self.groups)
+        dec_blocks = self.num_res_blocks if self.decoder_res_blocks < 0 else self.decoder_res_blocks
+        self.decoder = Decoder(self.channels, dec_blocks, self.groups)
         if self.reg == "vq":
             self.quantizer = VectorQuantizer(self.num_codes, self.codebook_decay,
                                              self.dead_threshold)

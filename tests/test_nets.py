@@ -38,6 +38,25 @@ def test_vae_shapes(channels, side, reg):
     chex.assert_shape(z, (5, 28, 28, 1))
 
 
+@pytest.mark.parametrize("decoder_blocks", [-1, 0, 2])
+def test_decoder_res_blocks_deepen_the_decoder_only(decoder_blocks):
+    """model.decoder_res_blocks sets the decoder's blocks per level apart from the encoder's;
+    a stored config without the field (< 0) builds the decoder it always had."""
+    c = configs.get_config("vae", "smoke")
+    c.model.num_res_blocks = 1
+    stored = c.to_dict()
+    if decoder_blocks >= 0:
+        stored["model"]["decoder_res_blocks"] = decoder_blocks
+    else:
+        del stored["model"]["decoder_res_blocks"]
+    x, key = jnp.zeros((1, 28, 28, 1)), jax.random.key(0)
+    params = jax.eval_shape(models.build_vae(stored).init, key, x, key)["params"]
+    blocks = lambda part: sum(name.startswith("ResBlock") for name in params[part])
+    levels = len(c.model.channels)
+    assert blocks("encoder") == 1 + levels  # one at the latent, one per level
+    assert blocks("decoder") == 1 + levels * (1 if decoder_blocks < 0 else decoder_blocks)
+
+
 @pytest.mark.parametrize("stage,shape", [  # the other shapes in -m slow (CI margin)
     ("ldm", (2, 7, 7, 4)), pytest.param("pixel", (2, 28, 28, 1), marks=pytest.mark.slow),
     pytest.param("ldm", (2, 4, 4, 4), marks=pytest.mark.slow)])
@@ -69,8 +88,8 @@ def test_parameter_counts():
         if reg == "vq":
             counts["vq-codebook"] = n_params(variables["vq"]["quantizer"]["codebook"])
     counts["classifier"] = n_params(jax.eval_shape(nets.Classifier().init, key, x)["params"])
-    assert counts == {"ldm": 686_308, "pixel": 1_096_033, "vae-kl": 59_929,
-                      "vae-vq": 59_797, "vq-codebook": 256 * 4, "classifier": 467_818}
+    assert counts == {"ldm": 686_308, "pixel": 1_096_033, "vae-kl": 83_257,
+                      "vae-vq": 83_125, "vq-codebook": 256 * 4, "classifier": 467_818}
 
 
 def test_timestep_embedding():
