@@ -220,7 +220,6 @@ def _cpu_quick(c: ml_collections.ConfigDict) -> None:
     c.train.log_every, c.train.ckpt_every = 25, 500 if c.stage in ("vae", "ldm") else 200
     if c.stage == "vae":  # full-resolution convolutions dominate the step
         c.model.channels, c.model.num_res_blocks, c.data.batch_size = (16, 32), 0, 64
-        c.model.decoder_res_blocks = 1  # the pixel bars per VAE minute (docs/results.md, "The first stage")
         # 2,400 steps: the least haze per VAE minute on the holdout (docs/results.md, "The first stage").
         c.train.steps, c.optim.lr, c.loss.adversarial_start = 2_400, 3e-3, 600
     elif c.stage == "classifier":
