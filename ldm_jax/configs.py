@@ -201,6 +201,7 @@ def _distill(c: ml_collections.ConfigDict) -> None:
     c.distill.target_ema = 0.95  # EMA decay of the target network (LCM); 0: the student, no gradient
     c.distill.guidance = 0.0  # class-conditional teachers: CFG weight w built into the target
     c.distill.autoguidance = -1.0  # autoguidance w built into the target; < 0: the teacher's own
+    c.distill.low_noise_bias = 0.0  # b: interval n drawn with p ~ exp(-b n / intervals); 0: uniform
     c.sample = ml_collections.ConfigDict()
     c.sample.steps = 4  # default sampling steps of sample and pipeline, in [1, intervals]
     c.sample.time_power = 1.0  # re-noise times ~ (T - 1)(1 - i / steps)^power; 1: LCM's
@@ -372,6 +373,8 @@ def _check_distill(c: ml_collections.ConfigDict) -> None:
     if not 0.0 <= d.target_ema < 1.0:
         raise ConfigError(f"distill.target_ema must be in [0, 1), got {d.target_ema}")
     check_weight(d.guidance, "distill.guidance")
+    if not 0.0 <= d.low_noise_bias <= 20.0:  # e^20: every draw would be the lowest interval
+        raise ConfigError(f"distill.low_noise_bias must be in [0, 20], got {d.low_noise_bias}")
     if not 1 <= c.sample.steps <= d.intervals:
         raise ConfigError(f"sample.steps must be in [1, distill.intervals={d.intervals}], "
                           f"got {c.sample.steps}")

@@ -73,13 +73,24 @@ def teacher_step(eps_fn: diffusion.EpsFn, sched: diffusion.Schedule, z: Array, t
     return diffusion.ddim_step(sched, eps, z, t, t_prev, 0.0, jnp.zeros_like(z), clip_x0)[0]
 
 
+def interval_probs(intervals: int, low_noise_bias: float) -> np.ndarray:
+    """P(grid interval n) proportional to exp(-low_noise_bias n / intervals): 0 is uniform
+    (LCM); a bias b trains the lowest interval e^b times as often as the highest."""
+    w = np.exp(-low_noise_bias * np.arange(intervals) / intervals)
+    return w / w.sum()
+
+
 def distillation_pair(student: X0Fn, target: X0Fn, eps_fn: diffusion.EpsFn,
                       sched: diffusion.Schedule, grid: Array, x0: Array, key: Array,
-                      clip_x0: bool = False) -> tuple[Array, Array]:
+                      clip_x0: bool = False, probs: Array | None = None) -> tuple[Array, Array]:
     """(f_student(z_{n+1}, t_{n+1}), f_target(z_n, t_n)): z_{n+1} ~ q(z | x0) at a random
-    grid interval n, z_n its teacher step; the target carries no gradient."""
+    grid interval n (uniform, or drawn from probs), z_n its teacher step; the target carries
+    no gradient."""
     n_key, z_key = jax.random.split(key)
-    n = jax.random.randint(n_key, (x0.shape[0],), 0, grid.shape[0] - 1)
+    if probs is None:
+        n = jax.random.randint(n_key, (x0.shape[0],), 0, grid.shape[0] - 1)
+    else:
+        n = jax.random.choice(n_key, grid.shape[0] - 1, (x0.shape[0],), p=probs)
     t_hi, t_lo = grid[n + 1], grid[n]
     z_hi = diffusion.q_sample(sched, x0, t_hi, jax.random.normal(z_key, x0.shape))
     z_lo = jax.lax.stop_gradient(teacher_step(eps_fn, sched, z_hi, t_hi, t_lo, clip_x0))

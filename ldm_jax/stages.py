@@ -397,6 +397,8 @@ def distill_task(c, workdir: str) -> Task:
     sched, unet = models.build_schedule(tc.diffusion), models.build_unet(tc.model)
     grid = jnp.asarray(consistency.student_grid(tc.diffusion.timesteps, c.distill.intervals))
     conditional, ema = tc.model.conditioning != "none", c.distill.target_ema
+    bias = c.distill.low_noise_bias
+    probs = jnp.asarray(consistency.interval_probs(c.distill.intervals, bias)) if bias else None
 
     def loss_fn(params, model_state, batch, key):
         z_key, y_key, d_key = jax.random.split(key, 3)
@@ -407,7 +409,8 @@ def distill_task(c, workdir: str) -> Task:
         target = model_state["target"] if ema > 0 else jax.lax.stop_gradient(params)
         pred, want = consistency.distillation_pair(
             student_x0_fn(unet, tc, sched, params, y), student_x0_fn(unet, tc, sched, target, y),
-            eps_fn, sched, grid, clean_batch(batch, z_key, scale), d_key, tc.diffusion.clip_x0)
+            eps_fn, sched, grid, clean_batch(batch, z_key, scale), d_key, tc.diffusion.clip_x0,
+            probs)
         if ema > 0:
             model_state = dict(model_state, target=optax.incremental_update(
                 jax.lax.stop_gradient(params), target, 1.0 - ema))

@@ -61,6 +61,20 @@ def test_the_distillation_target_equals_a_float64_numpy_teacher_step():
     np.testing.assert_allclose(np.asarray(pred), np_pred, rtol=2e-5, atol=2e-5)
 
 
+def test_a_low_noise_bias_draws_the_intervals_it_is_given():
+    probs = consistency.interval_probs(50, 2.0)
+    np.testing.assert_allclose(probs.sum(), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(probs[0] / probs[-1], np.exp(2.0 * 49 / 50), rtol=1e-12)
+    np.testing.assert_allclose(consistency.interval_probs(50, 0.0), np.full(50, 0.02))
+    sched, grid = _sched(), consistency.student_grid(T, 50)
+    only = jnp.zeros(50).at[7].set(1.0)  # every draw must be interval 7: t_hi = grid[8]
+    time_of = lambda z, t: jnp.broadcast_to(t[:, None, None, None], z.shape).astype(z.dtype)
+    pred, _ = consistency.distillation_pair(time_of, time_of, lambda z, t: z, sched,
+                                            jnp.asarray(grid), jnp.zeros((64, 2, 2, 1)),
+                                            jax.random.key(0), probs=only)
+    np.testing.assert_allclose(np.asarray(pred), grid[8], rtol=1e-4)
+
+
 def test_the_targets_autoguidance_weight_overrides_the_teachers_own():
     tc = configs.get_config("ldm", "smoke")
     tc.sample.guide_weight = 2.0
