@@ -75,7 +75,8 @@ def teacher_step(eps_fn: diffusion.EpsFn, sched: diffusion.Schedule, z: Array, t
 
 def interval_probs(intervals: int, low_noise_bias: float) -> np.ndarray:
     """P(grid interval n) proportional to exp(-low_noise_bias n / intervals): 0 is uniform
-    (LCM); a bias b trains the lowest interval e^b times as often as the highest."""
+    (LCM); a bias b draws the lowest of N intervals e^(b (N - 1) / N) times as often as the
+    highest."""
     w = np.exp(-low_noise_bias * np.arange(intervals) / intervals)
     return w / w.sum()
 

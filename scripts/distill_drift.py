@@ -94,10 +94,9 @@ def main(argv):
     del argv
     cli.setup_jax()
     teacher = sample.load_generator(FLAGS.workdir, "ldm")
-    w = checkpoints.stored_meta(f"{FLAGS.workdir}/distill")["autoguidance"]
-    grid = consistency.student_grid(teacher.sched.num_timesteps,
-                                    sample.load_student(FLAGS.workdir, "distill", None,
-                                                        teacher).config["distill"]["intervals"])
+    meta = checkpoints.stored_meta(f"{FLAGS.workdir}/distill")  # the newest student's
+    w = meta["autoguidance"]
+    grid = consistency.student_grid(teacher.sched.num_timesteps, meta["intervals"])
     traj = ode_trajectory(teacher, grid, w)
     students = {s: sample.load_student(FLAGS.workdir, "distill", int(s), teacher)
                 for s in {*FLAGS.student_steps, *FLAGS.mix}}
