@@ -205,6 +205,7 @@ def _distill(c: ml_collections.ConfigDict) -> None:
     c.sample = ml_collections.ConfigDict()
     c.sample.steps = 4  # default sampling steps of sample and pipeline, in [1, intervals]
     c.sample.time_power = 1.0  # re-noise times ~ (T - 1)(1 - i / steps)^power; 1: LCM's
+    c.sample.gamma = 1.0  # share of fresh noise in each re-noising; 1: LCM's, 0: deterministic
     c.optim.lr, c.optim.warmup_steps = 1e-4, 100
     c.train.steps = 10_000
 
@@ -380,6 +381,8 @@ def _check_distill(c: ml_collections.ConfigDict) -> None:
                           f"got {c.sample.steps}")
     if not 0.0 < c.sample.time_power <= 1.0:
         raise ConfigError(f"sample.time_power must be in (0, 1], got {c.sample.time_power}")
+    if not 0.0 <= c.sample.gamma <= 1.0:
+        raise ConfigError(f"sample.gamma must be in [0, 1], got {c.sample.gamma}")
 
 
 def _check_training(c: ml_collections.ConfigDict) -> None:

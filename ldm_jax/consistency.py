@@ -106,16 +106,21 @@ def pseudo_huber(a: Array, b: Array) -> Array:
 
 
 def sample(student: X0Fn, sched: diffusion.Schedule, key: Array, shape: tuple[int, ...],
-           times: np.ndarray) -> Array:
+           times: np.ndarray, gamma: float = 1.0) -> Array:
     """Multistep consistency sampling: x = f(noise, t_1), then for each later time t_i
-    re-noise x to t_i (q_sample) and denoise again with f."""
+    re-noise x to t_i and denoise again with f. gamma is the share of fresh noise in each
+    re-noising: 1 is LCM's q_sample, 0 a deterministic DDIM step along the student's own
+    noise estimate (TCD's gamma, Zheng et al. 2024, in DDIM's eta form)."""
     f = consistency_fn(student)
     batch = shape[0]
-    x = f(jax.random.normal(jax.random.fold_in(key, sched.num_timesteps), shape),
-          jnp.full((batch,), times[0], jnp.int32))
+    z = jax.random.normal(jax.random.fold_in(key, sched.num_timesteps), shape)
+    t_batch = jnp.full((batch,), times[0], jnp.int32)
+    x = f(z, t_batch)
     for i, t in enumerate(times[1:], start=1):
+        eps_hat = diffusion.predict_eps_from_xstart(sched, z, t_batch, x)
+        noise = jax.random.normal(jax.random.fold_in(key, i), shape)
         t_batch = jnp.full((batch,), t, jnp.int32)
-        z = diffusion.q_sample(sched, x, t_batch, jax.random.normal(jax.random.fold_in(key, i),
-                                                                    shape))
+        mix = gamma * noise + np.sqrt(1.0 - gamma**2) * eps_hat if gamma < 1 else noise
+        z = diffusion.q_sample(sched, x, t_batch, mix)
         x = f(z, t_batch)
     return x

@@ -216,7 +216,8 @@ def _student_chain(gen: Generator, key: jax.Array, shape: tuple, steps: int, par
                                  labels if is_conditional(gen) else None)
     power = cfg["sample"].get("time_power", checkpoints.LEGACY_VALUES["sample.time_power"])
     times = consistency.sampling_times(grid, steps, power)
-    x = consistency.sample(x0_fn, gen.sched, key, shape, times)
+    gamma = cfg["sample"].get("gamma", checkpoints.LEGACY_VALUES["sample.gamma"])
+    x = consistency.sample(x0_fn, gen.sched, key, shape, times, gamma)
     return jnp.clip(x, -1, 1) if cfg["diffusion"]["clip_x0"] else x
 
 

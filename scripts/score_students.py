@@ -13,6 +13,7 @@ after compilation and U-Net calls per image. Choose the setting on `fid_val`; re
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
@@ -29,6 +30,8 @@ flags.DEFINE_list("steps", ["1", "2", "4", "8"], "Student step counts to score."
 flags.DEFINE_list("student_steps", [], "Student checkpoints to score (default: the newest).")
 flags.DEFINE_list("time_powers", [], "Score the students at each of these sample.time_power "
                   "values (default: each student's own).")
+flags.DEFINE_list("gammas", [], "Score the students at each of these sample.gamma values "
+                  "(default: each student's own).")
 flags.DEFINE_bool("teacher", True, "Score the teacher's default sampler too (once per workdir).")
 flags.DEFINE_integer("num", 2000, "Samples per row.")
 flags.DEFINE_integer("seed", 7, "Sampling seed (choose on another seed than the reported 7).")
@@ -55,6 +58,7 @@ def main(argv):
     saved = {}
     steps = {int(s) for s in FLAGS.steps}
     powers = [float(p) for p in FLAGS.time_powers] or [None]
+    gammas = [float(g) for g in FLAGS.gammas] or [None]
     for workdir in FLAGS.workdirs:
         name = os.path.basename(os.path.normpath(workdir))
         teacher = fewstep.load_teacher_of(workdir, FLAGS.student)
@@ -64,15 +68,19 @@ def main(argv):
             student = row != fewstep.TEACHER
             if (not student and (not FLAGS.teacher or i)) or (student and k not in steps):
                 continue
-            for power in powers if student else [None]:
-                if power is not None:  # the student's sampler reads it from its config
-                    gen.config["sample"]["time_power"] = power
+            for power, gamma in itertools.product(*([powers, gammas] if student
+                                                    else [[None], [None]])):
+                for key, value in (("time_power", power), ("gamma", gamma)):
+                    if value is not None:  # the student's sampler reads it from its config
+                        gen.config["sample"][key] = value
                 images, seconds = fewstep.timed_generate(gen, FLAGS.num, FLAGS.seed, sampler,
                                                          k, eta, w)
-                tag = f"_p{power}" if power is not None else ""
+                tag = (f"_p{power}" if power is not None else "") + (
+                    f"_g{gamma}" if gamma is not None else "")
                 saved[f"{name}_{gen.step}_{row.replace(' ', '')}{tag}"] = images
                 emit(dict(workdir=name, what=row, student_step=gen.step if student else None,
                           time_power=gen.config["sample"].get("time_power", LCM) if student else None,
+                          gamma=gen.config["sample"].get("gamma", 1.0) if student else None,
                           n=FLAGS.num, seed=FLAGS.seed, images_per_s=FLAGS.num / seconds,
                           unet_calls=fewstep.unet_calls(gen, sampler, k, w), **scorer(images)))
     if FLAGS.save:

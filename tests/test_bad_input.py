@@ -224,6 +224,7 @@ def test_positional_argument_is_refused(tmp_path, monkeypatch, module, args, mes
     ("pixel", "--config.sample.guide_weight=-1 --config.sample.guide_step=2",
      "sample.guide_weight must be a finite number >= 0, got -1.0"),
     ("distill", "--config.sample.time_power=1.5", "sample.time_power must be in (0, 1], got 1.5"),
+    ("distill", "--config.sample.gamma=-0.1", "sample.gamma must be in [0, 1], got -0.1"),
     ("distill", "--config.distill.autoguidance=nan",
      "distill.autoguidance must be finite, got nan"),
     ("vae", "--config.loss.l1_weight=-1", "loss.kl_weight, loss.l1_weight, loss.perceptual_weight"),

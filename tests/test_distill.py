@@ -61,6 +61,27 @@ def test_the_distillation_target_equals_a_float64_numpy_teacher_step():
     np.testing.assert_allclose(np.asarray(pred), np_pred, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("gamma", [0.0, 0.6, 1.0])
+def test_multistep_sampling_re_noises_as_a_float64_numpy_chain(gamma):
+    sched, times = _sched(), np.array([999, 759, 500])
+    x0_fn = lambda z, t: 0.4 * z - 1e-4 * t[:, None, None, None]
+    key, shape = jax.random.key(3), (2, 7, 7, 4)
+    got = consistency.sample(x0_fn, sched, key, shape, times, gamma)
+    ab, b = _np_consts()["alphas_cumprod"], lambda v: np.full((2, 1, 1, 1), v)
+    skip = lambda t: 0.25 / ((10.0 * t) ** 2 + 0.25)
+    out = lambda t: 10.0 * t / np.sqrt((10.0 * t) ** 2 + 0.25)
+    f = lambda z, t: b(skip(t)) * z + b(out(t)) * (0.4 * z - 1e-4 * t)
+    z = np.asarray(jax.random.normal(jax.random.fold_in(key, T), shape), np.float64)
+    x = f(z, times[0])
+    for i in (1, 2):  # gamma = 1: fresh noise (LCM); 0: the student's own noise estimate
+        eps_hat = (z - np.sqrt(ab[times[i - 1]]) * x) / np.sqrt(1 - ab[times[i - 1]])
+        noise = np.asarray(jax.random.normal(jax.random.fold_in(key, i), shape), np.float64)
+        mix = gamma * noise + np.sqrt(1 - gamma**2) * eps_hat
+        z = np.sqrt(ab[times[i]]) * x + np.sqrt(1 - ab[times[i]]) * mix
+        x = f(z, times[i])
+    np.testing.assert_allclose(np.asarray(got), x, rtol=1e-4, atol=1e-4)
+
+
 def test_a_low_noise_bias_draws_the_intervals_it_is_given():
     probs = consistency.interval_probs(50, 2.0)
     np.testing.assert_allclose(probs.sum(), 1.0, rtol=1e-12)

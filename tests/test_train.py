@@ -202,6 +202,8 @@ def test_config_from_stored_fills_fields_added_later():
     del student["sample"]["time_power"]
     assert checkpoints.config_from_stored(student).sample.time_power == 1.0
     assert configs.get_config("distill", "cpu-quick").sample.time_power != 1.0
+    del student["sample"]["gamma"]  # ... and re-noises with fresh noise only
+    assert checkpoints.config_from_stored(student).sample.gamma == 1.0
 
 
 @pytest.mark.slow  # in `-m slow` to keep the default suite under 10 minutes on 2 cores
