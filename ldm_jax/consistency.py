@@ -117,10 +117,11 @@ def sample(student: X0Fn, sched: diffusion.Schedule, key: Array, shape: tuple[in
     t_batch = jnp.full((batch,), times[0], jnp.int32)
     x = f(z, t_batch)
     for i, t in enumerate(times[1:], start=1):
-        eps_hat = diffusion.predict_eps_from_xstart(sched, z, t_batch, x)
         noise = jax.random.normal(jax.random.fold_in(key, i), shape)
+        if gamma < 1:  # part of the noise is the student's own estimate at the previous time
+            eps_hat = diffusion.predict_eps_from_xstart(sched, z, t_batch, x)
+            noise = gamma * noise + np.sqrt(1.0 - gamma**2) * eps_hat
         t_batch = jnp.full((batch,), t, jnp.int32)
-        mix = gamma * noise + np.sqrt(1.0 - gamma**2) * eps_hat if gamma < 1 else noise
-        z = diffusion.q_sample(sched, x, t_batch, mix)
+        z = diffusion.q_sample(sched, x, t_batch, noise)
         x = f(z, t_batch)
     return x

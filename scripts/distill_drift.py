@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from ldm_jax import checkpoints, cli, consistency, data, diffusion, nets, sample, score, stages
+from ldm_jax import checkpoints, cli, consistency, data, nets, sample, score, stages
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "", "A workdir with an ldm teacher and its distill student.")
@@ -34,10 +34,9 @@ flags.DEFINE_integer("holdout", 2000, "The validation images: the last HOLDOUT t
 PROBE_T = (20, 100, 200, 400, 600, 800, 999)
 
 
-def student_f(teacher: sample.Generator, params) -> consistency.X0Fn:
+def student_x0(teacher: sample.Generator, params) -> consistency.X0Fn:
     tc = checkpoints.config_from_stored(teacher.config)
-    return jax.jit(consistency.consistency_fn(
-        stages.student_x0_fn(teacher.unet, tc, teacher.sched, params)))
+    return jax.jit(stages.student_x0_fn(teacher.unet, tc, teacher.sched, params))
 
 
 def ode_trajectory(teacher: sample.Generator, grid: np.ndarray, w: float,
@@ -67,19 +66,13 @@ def ode_errors(f, traj: dict[int, jax.Array]) -> dict:
     return rows
 
 
-def mixed_chain(teacher: sample.Generator, fs: list, times: np.ndarray, n: int) -> np.ndarray:
-    """uint8 samples of the multistep sampler (consistency.sample) whose step i is fs[i]."""
-    def chain(key):
-        shape = (n, *teacher.shape)
-        x = fs[0](jax.random.normal(jax.random.fold_in(key, teacher.sched.num_timesteps),
-                                    shape), jnp.full((n,), times[0]))
-        for i, t in enumerate(times[1:], start=1):
-            tb = jnp.full((n,), t)
-            noise = jax.random.normal(jax.random.fold_in(key, i), shape)
-            x = fs[i](diffusion.q_sample(teacher.sched, x, tb, noise), tb)
-        return teacher.vae.apply(teacher.vae_vars, x / teacher.scale_factor,
-                                 method=nets.VAE.decode)
-    return data.to_uint8(np.asarray(chain(jax.random.key(1))))
+def mixed_chain(teacher: sample.Generator, x0_fns: list, times: np.ndarray, n: int) -> np.ndarray:
+    """uint8 samples of consistency.sample whose step i is taken by x0_fns[i]."""
+    calls = iter(x0_fns)  # consistency.sample calls its student once per step, in order
+    x = consistency.sample(lambda z, t: next(calls)(z, t), teacher.sched, jax.random.key(1),
+                           (n, *teacher.shape), times)
+    return data.to_uint8(np.asarray(teacher.vae.apply(
+        teacher.vae_vars, x / teacher.scale_factor, method=nets.VAE.decode)))
 
 
 def mix_plans(steps: int) -> dict[str, list[int]]:
@@ -102,12 +95,12 @@ def main(argv):
                 for s in {*FLAGS.student_steps, *FLAGS.mix}}
     for s in ["0", *FLAGS.student_steps]:
         params = teacher.params if s == "0" else students[s].params
+        f = consistency.consistency_fn(student_x0(teacher, params))
         print(json.dumps(dict(probe="ode", student_step=int(s), autoguidance=w,
-                              **{f"t{t}": v for t, v in ode_errors(student_f(teacher, params),
-                                                                    traj).items()})), flush=True)
+                              **{f"t{t}": v for t, v in ode_errors(f, traj).items()})), flush=True)
     if not FLAGS.mix:
         return
-    fs = [student_f(teacher, students[s].params) for s in FLAGS.mix]
+    fs = [student_x0(teacher, students[s].params) for s in FLAGS.mix]
     power = students[FLAGS.mix[0]].config["sample"]["time_power"]
     times = consistency.sampling_times(grid, FLAGS.steps, power)
     scorer = score.SplitScorer(["val"], FLAGS.holdout, 0, False)
