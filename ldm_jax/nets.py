@@ -256,6 +256,7 @@ class Decoder(nn.Module):
     num_res_blocks: int = 1
     groups: int = 8
     image_size: int = 28
+    out_ch: int = 1  # 2 for the 'hurdle' likelihood: see decoder_image
 
     @nn.compact
     def __call__(self, z: Array) -> Array:
@@ -267,7 +268,7 @@ class Decoder(nn.Module):
             for _ in range(self.num_res_blocks):
                 h = ResBlock(self.channels[level], self.groups)(h)
         h = nn.swish(GroupNorm(self.groups)(h))
-        return nn.Conv(1, (3, 3))(h)
+        return nn.Conv(self.out_ch, (3, 3))(h)
 
 
 # ----------------------------------------------------------------------------- Vector quantisation
@@ -348,13 +349,24 @@ class VectorQuantizer(nn.Module):
 
 
 REGULARISERS = ("kl", "vq")
-LIKELIHOODS = ("gaussian", "bernoulli")
+LIKELIHOODS = ("gaussian", "bernoulli", "hurdle")
 
 
-def decoder_image(out: Array, likelihood: str) -> Array:
-    """The decoder's output [B, 28, 28, 1] -> image in [-1, 1]: itself for 'gaussian' (a mean
-    trained by squared error), 2 sigmoid(out) - 1 for 'bernoulli' (logits of the intensity)."""
-    return 2.0 * jax.nn.sigmoid(out) - 1.0 if likelihood == "bernoulli" else out
+def decoder_image(out: Array, likelihood: str, mean: bool = False) -> Array:
+    """The decoder's output [B, 28, 28, C] -> image [B, 28, 28, 1] in [-1, 1].
+    gaussian: itself (a mean trained by squared error). bernoulli: 2 sigmoid(out) - 1 (logits
+    of the intensity). hurdle: channel 0 is the logit of 'the pixel is not 0', channel 1 the
+    logit of a nonzero pixel's intensity; the image is 0 where 0 is the likelier outcome and
+    that intensity elsewhere, or with mean=True (differentiable, for the training losses) the
+    expected intensity P(not 0) * intensity."""
+    if likelihood == "gaussian":
+        return out
+    if likelihood == "bernoulli":
+        return 2.0 * jax.nn.sigmoid(out) - 1.0
+    ink, intensity = jnp.split(out, 2, axis=-1)
+    if mean:
+        return 2.0 * jax.nn.sigmoid(ink) * jax.nn.sigmoid(intensity) - 1.0
+    return jnp.where(ink > 0, 2.0 * jax.nn.sigmoid(intensity) - 1.0, -1.0)
 
 
 class VAE(nn.Module):
@@ -384,7 +396,8 @@ class VAE(nn.Module):
         out_ch = 2 * self.latent_ch if self.reg == "kl" else self.latent_ch
         self.encoder = Encoder(self.channels, out_ch, self.num_res_blocks, self.groups)
         dec_blocks = self.num_res_blocks if self.decoder_res_blocks < 0 else self.decoder_res_blocks
-        self.decoder = Decoder(self.channels, dec_blocks, self.groups)
+        self.decoder = Decoder(self.channels, dec_blocks, self.groups,
+                               out_ch=2 if self.likelihood == "hurdle" else 1)
         if self.reg == "vq":
             self.quantizer = VectorQuantizer(self.num_codes, self.codebook_decay,
                                              self.dead_threshold)
@@ -411,8 +424,8 @@ class VAE(nn.Module):
         return decoder_image(self.decoder(zq), self.likelihood), info
 
     def __call__(self, x: Array, key: Array) -> tuple[Array, dict]:
-        """x [B, 28, 28, 1] -> (decoder output [B, 28, 28, 1]: the image for 'gaussian', its
-        logits for 'bernoulli'; decoder_image maps it to [-1, 1], info): mean and logvar
+        """x [B, 28, 28, 1] -> (decoder output [B, 28, 28, C]: the image for 'gaussian', its
+        logits for 'bernoulli' and 'hurdle'; decoder_image maps it to [-1, 1], info): mean and logvar
         [B, s, s, c] for kl; commit, perplexity, codes_used, index for vq."""
         mean, logvar = self.encode(x)
         if self.reg == "kl":
@@ -447,7 +460,7 @@ def last_decoder_layer(vae_params: dict) -> tuple[str, str, str]:
     convs = [k for k in vae_params["decoder"] if k.startswith("Conv_")]
     name = max(convs, key=lambda k: int(k.split("_")[1]))
     kernel = vae_params["decoder"][name]["kernel"]
-    assert kernel.shape[-1] == 1, f"decoder/{name} is not the output layer: {kernel.shape}"
+    assert kernel.shape[-1] <= 2, f"decoder/{name} is not the output layer: {kernel.shape}"
     return "decoder", name, "kernel"
 
 

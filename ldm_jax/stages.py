@@ -61,11 +61,19 @@ def reconstruction_nll(out: Array, x: Array, likelihood: str) -> Array:
     """-log p(x | decoder output), summed over pixels, up to a constant: [B].
     gaussian: sum of squares of out - x. bernoulli: out are logits of the intensity
     t = (x + 1) / 2 in [0, 1], and the cross-entropy softplus(out) - t out is minimal where
-    sigmoid(out) = t, so exact 0 and 255 (most of MNIST) pull the logits to -inf and +inf."""
+    sigmoid(out) = t, so exact 0 and 255 (most of MNIST) pull the logits to -inf and +inf.
+    hurdle: the cross-entropy of 'the pixel is not 0' (channel 0), plus for nonzero pixels
+    the bernoulli term of their intensity (channel 1)."""
     if likelihood == "gaussian":
         return jnp.sum(jnp.square(out - x), axis=(1, 2, 3))
     t = (x + 1.0) / 2.0
-    return jnp.sum(jax.nn.softplus(out) - t * out, axis=(1, 2, 3))
+    if likelihood == "bernoulli":
+        return jnp.sum(jax.nn.softplus(out) - t * out, axis=(1, 2, 3))
+    ink_logit, intensity = jnp.split(out, 2, axis=-1)
+    ink = (t > 0.5 / 255).astype(out.dtype)  # exact 0 in uint8
+    nll = jax.nn.softplus(ink_logit) - ink * ink_logit
+    nll = nll + ink * (jax.nn.softplus(intensity) - t * intensity)
+    return jnp.sum(nll, axis=(1, 2, 3))
 
 
 def vae_loss(model: nets.VAE, c, perceptual, disc, params, model_state, batch, key):
@@ -80,7 +88,7 @@ def vae_loss(model: nets.VAE, c, perceptual, disc, params, model_state, batch, k
     x = batch["image"]  # [B, 28, 28, 1]
     z_key, vq_key = jax.random.split(key)
     vae_params, disc_params = models.split_discriminator(params)
-    to_image = functools.partial(nets.decoder_image, likelihood=model.likelihood)
+    to_image = functools.partial(nets.decoder_image, likelihood=model.likelihood, mean=True)
 
     def forward(p):  # VAE params -> (decoder output [B, 28, 28, 1], (info, new model_state))
         (recon, info), new_state = model.apply({"params": p, **model_state}, x, z_key,
