@@ -163,7 +163,8 @@ def _first_stage(c: ml_collections.ConfigDict) -> None:
     c.autoencoder.reg = "kl"  # first-stage regulariser: kl (Gaussian posterior) | vq (codebook)
     # Decoder output: bernoulli (logits, cross-entropy; saturates to exact 0 and 255) |
     # gaussian (a mean under squared error; leaves a faint haze on the background) |
-    # hurdle (P(pixel = 0), and a nonzero pixel's intensity: decodes 0 where 0 is likelier).
+    # hurdle (P(pixel = 0), and a nonzero pixel's intensity: decodes 0 where 0 is likelier) |
+    # hurdle_logit (as hurdle, with a logit-normal intensity decoded at its median).
     c.autoencoder.likelihood = "bernoulli"
     c.autoencoder.codebook_size = 256  # vq: number of codes
     c.autoencoder.codebook_decay = 0.99  # vq: EMA decay of code counts and sums

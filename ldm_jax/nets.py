@@ -256,7 +256,7 @@ class Decoder(nn.Module):
     num_res_blocks: int = 1
     groups: int = 8
     image_size: int = 28
-    out_ch: int = 1  # 2 for the 'hurdle' likelihood: see decoder_image
+    out_ch: int = 1  # see decoder_image
 
     @nn.compact
     def __call__(self, z: Array) -> Array:
@@ -349,7 +349,8 @@ class VectorQuantizer(nn.Module):
 
 
 REGULARISERS = ("kl", "vq")
-LIKELIHOODS = ("gaussian", "bernoulli", "hurdle")
+LIKELIHOODS = ("gaussian", "bernoulli", "hurdle", "hurdle_logit")
+OUTPUT_CHANNELS = {"gaussian": 1, "bernoulli": 1, "hurdle": 2, "hurdle_logit": 3}
 
 
 def decoder_image(out: Array, likelihood: str, mean: bool = False) -> Array:
@@ -358,12 +359,13 @@ def decoder_image(out: Array, likelihood: str, mean: bool = False) -> Array:
     of the intensity). hurdle: channel 0 is the logit of 'the pixel is not 0', channel 1 the
     logit of a nonzero pixel's intensity; the image is 0 where 0 is the likelier outcome and
     that intensity elsewhere, or with mean=True (differentiable, for the training losses) the
-    expected intensity P(not 0) * intensity."""
+    expected intensity P(not 0) * intensity. hurdle_logit: as hurdle, channel 1 the median of
+    a logit-normal intensity (channel 2 its log scale)."""
     if likelihood == "gaussian":
         return out
     if likelihood == "bernoulli":
         return 2.0 * jax.nn.sigmoid(out) - 1.0
-    ink, intensity = jnp.split(out, 2, axis=-1)
+    ink, intensity = out[..., :1], out[..., 1:2]
     if mean:
         return 2.0 * jax.nn.sigmoid(ink) * jax.nn.sigmoid(intensity) - 1.0
     return jnp.where(ink > 0, 2.0 * jax.nn.sigmoid(intensity) - 1.0, -1.0)
@@ -397,7 +399,7 @@ class VAE(nn.Module):
         self.encoder = Encoder(self.channels, out_ch, self.num_res_blocks, self.groups)
         dec_blocks = self.num_res_blocks if self.decoder_res_blocks < 0 else self.decoder_res_blocks
         self.decoder = Decoder(self.channels, dec_blocks, self.groups,
-                               out_ch=2 if self.likelihood == "hurdle" else 1)
+                               out_ch=OUTPUT_CHANNELS[self.likelihood])
         if self.reg == "vq":
             self.quantizer = VectorQuantizer(self.num_codes, self.codebook_decay,
                                              self.dead_threshold)
@@ -460,7 +462,7 @@ def last_decoder_layer(vae_params: dict) -> tuple[str, str, str]:
     convs = [k for k in vae_params["decoder"] if k.startswith("Conv_")]
     name = max(convs, key=lambda k: int(k.split("_")[1]))
     kernel = vae_params["decoder"][name]["kernel"]
-    assert kernel.shape[-1] <= 2, f"decoder/{name} is not the output layer: {kernel.shape}"
+    assert kernel.shape[-1] <= 3, f"decoder/{name} is not the output layer: {kernel.shape}"
     return "decoder", name, "kernel"
 
 

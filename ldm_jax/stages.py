@@ -69,11 +69,15 @@ def reconstruction_nll(out: Array, x: Array, likelihood: str) -> Array:
     t = (x + 1.0) / 2.0
     if likelihood == "bernoulli":
         return jnp.sum(jax.nn.softplus(out) - t * out, axis=(1, 2, 3))
-    ink_logit, intensity = jnp.split(out, 2, axis=-1)
+    ink_logit, intensity = out[..., :1], out[..., 1:2]
     ink = (t > 0.5 / 255).astype(out.dtype)  # exact 0 in uint8
     nll = jax.nn.softplus(ink_logit) - ink * ink_logit
-    nll = nll + ink * (jax.nn.softplus(intensity) - t * intensity)
-    return jnp.sum(nll, axis=(1, 2, 3))
+    if likelihood == "hurdle":
+        return jnp.sum(nll + ink * (jax.nn.softplus(intensity) - t * intensity), axis=(1, 2, 3))
+    tc = jnp.clip(t, 0.5 / 255, 254.5 / 255)  # finite logits at 0 (masked) and 255
+    log_s = jnp.clip(out[..., 2:3], -3.0, 2.0)
+    gauss = 0.5 * jnp.square((jnp.log(tc) - jnp.log1p(-tc) - intensity) * jnp.exp(-log_s)) + log_s
+    return jnp.sum(nll + ink * gauss, axis=(1, 2, 3))
 
 
 def vae_loss(model: nets.VAE, c, perceptual, disc, params, model_state, batch, key):

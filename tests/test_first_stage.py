@@ -42,6 +42,23 @@ def test_hurdle_nll_matches_float64_zero_and_intensity_cross_entropies():
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5)
 
 
+def test_hurdle_logit_nll_matches_float64_logit_normal_intensity():
+    rng = np.random.default_rng(2)
+    out = rng.normal(0, 2, (3, 28, 28, 3))
+    out[1, :5, :, 2] = -9.0  # log scales beyond the clip
+    t = np.round(rng.uniform(0, 1, (3, 28, 28, 1)) * 255) / 255
+    t[0] = 0.0
+    t[2, :10] = 1.0
+    ink, p = (t > 0).astype(np.float64), 1.0 / (1.0 + np.exp(-out[..., :1]))
+    tc = np.clip(t, 0.5 / 255, 254.5 / 255)
+    log_s = np.clip(out[..., 2:], -3.0, 2.0)
+    gauss = 0.5 * ((np.log(tc / (1 - tc)) - out[..., 1:2]) / np.exp(log_s)) ** 2 + log_s
+    ref = np.sum(-(ink * np.log(p) + (1 - ink) * np.log1p(-p)) + ink * gauss, axis=(1, 2, 3))
+    got = stages.reconstruction_nll(jnp.asarray(out, jnp.float32),
+                                    jnp.asarray(2 * t - 1, jnp.float32), "hurdle_logit")
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5)
+
+
 def test_hurdle_decoder_image_is_zero_where_zero_is_likelier():
     ink = np.array([-9.0, -0.1, 0.1, 3.0, 9.0])
     intensity = np.array([5.0, 5.0, -1.0, 50.0, 0.0])
@@ -56,6 +73,9 @@ def test_hurdle_decoder_image_is_zero_where_zero_is_likelier():
     u8 = data.to_uint8(np.broadcast_to(np.asarray(nets.decoder_image(out, "hurdle")),
                                        (5, 28, 28, 1)))[:, 0, 0]
     assert list(u8[:2]) == [0, 0] and u8[3] == 255  # exact black below the hurdle
+    with_scale = jnp.concatenate([out, jnp.full_like(out[..., :1], 7.0)], -1)  # hurdle_logit
+    np.testing.assert_array_equal(nets.decoder_image(with_scale, "hurdle_logit"),
+                                  nets.decoder_image(out, "hurdle"))
 
 
 def test_decoder_image_maps_logits_into_the_image_range():
