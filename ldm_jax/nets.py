@@ -427,7 +427,7 @@ class VAE(nn.Module):
 
     def __call__(self, x: Array, key: Array) -> tuple[Array, dict]:
         """x [B, 28, 28, 1] -> (decoder output [B, 28, 28, C]: the image for 'gaussian', its
-        logits for 'bernoulli' and 'hurdle'; decoder_image maps it to [-1, 1], info): mean and logvar
+        logits for the others; decoder_image maps it to [-1, 1], info): mean and logvar
         [B, s, s, c] for kl; commit, perplexity, codes_used, index for vq."""
         mean, logvar = self.encode(x)
         if self.reg == "kl":
@@ -462,7 +462,7 @@ def last_decoder_layer(vae_params: dict) -> tuple[str, str, str]:
     convs = [k for k in vae_params["decoder"] if k.startswith("Conv_")]
     name = max(convs, key=lambda k: int(k.split("_")[1]))
     kernel = vae_params["decoder"][name]["kernel"]
-    assert kernel.shape[-1] <= 3, f"decoder/{name} is not the output layer: {kernel.shape}"
+    assert kernel.shape[-1] <= max(OUTPUT_CHANNELS.values()), f"decoder/{name} is not the output layer: {kernel.shape}"
     return "decoder", name, "kernel"
 
 

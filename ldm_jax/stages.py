@@ -63,7 +63,8 @@ def reconstruction_nll(out: Array, x: Array, likelihood: str) -> Array:
     t = (x + 1) / 2 in [0, 1], and the cross-entropy softplus(out) - t out is minimal where
     sigmoid(out) = t, so exact 0 and 255 (most of MNIST) pull the logits to -inf and +inf.
     hurdle: the cross-entropy of 'the pixel is not 0' (channel 0), plus for nonzero pixels
-    the bernoulli term of their intensity (channel 1)."""
+    the bernoulli term of their intensity (channel 1). hurdle_logit: the same 'not 0' term,
+    plus for nonzero pixels a Gaussian NLL of logit(t) with mean channel 1, log scale channel 2."""
     if likelihood == "gaussian":
         return jnp.sum(jnp.square(out - x), axis=(1, 2, 3))
     t = (x + 1.0) / 2.0
