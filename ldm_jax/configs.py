@@ -204,10 +204,14 @@ def _distill(c: ml_collections.ConfigDict) -> None:
     c.distill.guidance = 0.0  # class-conditional teachers: CFG weight w built into the target
     c.distill.autoguidance = -1.0  # autoguidance w built into the target; < 0: the teacher's own
     c.distill.low_noise_bias = 0.0  # b: interval n drawn with p ~ exp(-b n / intervals); 0: uniform
+    # weight_max > weight_min: the student takes its guidance weight w as an input (LCM), trained
+    # on w ~ U[weight_min, weight_max]; w is CFG's for a class teacher, else autoguidance's.
+    c.distill.weight_min, c.distill.weight_max = 0.0, 0.0
     c.sample = ml_collections.ConfigDict()
     c.sample.steps = 4  # default sampling steps of sample and pipeline, in [1, intervals]
     c.sample.time_power = 1.0  # re-noise times ~ (T - 1)(1 - i / steps)^power; 1: LCM's
     c.sample.gamma = 1.0  # share of fresh noise in each re-noising; 1: LCM's, 0: deterministic
+    c.sample.weight = -1.0  # a student that takes autoguidance's w: its default; < 0: the teacher's
     c.optim.lr, c.optim.warmup_steps = 1e-4, 100
     c.train.steps = 10_000
 
@@ -376,6 +380,18 @@ def _check_distill(c: ml_collections.ConfigDict) -> None:
     if not 0.0 <= d.target_ema < 1.0:
         raise ConfigError(f"distill.target_ema must be in [0, 1), got {d.target_ema}")
     check_weight(d.guidance, "distill.guidance")
+    check_weight(d.weight_min, "distill.weight_min")
+    check_weight(d.weight_max, "distill.weight_max")
+    if d.weight_max < d.weight_min:
+        raise ConfigError(f"distill.weight_max={d.weight_max:g} is below distill.weight_min="
+                          f"{d.weight_min:g}")
+    if student_takes_weight(d) and c.sample.weight >= 0 and \
+            not d.weight_min <= c.sample.weight <= d.weight_max:
+        raise ConfigError(f"sample.weight={c.sample.weight:g} is outside [distill.weight_min, "
+                          f"distill.weight_max] = [{d.weight_min:g}, {d.weight_max:g}]")
+    if student_takes_weight(d) and d.guidance > 0:
+        raise ConfigError("distill.guidance fixes the CFG weight, distill.weight_max > "
+                          "weight_min makes it the student's input: set one")
     if not 0.0 <= d.low_noise_bias <= 20.0:  # e^20: every draw would be the lowest interval
         raise ConfigError(f"distill.low_noise_bias must be in [0, 20], got {d.low_noise_bias}")
     if not 1 <= c.sample.steps <= d.intervals:
@@ -501,6 +517,12 @@ def check_eta(eta: float, name: str = "sample.eta") -> None:
     """DDIM eta in [0, 1]; the one rule for the config, `sample` and `evaluate` (refuses nan)."""
     if not 0.0 <= eta <= 1.0:
         raise ConfigError(f"{name} must be in [0, 1], got {eta}")
+
+
+def student_takes_weight(distill) -> bool:
+    """Whether a student (its distill config section, or a stored dict of one) takes its
+    guidance weight as an input."""
+    return distill.get("weight_max", 0.0) > distill.get("weight_min", 0.0)
 
 
 def check_weight(w: float, name: str) -> None:

@@ -43,8 +43,9 @@ def split_discriminator(params: dict) -> tuple[dict, dict | None]:
     return {k: v for k, v in params.items() if k != DISCRIMINATOR}, params[DISCRIMINATOR]
 
 
-def build_unet(model_cfg) -> nets.UNet:
-    """The denoiser from a diffusion config's model section."""
+def build_unet(model_cfg, weight_input: bool = False) -> nets.UNet:
+    """The denoiser from a diffusion config's model section (weight_input: a student's, which
+    also takes its guidance weight)."""
     get = model_cfg.get  # checkpoints from before conditioning existed lack its fields
     encoder = None
     if get("conditioning", "none") == "text":
@@ -54,7 +55,8 @@ def build_unet(model_cfg) -> nets.UNet:
                      num_res_blocks=model_cfg["num_res_blocks"], heads=model_cfg["heads"],
                      groups=model_cfg["groups"], conditioning=get("conditioning", "none"),
                      num_classes=get("num_classes", 10), context_tokens=get("context_tokens", 4),
-                     context_dim=get("context_dim", 64), text_encoder=encoder)
+                     context_dim=get("context_dim", 64), text_encoder=encoder,
+                     weight_input=weight_input)
 
 
 def unet_fn(unet: nets.UNet, model_cfg, params):

@@ -26,6 +26,9 @@ def timestep_embedding(t: Array, dim: int, max_period: float = 10_000.0) -> Arra
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
+WEIGHT_SCALE = 100.0  # guidance weights 0-10 embed over the timesteps' range, as in LCM
+
+
 def downsampled_sizes(size: int, levels: int) -> list[int]:
     """Spatial sizes after each stride-2 'SAME' convolution: 28 -> [28, 14, 7, 4, ...]."""
     sizes = [size]
@@ -138,12 +141,15 @@ class SpatialTransformer(nn.Module):
 CONDITIONING = ("none", "class", "crossattn", "text")
 
 
-def _check_conditioning(conditioning: str, y) -> None:
+def _check_conditioning(conditioning: str, y, weight_input: bool = False, w=None) -> None:
     if conditioning not in CONDITIONING:
         raise ValueError(f"conditioning must be one of {CONDITIONING}, got {conditioning!r}")
     if (conditioning == "none") != (y is None):
         raise ValueError(f"conditioning={conditioning!r} needs labels y exactly when "
                          "it is not 'none'")
+    if weight_input != (w is not None):
+        raise ValueError(f"weight_input={weight_input} but w is "
+                         f"{'given' if w is not None else 'missing'}")
 
 
 class UNet(nn.Module):
@@ -169,16 +175,30 @@ class UNet(nn.Module):
     context_tokens: int = 4
     context_dim: int = 64
     text_encoder: nn.Module | None = None  # 'text': tokens [B, L] -> (context, mask)
+    weight_input: bool = False  # a few-step student that takes its guidance weight w [B]
+
+    def _embedding(self, dtype, t: Array, w: Array | None, emb_dim: int) -> Array:
+        """The time embedding [B, emb_dim] in the compute dtype, plus LCM's w-embedding for
+        weight_input, whose zero output layer makes a fresh one ignore w."""
+        emb = timestep_embedding(t, self.ch).astype(dtype)
+        emb = nn.Dense(emb_dim)(nn.swish(nn.Dense(emb_dim)(emb)))
+        if not self.weight_input:
+            return emb
+        w_emb = timestep_embedding(WEIGHT_SCALE * w, self.ch).astype(dtype)
+        w_emb = nn.swish(nn.Dense(emb_dim, name="weight_emb")(w_emb))
+        return emb + nn.Dense(emb_dim, kernel_init=nn.initializers.zeros,
+                              name="weight_emb_out")(w_emb)
 
     @nn.compact
-    def __call__(self, x: Array, t: Array, y: Array | None = None) -> Array:
+    def __call__(self, x: Array, t: Array, y: Array | None = None,
+                 w: Array | None = None) -> Array:
         """x: [B, H, W, C]; t: [B] int timesteps; y: [B] int labels (num_classes = null),
-        or for 'text' [B, L] prompt tokens; returns eps [B, H, W, C]."""
+        or for 'text' [B, L] prompt tokens; w: [B] guidance weights (weight_input only);
+        returns eps [B, H, W, C]."""
         assert x.ndim == 4 and t.shape == (x.shape[0],), (x.shape, t.shape)
-        _check_conditioning(self.conditioning, y)
+        _check_conditioning(self.conditioning, y, self.weight_input, w)
         emb_dim = 4 * self.ch
-        emb = timestep_embedding(t, self.ch).astype(x.dtype)  # the compute dtype is x's
-        emb = nn.Dense(emb_dim)(nn.swish(nn.Dense(emb_dim)(emb)))
+        emb = self._embedding(x.dtype, t, w, emb_dim)
         context = context_mask = None
         if self.conditioning == "class":
             emb = emb + nn.Embed(self.num_classes + 1, emb_dim, name="label_emb")(y)

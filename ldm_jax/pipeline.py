@@ -124,6 +124,18 @@ def write_samples(workdir: str, gen: sample.Generator, request: dict) -> str:
             f"{request['steps']} steps){note}")
 
 
+def student_weight(c, cfgs: list, workdir: str) -> float:
+    """The autoguidance weight the grid of student config c is drawn at (0 unless it takes
+    one: sample.default_student_weight, with its teacher's config from this pipeline or,
+    if it does not train the teacher, from the teacher's checkpoint)."""
+    if not configs.student_takes_weight(c.distill):
+        return 0.0
+    teacher = next((t for t in cfgs if t.stage == configs.STUDENTS[c.stage]), None)
+    stored = teacher.to_dict() if teacher is not None else checkpoints.stored_config(
+        os.path.join(workdir, configs.STUDENTS[c.stage])) or {"model": {}, "sample": {}}
+    return sample.default_student_weight(c.to_dict(), stored)
+
+
 def check_stage_list(stages: list[str], workdir: str) -> None:
     """--stages: known, each once, and each model's parent (the LDM's VAE, a student's
     teacher) trained earlier in the list or already in the workdir."""
@@ -171,7 +183,8 @@ def _main(argv: list[str] | None) -> None:
         for c in cfgs:  # refuse before training anything if a stage could not resume
             checkpoints.check_resumable(c, os.path.join(fv.workdir, c.stage))
             if c.stage in configs.STUDENTS:
-                requests[c.stage] = samples_request(fv.num, c.sample.steps, "consistency", 0.0)
+                requests[c.stage] = samples_request(fv.num, c.sample.steps, "consistency", 0.0,
+                                                    student_weight(c, cfgs, fv.workdir))
             elif c.stage in configs.DIFFUSION_STAGES:
                 requests[c.stage] = samples_request(fv.num, c.sample.steps, c.sample.sampler,
                                                     c.sample.eta, c.sample.guide_weight)

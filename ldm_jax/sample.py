@@ -100,13 +100,36 @@ def load_student(workdir: str, stage: str, step: int | None = None,
     weights = {"unet": params} if teacher.vae is None else {
         "unet": params, "vae": teacher.vae_vars, "scale": np.float64(teacher.scale_factor)}
     config = dict(teacher.config, stage=stage, distill=cfg["distill"], sample=cfg["sample"])
-    return dataclasses.replace(teacher, stage=stage, params=params, config=config,
+    unet = teacher.unet
+    if configs.student_takes_weight(cfg["distill"]):
+        unet = models.build_unet(teacher.config["model"], weight_input=True)
+        config["sample"] = dict(cfg["sample"], weight=default_student_weight(cfg, teacher.config))
+    return dataclasses.replace(teacher, stage=stage, unet=unet, params=params, config=config,
                                step=meta["step"], identity=checkpoints.tree_digest(weights),
                                guide_params=None, guide_step=0)
 
 
+def default_student_weight(student_cfg: dict, teacher_cfg: dict) -> float:
+    """The autoguidance weight a student that takes it samples at by default: its
+    sample.weight, or (< 0) its teacher's own guide_weight, within the range it was
+    distilled on; 0 for any other student."""
+    d, conditioning = student_cfg["distill"], teacher_cfg["model"].get("conditioning", "none")
+    if not configs.student_takes_weight(d) or conditioning != "none":
+        return 0.0
+    w = student_cfg["sample"].get("weight", -1.0)
+    w = teacher_cfg["sample"].get("guide_weight", 0.0) if w < 0 else w
+    return min(max(w, d["weight_min"]), d["weight_max"])
+
+
 def is_student(gen: Generator) -> bool:
     return gen.stage in configs.STUDENTS
+
+
+def student_weight_range(gen: Generator) -> tuple[float, float] | None:
+    """[min, max] of the guidance weight a student takes as an input (CFG's for a class
+    teacher, autoguidance's otherwise), or None: its guidance was fixed when distilled."""
+    d = gen.config["distill"]
+    return (d["weight_min"], d["weight_max"]) if configs.student_takes_weight(d) else None
 
 
 def check_student_steps(gen: Generator, steps: int) -> None:
@@ -207,13 +230,16 @@ def _reverse_chain(eps_fn, gen: Generator, key: jax.Array, shape: tuple, sampler
                                  keep_trajectory)
 
 
-def _student_chain(gen: Generator, key: jax.Array, shape: tuple, steps: int, params, labels):
-    """x_0 [n, ...] from noise in `steps` student steps (consistency.sample)."""
+def _student_chain(gen: Generator, key: jax.Array, shape: tuple, steps: int, params, labels,
+                   w):
+    """x_0 [n, ...] from noise in `steps` student steps (consistency.sample); w, the
+    guidance weight, is used by a student that takes it (student_weight_range)."""
     cfg = gen.config
     grid = consistency.student_grid(gen.sched.num_timesteps, cfg["distill"]["intervals"])
     tc = checkpoints.config_from_stored(dict(cfg, stage=configs.STUDENTS[gen.stage]))
+    w = jnp.full((shape[0],), w, jnp.float32) if student_weight_range(gen) else None
     x0_fn = stages.student_x0_fn(gen.unet, tc, gen.sched, params,
-                                 labels if is_conditional(gen) else None)
+                                 labels if is_conditional(gen) else None, w)
     power = cfg["sample"].get("time_power", checkpoints.LEGACY_VALUES["sample.time_power"])
     times = consistency.sampling_times(grid, steps, power)
     gamma = cfg["sample"].get("gamma", checkpoints.LEGACY_VALUES["sample.gamma"])
@@ -229,7 +255,8 @@ def _chain_fn(gen: Generator, shape: tuple, sampler: str, steps: int, eta: float
         if keep_trajectory:
             raise configs.ConfigError("a student keeps no trajectory")
         return lambda params, guide_params, key, labels, guidance: _student_chain(
-            gen, key, shape, steps, params, labels)
+            gen, key, shape, steps, params, labels,
+            guidance if is_conditional(gen) else autoguidance)
     if sampler not in SAMPLERS:
         raise configs.ConfigError(f"unknown sampler {sampler!r}; choose {', '.join(SAMPLERS)}")
     check_autoguidance(gen, autoguidance)
@@ -259,7 +286,8 @@ def sample_fn(gen: Generator, n: int, sampler: str = "ddim", steps: int = 100,
     [n, L] (text.encode_batch) the prompts (None: the null label or empty prompt, i.e.
     unconditional) and guidance is w of eps = (1 + w) eps(z, c) - w eps(z, null); both are
     traced arguments, so changing them does not recompile. A student (configs.STUDENTS)
-    samples in `steps` consistency steps; its guidance was fixed when it was distilled.
+    samples in `steps` consistency steps; its guidance was fixed when it was distilled, unless
+    it takes its weight (student_weight_range): then guidance, or autoguidance, is that weight.
     """
     chain = _chain_fn(gen, (n, *gen.shape), sampler, steps, eta, keep_trajectory, autoguidance)
     decode = _decode_fn(gen)
@@ -366,11 +394,14 @@ def define_flags(fv) -> None:
                         flag_values=fv)
     flags.DEFINE_float("guidance", 0.0, "Classifier-free guidance w >= 0: eps = (1 + w) * "
                        "eps(z, c) - w * eps(z, null) (null: the null label, or the empty "
-                       "prompt); w = 0 is plain conditional sampling.", flag_values=fv)
+                       "prompt); w = 0 is plain conditional sampling. A student distilled "
+                       "with distill.weight_max takes it as its input.", flag_values=fv)
     flags.DEFINE_float("autoguidance", None, "Autoguidance w >= 0: eps = (1 + w) * eps - w * "
                        "eps_guide, the guide being this run's earlier checkpoint at "
                        "sample.guide_step; works unconditionally (default: the model config's "
-                       "sample.guide_weight; 0 = off).", flag_values=fv)
+                       "sample.guide_weight; 0 = off). A student of an unconditional model "
+                       "distilled with distill.weight_max takes it as its input (default: "
+                       "its sample.weight).", flag_values=fv)
 
 
 def parse_labels(label: str | None, num: int) -> tuple[np.ndarray | None, int | None]:
@@ -453,16 +484,7 @@ def check_conditioning_flags(fv, gen: Generator, labels, prompts) -> None:
 def sampling_settings(fv, gen: Generator) -> tuple[str, int, float, float]:
     """(sampler, steps, eta, autoguidance): each flag, or else the model config's default."""
     if is_student(gen):
-        if fv.sampler or fv.eta is not None or fv.autoguidance or fv.guidance:
-            raise cli.UsageError(f"the {gen.stage} student has its own sampler and the "
-                                 "guidance it was distilled with; drop --sampler, --eta, "
-                                 "--autoguidance and --guidance")
-        steps = fv.steps or gen.config["sample"]["steps"]
-        try:
-            check_student_steps(gen, steps)
-        except configs.ConfigError as e:
-            raise cli.UsageError(str(e)) from None
-        return "consistency", steps, 0.0, 0.0
+        return _student_settings(fv, gen)
     sampler = fv.sampler or gen.config["sample"].get("sampler", "ddim")
     steps = fv.steps or gen.config["sample"]["steps"]
     eta = gen.config["sample"].get("eta", 0.0) if fv.eta is None else fv.eta
@@ -473,6 +495,30 @@ def sampling_settings(fv, gen: Generator) -> tuple[str, int, float, float]:
         raise cli.UsageError(f"--steps={steps} exceeds the {gen.sched.num_timesteps} "
                              "timesteps of this model")
     return sampler, steps, eta, autoguidance
+
+
+def _student_settings(fv, gen: Generator) -> tuple[str, int, float, float]:
+    """sampling_settings of a student: its steps, and the weight it takes, if it takes one
+    (--guidance for a class teacher's, --autoguidance for the others'; its range checked)."""
+    span, cond = student_weight_range(gen), is_conditional(gen)
+    flag, other = ("--guidance", "--autoguidance") if cond else ("--autoguidance", "--guidance")
+    given, other_given = (fv.guidance, fv.autoguidance) if cond else (fv.autoguidance, fv.guidance)
+    if fv.sampler or fv.eta is not None or other_given or (span is None and given):
+        drop = other if span else "--autoguidance and --guidance"
+        raise cli.UsageError(f"the {gen.stage} student has its own sampler and the guidance "
+                             f"it was distilled with; drop --sampler, --eta and {drop}")
+    steps = fv.steps or gen.config["sample"]["steps"]
+    try:
+        check_student_steps(gen, steps)
+    except configs.ConfigError as e:
+        raise cli.UsageError(str(e)) from None
+    if span is None:
+        return "consistency", steps, 0.0, 0.0
+    w = gen.config["sample"]["weight"] if given is None else given
+    if not span[0] <= w <= span[1]:
+        raise cli.UsageError(f"{flag}={w:g} is outside [{span[0]:g}, {span[1]:g}], the "
+                             f"weights the {gen.stage} student was distilled on")
+    return "consistency", steps, 0.0, 0.0 if cond else w
 
 
 def write_samples(path: str, images: np.ndarray, ncol: int | None, **extra) -> str:

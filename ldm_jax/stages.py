@@ -366,11 +366,30 @@ def teacher_eps_fn(unet: nets.UNet, tc, sched: diffusion.Schedule, teacher: dict
 
 
 def student_x0_fn(unet: nets.UNet, tc, sched: diffusion.Schedule, params,
-                  labels: Array | None = None) -> consistency.X0Fn:
-    """(z_t, t) -> the x_0 a U-Net of the teacher's architecture predicts (at labels)."""
+                  labels: Array | None = None, w: Array | None = None) -> consistency.X0Fn:
+    """(z_t, t) -> the x_0 a U-Net of the teacher's architecture predicts (at labels, and
+    at guidance weights w [B] for a student that takes them)."""
     apply = models.unet_fn(unet, tc.model, params)
-    net = apply if labels is None else (lambda z, t: apply(z, t, labels))
-    return lambda z, t: diffusion.predict_xstart(sched, net(z, t), z, t, tc.diffusion.prediction)
+    extra = (labels, w) if w is not None else () if labels is None else (labels,)
+    return lambda z, t: diffusion.predict_xstart(sched, apply(z, t, *extra), z, t,
+                                                 tc.diffusion.prediction)
+
+
+def weight_embedding_params(unet: nets.UNet, key: Array, example: Array, y) -> dict:
+    """The fresh w-embedding layers of a student that takes its guidance weight; the rest
+    of its U-Net is its teacher's, and the zero output layer keeps it so at start."""
+    t, w = jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.float32)
+    params = unet.init(key, example, t, y, w)["params"]
+    return {k: v for k, v in params.items() if k.startswith("weight_emb")}
+
+
+def guidance_weights(c, key: Array, batch: int) -> Array | None:
+    """w ~ U[distill.weight_min, weight_max] [B] for a student that takes its guidance
+    weight (configs.student_takes_weight), else None."""
+    if not configs.student_takes_weight(c.distill):
+        return None
+    return jax.random.uniform(key, (batch,), minval=c.distill.weight_min,
+                              maxval=c.distill.weight_max)
 
 
 def _load_teacher(c, workdir: str):
@@ -392,10 +411,16 @@ def _load_teacher(c, workdir: str):
                                   "autoguidance guide (its sample.guide_weight > 0 and "
                                   "guide_step kept); --config.distill.autoguidance=-1 takes "
                                   "the teacher's own")
+    # A student of an unconditional teacher that takes its weight takes autoguidance's.
+    weighted = configs.student_takes_weight(c.distill) and tc.model.conditioning == "none"
+    if weighted and guide is None:
+        raise configs.ConfigError("distill.weight_max > weight_min makes the student of an "
+                                  "unconditional teacher take its autoguidance weight, but "
+                                  "this teacher keeps no autoguidance guide")
     if w < 0:
         w = tc.sample.guide_weight if guide is not None else 0.0
     # At w = 0 the guide's U-Net call would be multiplied by zero: leave it out.
-    teacher = {"unet": params, **({"guide": guide} if w > 0 else {})}
+    teacher = {"unet": params, **({"guide": guide} if w > 0 or weighted else {})}
     meta = dict(teacher_stage=tc.stage, teacher_step=t_meta["step"],
                 teacher_digest=t_meta["digests"]["tree"], autoguidance=w)
     return tc, teacher, meta
@@ -408,6 +433,7 @@ def distill_task(c, workdir: str) -> Task:
     tc, teacher, teacher_meta = _load_teacher(c, workdir)
     arrays, data_meta, scale = diffusion_data(tc, workdir)
     sched, unet = models.build_schedule(tc.diffusion), models.build_unet(tc.model)
+    student = models.build_unet(tc.model, configs.student_takes_weight(c.distill))
     grid = jnp.asarray(consistency.student_grid(tc.diffusion.timesteps, c.distill.intervals))
     conditional, ema = tc.model.conditioning != "none", c.distill.target_ema
     bias = c.distill.low_noise_bias
@@ -417,22 +443,31 @@ def distill_task(c, workdir: str) -> Task:
         z_key, y_key, d_key = jax.random.split(key, 3)
         y = diffusion.drop_labels(y_key, batch["label"], tc.model.label_dropout,
                                   tc.model.num_classes) if conditional else None
-        eps_fn = teacher_eps_fn(unet, tc, sched, model_state["teacher"], y, c.distill.guidance,
-                                teacher_meta["autoguidance"])
+        x0 = clean_batch(batch, z_key, scale)
+        # fold_in, not a fourth split: the other students' keys stay as they were
+        w = guidance_weights(c, jax.random.fold_in(key, 3), x0.shape[0])
+        cfg_w, auto_w = c.distill.guidance, teacher_meta["autoguidance"]
+        if w is not None:  # the weight the student takes: CFG's for a class teacher
+            wb = w.reshape(-1, *(1,) * (x0.ndim - 1))
+            cfg_w, auto_w = (wb, auto_w) if conditional else (cfg_w, wb)
+        eps_fn = teacher_eps_fn(unet, tc, sched, model_state["teacher"], y, cfg_w, auto_w)
         target = model_state["target"] if ema > 0 else jax.lax.stop_gradient(params)
         pred, want = consistency.distillation_pair(
-            student_x0_fn(unet, tc, sched, params, y), student_x0_fn(unet, tc, sched, target, y),
-            eps_fn, sched, grid, clean_batch(batch, z_key, scale), d_key, tc.diffusion.clip_x0,
-            probs)
+            student_x0_fn(student, tc, sched, params, y, w),
+            student_x0_fn(student, tc, sched, target, y, w),
+            eps_fn, sched, grid, x0, d_key, tc.diffusion.clip_x0, probs)
         if ema > 0:
             model_state = dict(model_state, target=optax.incremental_update(
                 jax.lax.stop_gradient(params), target, 1.0 - ema))
         return jnp.mean(consistency.pseudo_huber(pred, want)), ({}, model_state)
 
-    def init(key):
-        del key  # the student starts as its teacher
-        state = {"teacher": teacher, **({"target": teacher["unet"]} if ema > 0 else {})}
-        return teacher["unet"], state
+    def init(key):  # the student starts as its teacher
+        params = teacher["unet"]
+        if student.weight_input:
+            example = jnp.asarray(next(iter(arrays.values()))[:1], jnp.float32)
+            y = jnp.zeros((1,), jnp.int32) if conditional else None
+            params = {**params, **weight_embedding_params(student, key, example, y)}
+        return params, {"teacher": teacher, **({"target": params} if ema > 0 else {})}
     meta = dict(data_meta, **teacher_meta, intervals=c.distill.intervals,
                 guidance=c.distill.guidance)
     return Task(init=init, loss_fn=loss_fn, **_data(c, arrays), meta=lambda variables: meta)

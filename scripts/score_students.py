@@ -32,6 +32,8 @@ flags.DEFINE_list("time_powers", [], "Score the students at each of these sample
                   "values (default: each student's own).")
 flags.DEFINE_list("gammas", [], "Score the students at each of these sample.gamma values "
                   "(default: each student's own).")
+flags.DEFINE_list("weights", [], "Score a student that takes its autoguidance weight at each "
+                  "of these weights (default: its sample.weight).")
 flags.DEFINE_bool("teacher", True, "Score the teacher's default sampler too (once per workdir).")
 flags.DEFINE_integer("num", 2000, "Samples per row.")
 flags.DEFINE_integer("seed", 7, "Sampling seed (choose on another seed than the reported 7).")
@@ -59,6 +61,7 @@ def main(argv):
     steps = {int(s) for s in FLAGS.steps}
     powers = [float(p) for p in FLAGS.time_powers] or [None]
     gammas = [float(g) for g in FLAGS.gammas] or [None]
+    weights = [float(w) for w in FLAGS.weights] or [None]
     for workdir in FLAGS.workdirs:
         name = os.path.basename(os.path.normpath(workdir))
         teacher = fewstep.load_teacher_of(workdir, FLAGS.student)
@@ -68,20 +71,22 @@ def main(argv):
             student = row != fewstep.TEACHER
             if (not student and (not FLAGS.teacher or i)) or (student and k not in steps):
                 continue
-            for power, gamma in itertools.product(*([powers, gammas] if student
-                                                    else [[None], [None]])):
+            for power, gamma, weight in itertools.product(
+                    *([powers, gammas, weights] if student else [[None], [None], [None]])):
                 for key, value in (("time_power", power), ("gamma", gamma)):
                     if value is not None:  # the student's sampler reads it from its config
                         gen.config["sample"][key] = value
+                w = w if weight is None else weight
                 images, seconds = fewstep.timed_generate(gen, FLAGS.num, FLAGS.seed, sampler,
                                                          k, eta, w)
                 tag = (f"_p{power}" if power is not None else "") + (
-                    f"_g{gamma}" if gamma is not None else "")
+                    f"_g{gamma}" if gamma is not None else "") + (
+                    f"_w{weight}" if weight is not None else "")
                 saved[f"{name}_{gen.step}_{row.replace(' ', '')}{tag}"] = images
                 emit(dict(workdir=name, what=row, student_step=gen.step if student else None,
                           time_power=gen.config["sample"].get("time_power", LCM) if student else None,
                           gamma=gen.config["sample"].get("gamma", 1.0) if student else None,
-                          n=FLAGS.num, seed=FLAGS.seed, images_per_s=FLAGS.num / seconds,
+                          autoguidance=w, n=FLAGS.num, seed=FLAGS.seed, images_per_s=FLAGS.num / seconds,
                           unet_calls=fewstep.unet_calls(gen, sampler, k, w), **scorer(images)))
     if FLAGS.save:
         np.savez_compressed(FLAGS.save, **saved)

@@ -1,6 +1,7 @@
 """The few-step student (consistency distillation): its math against float64 numpy, its
 training, resuming, binding to its teacher, sampling and bad input."""
 
+import json
 import os
 import shutil
 
@@ -96,19 +97,45 @@ def test_a_low_noise_bias_draws_the_intervals_it_is_given():
     np.testing.assert_allclose(np.asarray(pred), grid[8], rtol=1e-4)
 
 
-def test_the_targets_autoguidance_weight_overrides_the_teachers_own():
+def test_the_targets_autoguidance_weight_overrides_the_teachers_own_per_example_too():
     tc = configs.get_config("ldm", "smoke")
     tc.sample.guide_weight = 2.0
     unet, sched = models.build_unet(tc.model), models.build_schedule(tc.diffusion)
     z, t = jax.random.normal(jax.random.key(0), (2, 7, 7, 4)), jnp.array([3, 40])
-    init = lambda k: unet.init(jax.random.key(k), z[:1], t[:1], None)["params"]
+    # Offset weights: a fresh U-Net's zero output layer would make model and guide agree.
+    init = lambda k: jax.tree.map(lambda p: p + 0.01 * k, unet.init(
+        jax.random.key(k), z[:1], t[:1], None)["params"])
     teacher = {"unet": init(1), "guide": init(2)}
     eps = lambda p: np.asarray(stages.teacher_eps_fn(unet, tc, sched, {"unet": p})(z, t),
                                np.float64)
     e, g = eps(teacher["unet"]), eps(teacher["guide"])
-    for w, want in ((None, 3 * e - 2 * g), (0.0, e), (3.5, 4.5 * e - 3.5 * g)):
+    assert np.abs(e - g).max() > 1e-3
+    w_rows = jnp.array([0.5, 3.0]).reshape(2, 1, 1, 1)  # a student's per-example weights
+    for w, want in ((None, 3 * e - 2 * g), (0.0, e), (3.5, 4.5 * e - 3.5 * g),
+                    (w_rows, np.stack([1.5 * e[0] - 0.5 * g[0], 4 * e[1] - 3 * g[1]]))):
         got = stages.teacher_eps_fn(unet, tc, sched, teacher, autoguidance=w)(z, t)
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_student_that_takes_its_weight_starts_as_its_teacher_at_every_weight():
+    tc = configs.get_config("ldm", "smoke")
+    teacher_net, student_net = models.build_unet(tc.model), models.build_unet(tc.model, True)
+    z, t = jax.random.normal(jax.random.key(0), (3, 7, 7, 4)), jnp.array([3, 20, 49])
+    params = teacher_net.init(jax.random.key(1), z, t, None)["params"]
+    params = jax.tree.map(lambda p: p + 0.02, params)  # a teacher whose output is not zero
+    added = stages.weight_embedding_params(student_net, jax.random.key(2), z[:1], None)
+    assert sorted(added) == ["weight_emb", "weight_emb_out"]
+    student = {**params, **added}
+    want = np.asarray(teacher_net.apply({"params": params}, z, t))
+    assert np.abs(want).max() > 1e-3
+    at = lambda p, w: np.asarray(student_net.apply({"params": p}, z, t, None, jnp.full((3,), w)))
+    for w in (0.0, 1.5, 4.0):
+        np.testing.assert_array_equal(at(student, w), want)
+    # Once its output layer has learnt something, w changes the prediction.
+    moved = dict(student, weight_emb_out=jax.tree.map(lambda p: p + 0.05, added["weight_emb_out"]))
+    assert np.abs(at(moved, 0.0) - at(moved, 4.0)).max() > 1e-4
+    with pytest.raises(ValueError, match="w is missing"):
+        student_net.apply({"params": student}, z, t)
 
 
 def test_sampling_times_descend_from_the_last_timestep_on_the_grid():
@@ -227,6 +254,47 @@ def test_students_of_a_pixel_and_a_class_conditional_teacher_sample(teacher_work
     r = run_main("sample", f"--workdir={cond}", "--stage=distill", "--num=10", "--label=all",
                  "--steps=2", f"--out={tmp_path}/c.png")
     assert r.returncode == 0, r.stderr
+    # A student that takes its CFG weight: each --guidance in its range samples differently.
+    shutil.rmtree(os.path.join(cond, "distill"))
+    train.train_and_evaluate(_student(cond, distill__weight_min=0.5, distill__weight_max=3.0),
+                             cond)
+    _samples_differ_by_weight(cond, tmp_path, "--guidance", ("--label=all",), (0.5, 3.0))
+
+
+def _samples_differ_by_weight(workdir, tmp_path, flag, extra, weights):
+    """Samples at each weight differ; a weight outside the range is one line, exit 2."""
+    images = []
+    for w in weights:
+        r = run_main("sample", f"--workdir={workdir}", "--stage=distill", "--num=10", *extra,
+                     "--steps=2", f"{flag}={w}", f"--out={tmp_path}/w{w}.png")
+        assert r.returncode == 0, r.stderr
+        with np.load(tmp_path / f"w{w}.npz", allow_pickle=False) as z:
+            images.append(z["images"].astype(np.int32))
+    assert np.abs(images[0] - images[1]).max() > 0
+    r = run_main("sample", f"--workdir={workdir}", "--stage=distill", "--num=10", *extra,
+                 f"{flag}=9", f"--out={tmp_path}/bad.png")
+    assert r.returncode == 2 and "is outside [" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert not os.path.exists(tmp_path / "bad.png")
+
+
+@pytest.mark.slow
+def test_a_student_takes_its_autoguidance_weight(smoke_workdir, tmp_path):
+    workdir = str(tmp_path / "w")
+    shutil.copytree(os.path.join(smoke_workdir, "vae"), os.path.join(workdir, "vae"))
+    c = configs.get_config("ldm", "smoke")
+    c.sample.guide_step, c.sample.guide_weight = 2, 1.0
+    train.train_and_evaluate(c, workdir)
+    train.train_and_evaluate(_student(workdir, distill__weight_min=0.0,
+                                      distill__weight_max=2.0), workdir)
+    gen = sample.load_generator(workdir, "distill")
+    assert gen.config["sample"]["weight"] == 1.0  # the teacher's own, by default
+    assert sample.student_weight_range(gen) == (0.0, 2.0)
+    _samples_differ_by_weight(workdir, tmp_path, "--autoguidance", (), (0.0, 2.0))
+    r = run_main("pipeline", f"--workdir={workdir}", "--preset=smoke", "--stages=distill",
+                 "--num=8", "--config.distill.distill.weight_max=2.0")
+    assert r.returncode == 0, r.stderr
+    with np.load(os.path.join(workdir, "distill_samples.npz"), allow_pickle=False) as z:
+        assert json.loads(str(z["provenance"]))["autoguidance"] == 1.0
 
 
 def _nothing_written(workdir, before):
@@ -240,14 +308,16 @@ def test_no_trained_teacher_is_one_line_exit_2_and_writes_nothing(tmp_path, stag
     assert os.listdir(tmp_path) == [] and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_an_autoguided_target_of_an_unguided_teacher_is_one_line_exit_2(teacher_workdir,
-                                                                          tmp_path):
+def test_a_target_the_teacher_cannot_give_is_one_line_exit_2(teacher_workdir, tmp_path):
     workdir = str(shutil.copytree(teacher_workdir, tmp_path / "w"))
     before = sorted(os.listdir(workdir))
-    r = run_main("train", "--stage=distill", "--preset=smoke", f"--workdir={workdir}",
-                 "--config.distill.autoguidance=3")
-    assert r.returncode == 2 and "needs a teacher with an autoguidance guide" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and _nothing_written(workdir, before)
+    for flag, message in (("--config.distill.autoguidance=3",
+                           "needs a teacher with an autoguidance guide"),
+                          ("--config.distill.weight_max=2", "keeps no autoguidance guide"),
+                          ("--config.distill.weight_min=3", "is below distill.weight_min")):
+        r = run_main("train", "--stage=distill", "--preset=smoke", f"--workdir={workdir}", flag)
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and _nothing_written(workdir, before)
 
 
 @pytest.mark.slow
