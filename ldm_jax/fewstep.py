@@ -56,9 +56,7 @@ def settings(workdir: str, student: str, teacher: sample.Generator,
     w = s.get("guide_weight", 0.0) if teacher.guide_params is not None else 0.0
     gen = sample.load_student(workdir, student, step, teacher)
     rows = [(TEACHER, teacher, s.get("sampler", "ddim"), s["steps"], s.get("eta", 0.0), w)]
-    # A student that takes autoguidance's weight samples at its default (sample.weight).
-    takes = sample.student_weight_range(gen) is not None and not sample.is_conditional(gen)
-    w_student = gen.config["sample"]["weight"] if takes else 0.0
+    w_student = gen.config["sample"]["weight"]  # 0 unless it takes autoguidance's weight
     return rows + [(f"{k} step{'s' * (k > 1)}", gen, "consistency", k, 0.0, w_student)
                    for k in STEPS if k <= gen.config["distill"]["intervals"]]
 

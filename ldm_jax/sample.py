@@ -99,11 +99,11 @@ def load_student(workdir: str, stage: str, step: int | None = None,
         teacher = load_generator(workdir, configs.STUDENTS[stage], teacher_step)
     weights = {"unet": params} if teacher.vae is None else {
         "unet": params, "vae": teacher.vae_vars, "scale": np.float64(teacher.scale_factor)}
-    config = dict(teacher.config, stage=stage, distill=cfg["distill"], sample=cfg["sample"])
+    config = dict(teacher.config, stage=stage, distill=cfg["distill"],
+                  sample=dict(cfg["sample"], weight=default_student_weight(cfg, teacher.config)))
     unet = teacher.unet
     if configs.student_takes_weight(cfg["distill"]):
         unet = models.build_unet(teacher.config["model"], weight_input=True)
-        config["sample"] = dict(cfg["sample"], weight=default_student_weight(cfg, teacher.config))
     return dataclasses.replace(teacher, stage=stage, unet=unet, params=params, config=config,
                                step=meta["step"], identity=checkpoints.tree_digest(weights),
                                guide_params=None, guide_step=0)

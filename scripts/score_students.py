@@ -76,9 +76,9 @@ def main(argv):
                 for key, value in (("time_power", power), ("gamma", gamma)):
                     if value is not None:  # the student's sampler reads it from its config
                         gen.config["sample"][key] = value
-                w = w if weight is None else weight
+                aw = w if weight is None else weight
                 images, seconds = fewstep.timed_generate(gen, FLAGS.num, FLAGS.seed, sampler,
-                                                         k, eta, w)
+                                                         k, eta, aw)
                 tag = (f"_p{power}" if power is not None else "") + (
                     f"_g{gamma}" if gamma is not None else "") + (
                     f"_w{weight}" if weight is not None else "")
@@ -86,8 +86,8 @@ def main(argv):
                 emit(dict(workdir=name, what=row, student_step=gen.step if student else None,
                           time_power=gen.config["sample"].get("time_power", LCM) if student else None,
                           gamma=gen.config["sample"].get("gamma", 1.0) if student else None,
-                          autoguidance=w, n=FLAGS.num, seed=FLAGS.seed, images_per_s=FLAGS.num / seconds,
-                          unet_calls=fewstep.unet_calls(gen, sampler, k, w), **scorer(images)))
+                          autoguidance=aw, n=FLAGS.num, seed=FLAGS.seed, images_per_s=FLAGS.num / seconds,
+                          unet_calls=fewstep.unet_calls(gen, sampler, k, aw), **scorer(images)))
     if FLAGS.save:
         np.savez_compressed(FLAGS.save, **saved)
 
