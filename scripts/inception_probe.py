@@ -9,7 +9,8 @@ of docs/results.md.
 
 val: the last --holdout training images (data.holdout; the cpu-quick preset holds out 2,000),
 for choosing defaults; test: the 10,000 test images, for reporting. --vae reconstructs the
-first --num images of --recon_split; --real takes --num training images outside the holdout.
+first --num images of --recon_split (fid_originals: the originals' own FID, rFID's floor);
+--real takes --num training images outside the holdout.
 Reference and scored images' features are cached (score.cached_features).
 Inception runs on every CPU device (cli.setup_jax), a few images/s on 2 cores.
 """
@@ -21,7 +22,7 @@ import json
 import numpy as np
 from absl import app, flags
 
-from ldm_jax import cli, data, score
+from ldm_jax import cli, data, metrics, score
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("splits", list(score.SPLITS), "References: val (the holdout), test.")
@@ -63,6 +64,9 @@ def main(argv):
     row = dict(what=name, n=len(images), **scorer(images, feats))
     if originals is not None:  # MSE on the [0, 1] scale, of the uint8 reconstructions
         row["mse"] = float(np.mean((images / 255.0 - originals / 255.0) ** 2))
+        ref = scorer.inc_refs.get(FLAGS.recon_split, (np.zeros((0,)),))[0]
+        if len(ref) >= len(images):  # the originals' own FID: a perfect reconstruction's
+            row["fid_originals"] = float(metrics.fid_from_features(ref[:len(images)], ref))
     print(json.dumps(row))
 
 
