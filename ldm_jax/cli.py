@@ -101,10 +101,23 @@ def check_workdir(path: str, must_exist: bool = False, writable: bool = True) ->
             parent = os.path.dirname(parent)
         if not os.path.isdir(parent):
             raise UsageError(f"workdir {path} cannot be created: {parent} is a file")
-        if writable and not os.access(parent, os.W_OK | os.X_OK):
-            raise UsageError(f"workdir {path} cannot be created: {parent} is not writable")
-    elif writable and not os.access(path, os.W_OK | os.X_OK):
-        raise UsageError(f"workdir {path} is not writable")
+        why = writable and unwritable_reason(parent)
+        if why:
+            raise UsageError(f"workdir {path} cannot be created: {parent} is not writable ({why})")
+    elif writable and (why := unwritable_reason(path)):
+        raise UsageError(f"workdir {path} is not writable ({why})")
+
+
+def unwritable_reason(directory: str) -> str | None:
+    """Why no file can be created in directory, or None if one can. It tries: os.access
+    passes root everywhere, yet even root cannot write to /proc or a read-only mount.
+    The probe is an unnamed temporary file, gone when closed."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            return None
+    except OSError as e:  # /proc answers ENOENT, which would read as a missing directory
+        return "no file can be created there" if e.errno == errno.ENOENT else \
+            (e.strerror or type(e).__name__)
 
 
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
@@ -125,8 +138,8 @@ def check_out_path(path: str, suffix: str = ".png", siblings: tuple[str, ...] = 
         raise UsageError(f"output directory {parent} does not exist")
     if os.path.isdir(path):
         raise UsageError(f"--out {path} is a directory; give a file name ending in {suffix}")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"output directory {parent} is not writable")
+    if why := unwritable_reason(parent):
+        raise UsageError(f"output directory {parent} is not writable ({why})")
     if not path.endswith(suffix):
         raise UsageError(f"--out must end in {suffix}, got {path}")
     for sib in siblings:

@@ -1,6 +1,8 @@
 """The checks every entry point shares (ldm_jax.cli): each raises UsageError with one line."""
 
+import errno
 import os
+import tempfile
 
 import pytest
 from absl import flags
@@ -91,15 +93,30 @@ def test_parse_flags_refuses_positional_arguments(capsys, argv, message):
     assert e.value.code == 2 and capsys.readouterr().err == message + "\n"
 
 
-def test_read_only_paths_as_seen_by_os_access(tmp_path, monkeypatch):
-    """The same refusals where root runs the tests: os.access says no under ro/."""
+def test_read_only_paths_where_root_runs_the_tests(tmp_path, monkeypatch):
+    """The same refusals where root runs the tests: no file can be created under ro/."""
     ro = tmp_path / "ro"
     ro.mkdir()
-    real_access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).startswith(str(ro))
-                        else real_access(p, mode))
+    real_temporary_file = tempfile.TemporaryFile
+
+    def temporary_file(*args, dir=None, **kwargs):  # pylint: disable=redefined-builtin
+        if str(dir).startswith(str(ro)):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_temporary_file(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", temporary_file)
     cli.check_workdir(str(ro), writable=False)
-    _raises_one_line(f"workdir {ro} is not writable", cli.check_workdir, str(ro))
+    _raises_one_line(f"workdir {ro} is not writable \\(Permission denied\\)",
+                     cli.check_workdir, str(ro))
     _raises_one_line(f"cannot be created: {ro} is not writable", cli.check_workdir, str(ro / "w"))
     _raises_one_line(f"output directory {ro} is not writable", cli.check_out_path,
                      str(ro / "g.png"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="no /proc")
+def test_a_directory_not_even_root_can_write_to():
+    """os.access passes root on /proc, where no file can be created: the checks try."""
+    _raises_one_line("output directory /proc is not writable", cli.check_out_path, "/proc/g.png")
+    _raises_one_line("workdir /proc/w cannot be created: /proc is not writable",
+                     cli.check_workdir, "/proc/w")
+    assert cli.unwritable_reason("/proc") and cli.unwritable_reason(os.getcwd()) is None
