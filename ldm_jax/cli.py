@@ -101,8 +101,7 @@ def check_workdir(path: str, must_exist: bool = False, writable: bool = True) ->
             parent = os.path.dirname(parent)
         if not os.path.isdir(parent):
             raise UsageError(f"workdir {path} cannot be created: {parent} is a file")
-        why = writable and unwritable_reason(parent)
-        if why:
+        if writable and (why := unwritable_reason(parent)):
             raise UsageError(f"workdir {path} cannot be created: {parent} is not writable ({why})")
     elif writable and (why := unwritable_reason(path)):
         raise UsageError(f"workdir {path} is not writable ({why})")

@@ -64,9 +64,10 @@ def main(argv):
     row = dict(what=name, n=len(images), **scorer(images, feats))
     if originals is not None:  # MSE on the [0, 1] scale, of the uint8 reconstructions
         row["mse"] = float(np.mean((images / 255.0 - originals / 255.0) ** 2))
-        ref = scorer.inc_refs.get(FLAGS.recon_split, (np.zeros((0,)),))[0]
+        ref, ref_stats = scorer.inc_refs.get(FLAGS.recon_split, ((), None))
         if len(ref) >= len(images):  # the originals' own FID: a perfect reconstruction's
-            row["fid_originals"] = float(metrics.fid_from_features(ref[:len(images)], ref))
+            originals_stats = metrics.feature_stats(ref[:len(images)])
+            row["fid_originals"] = float(metrics.frechet_distance(*ref_stats, *originals_stats))
     print(json.dumps(row))
 
 
