@@ -177,8 +177,8 @@ def _first_stage(c: ml_collections.ConfigDict) -> None:
     # Adversarial term of Esser et al. 2021 / Rombach et al. 2022: a patch discriminator
     # (hinge loss) and a generator loss -D(x_hat) scaled by the adaptive weight
     # ||grad L_rec|| / (||grad L_G|| + 1e-4) at the decoder's last layer, clipped to [0, 1e4].
-    # Off: it lowered rFID but not the LDM's FID, at +42 % per VAE step (docs/results.md,
-    # "The first stage").
+    # Off here (not measured on `full`); `cpu-quick` turns it on, where its LDM won on the
+    # holdout at 1.6x the VAE step (docs/results.md, "The first stage").
     c.loss.adversarial_weight = 0.0  # times the adaptive weight (0 = off: no discriminator at all)
     c.loss.adversarial_start = 10_000  # step from which the term (and the discriminator's training) is on
     c.optim.lr = 1e-3
