@@ -29,7 +29,7 @@ from ldm_jax import configs, models
 RESUMABLE_FIELDS = ("preset", "train.steps", "train.max_minutes", "train.log_every",
                     "train.ckpt_every", "train.keep_checkpoints", "train.skip_nonfinite",
                     "sample.sampler", "sample.steps", "sample.eta", "sample.guide_weight",
-                    "sample.time_power", "sample.gamma", "model.dtype")
+                    "sample.time_power", "sample.gamma", "sample.guide_min_t", "model.dtype")
 
 # What a stored config that lacks a field was trained with, where that differs from
 # today's default (the recipe's defaults changed on 2026-11-26 from eps + uniform), or
@@ -39,7 +39,7 @@ LEGACY_VALUES = {"diffusion.prediction": "eps", "diffusion.loss_weighting": "uni
                  "model.text_conv": 0, "sample.guide_step": 0, "sample.guide_weight": 0.0,
                  "autoencoder.likelihood": "gaussian", "data.holdout": 0,
                  "sample.time_power": 1.0, "loss.l1_weight": 0.0, "model.decoder_res_blocks": -1,
-                 "distill.low_noise_bias": 0.0, "sample.gamma": 1.0}
+                 "distill.low_noise_bias": 0.0, "sample.gamma": 1.0, "sample.guide_min_t": 0}
 
 
 def checkpoint_manager(stage_dir: str, keep: int = 3, create: bool = True,

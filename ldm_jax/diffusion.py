@@ -577,7 +577,8 @@ def guided_eps_fn(eps_fn: Callable[[Array, Array, Array], Array], labels: Array,
     return guided
 
 
-def autoguided_eps_fn(eps_fn: EpsFn, guide_eps_fn: EpsFn, w: float | Array) -> EpsFn:
+def autoguided_eps_fn(eps_fn: EpsFn, guide_eps_fn: EpsFn, w: float | Array,
+                      min_t: int = 0) -> EpsFn:
     """Autoguidance (Karras et al. 2024): eps = (1 + w) * eps(x, t) - w * eps_guide(x, t).
 
     The guide is a weaker version of the same model (here the EMA weights of an earlier
@@ -586,7 +587,19 @@ def autoguided_eps_fn(eps_fn: EpsFn, guide_eps_fn: EpsFn, w: float | Array) -> E
     guidance cannot. The same w convention as `guided_eps_fn` (the paper's weight is 1 + w):
     w = 0 is the model alone. Both eps_fns take (x, t, *args) (a condition passes through
     to both, so classifier-free guidance can wrap the result); w may be traced.
+
+    min_t > 0 guides only where t >= min_t, eps(x, t) alone below (a guidance interval,
+    Kynkaanniemi et al. 2024); the guide runs only when some t in the batch needs it.
     """
-    def guided(x: Array, t: Array, *args) -> Array:
-        return (1.0 + w) * eps_fn(x, t, *args) - w * guide_eps_fn(x, t, *args)
-    return guided
+    if not min_t:
+        def guided(x: Array, t: Array, *args) -> Array:
+            return (1.0 + w) * eps_fn(x, t, *args) - w * guide_eps_fn(x, t, *args)
+        return guided
+
+    def interval_guided(x: Array, t: Array, *args) -> Array:
+        eps = eps_fn(x, t, *args)
+        on = t >= min_t  # [B]
+        guide = jax.lax.cond(jnp.any(on), lambda: guide_eps_fn(x, t, *args), lambda: eps)
+        w_t = jnp.where(on, w, 0.0).reshape(on.shape + (1,) * (eps.ndim - 1))
+        return (1.0 + w_t) * eps - w_t * guide
+    return interval_guided

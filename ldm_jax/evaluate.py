@@ -60,7 +60,8 @@ def save_samples(out_dir: str, gen, images: np.ndarray, steps: int, eta: float =
     with cli.atomic_output(os.path.join(out_dir, f"{gen.stage}_samples.npz")) as f:
         np.savez_compressed(f, images=images, identity=np.array(gen.identity),
                             model_step=gen.step, sampler="ddim", ddim_steps=steps,
-                            ddim_eta=float(eta), seed=SAMPLE_SEED, autoguidance=float(autoguidance))
+                            ddim_eta=float(eta), seed=SAMPLE_SEED, autoguidance=float(autoguidance),
+                            guide_min_t=gen.guide_min_t if autoguidance else 0)
 
 
 def cached_samples(out_dir: str, gen, num: int, steps: int, eta: float = 0.0,
@@ -68,7 +69,8 @@ def cached_samples(out_dir: str, gen, num: int, steps: int, eta: float = 0.0,
     """Samples an earlier evaluate run saved for these very weights (gen.identity, the
     digest of the parameters that sample), sampler, steps, eta, autoguidance, seed and size,
     else None. A file without an identity or an eta (written before they were recorded) is
-    never reused; one without an autoguidance weight was drawn without it (w = 0)."""
+    never reused; one without an autoguidance weight was drawn without it (w = 0), one
+    without guide_min_t guided at every step."""
     path = os.path.join(out_dir, f"{gen.stage}_samples.npz")
     if not os.path.isfile(path) or not gen.identity:
         return None
@@ -77,8 +79,10 @@ def cached_samples(out_dir: str, gen, num: int, steps: int, eta: float = 0.0,
     try:
         with np.load(path, allow_pickle=False) as z:
             stored_w = z["autoguidance"].item() if "autoguidance" in z.files else 0.0
+            min_t = z["guide_min_t"].item() if "guide_min_t" in z.files else 0
             if (all(k in z.files for k in want) and "images" in z.files
                     and stored_w == float(autoguidance)
+                    and min_t == (gen.guide_min_t if autoguidance else 0)
                     and all(z[k].item() == v for k, v in want.items())
                     and len(z["images"]) == num):
                 print(f"{gen.stage}: reusing {num} samples from {path}", file=sys.stderr)
@@ -363,11 +367,11 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
     result = dict(workdir=workdir, command=command, preset=preset, num=num,
                   ddim_steps=ddim_steps or steps_default, ddim_eta=float(eta),
                   autoguidance={s: float(w) for s, w in guided.items()},
+                  guide_min_t={s: gens[s].guide_min_t for s, w in guided.items() if w},
                   device=jax.devices()[0].device_kind,
                   date=time.strftime("%Y-%m-%d"), quality=q, inception=inception_fid,
                   cost=cost_rows, few_step=few_step, guidance=guidance, text=prompt_rows,
-                  autoencoder=autoencoder,
-                  classifier=os.path.abspath(classifier))
+                  autoencoder=autoencoder, classifier=os.path.abspath(classifier))
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(result, f, indent=2)
     report.save_figures(samples, ref.test_n, cost_rows, out_dir)

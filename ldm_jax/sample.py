@@ -55,6 +55,7 @@ class Generator:
     # Autoguidance: the EMA parameters of this run at sample.guide_step (None: not kept).
     guide_params: Any = None
     guide_step: int = 0
+    guide_min_t: int = 0  # autoguidance only where t >= this (sample.guide_min_t; 0: every t)
 
 
 def load_generator(workdir: str, stage: str, step: int | None = None) -> Generator:
@@ -74,7 +75,8 @@ def load_generator(workdir: str, stage: str, step: int | None = None) -> Generat
         guide = checkpoints.load_checkpoint(stage_dir, guide_step)[0]
     common = dict(stage=stage, unet=models.build_unet(cfg["model"]), params=params,
                   sched=models.build_schedule(cfg["diffusion"]), config=cfg, step=meta["step"],
-                  guide_params=guide, guide_step=guide_step if guide is not None else 0)
+                  guide_params=guide, guide_step=guide_step if guide is not None else 0,
+                  guide_min_t=cfg.get("sample", {}).get("guide_min_t", 0))
     weights = {"unet": params} if guide is None else {"unet": params, "guide": guide}
     if stage == "pixel":
         identity = checkpoints.tree_digest(params if guide is None else weights)
@@ -266,7 +268,8 @@ def _chain_fn(gen: Generator, shape: tuple, sampler: str, steps: int, eta: float
     def chain(params, guide_params, key, labels, guidance):
         eps_fn = eps_of(params)
         if autoguidance > 0:
-            eps_fn = diffusion.autoguided_eps_fn(eps_fn, eps_of(guide_params), autoguidance)
+            eps_fn = diffusion.autoguided_eps_fn(eps_fn, eps_of(guide_params), autoguidance,
+                                                 gen.guide_min_t)
         if is_conditional(gen):
             eps_fn = diffusion.guided_eps_fn(eps_fn, labels, null_label(gen), guidance)
         return _reverse_chain(eps_fn, gen, key, shape, sampler, steps, eta, clip,
@@ -280,7 +283,8 @@ def sample_fn(gen: Generator, n: int, sampler: str = "ddim", steps: int = 100,
     (and the chain, if asked).
 
     autoguidance w > 0 samples with eps = (1 + w) eps - w eps_guide, the guide being the
-    run's kept earlier checkpoint (diffusion.autoguided_eps_fn); it doubles the U-Net calls.
+    run's kept earlier checkpoint (diffusion.autoguided_eps_fn), at t >= gen.guide_min_t;
+    each guided step costs two U-Net calls.
 
     For a conditional model, labels [n] picks the digits, or for a text model tokens
     [n, L] (text.encode_batch) the prompts (None: the null label or empty prompt, i.e.
@@ -402,6 +406,9 @@ def define_flags(fv) -> None:
                        "sample.guide_weight; 0 = off). A student of an unconditional model "
                        "distilled with distill.weight_max takes it as its input (default: "
                        "its sample.weight).", flag_values=fv)
+    flags.DEFINE_integer("guide_min_t", None, "Autoguidance only at timesteps t >= this, the "
+                         "model alone below (default: the model config's sample.guide_min_t; "
+                         "0 = every step).", flag_values=fv)
 
 
 def parse_labels(label: str | None, num: int) -> tuple[np.ndarray | None, int | None]:
@@ -459,6 +466,8 @@ def check_sampling_flags(fv) -> None:
         configs.check_weight(fv.guidance, "--guidance")
         if fv.autoguidance is not None:
             configs.check_weight(fv.autoguidance, "--autoguidance")
+        if fv.guide_min_t is not None and fv.guide_min_t < 0:
+            raise configs.ConfigError(f"--guide_min_t must be >= 0, got {fv.guide_min_t}")
     except configs.ConfigError as e:
         raise cli.UsageError(str(e)) from None
     cli.check_seed(fv.seed)
@@ -479,6 +488,20 @@ def check_conditioning_flags(fv, gen: Generator, labels, prompts) -> None:
         flag = "--label" if labels is not None else "--guidance"
         raise cli.UsageError(f"the {fv.stage} model in {fv.workdir} is unconditional; drop "
                              f"{flag} or train with --config.model.conditioning=class")
+
+
+def with_guide_min_t(gen: Generator, min_t: int | None) -> Generator:
+    """gen guiding only at t >= min_t (None: as configured); refused for a student, whose
+    guidance was fixed when it was distilled, and at or past the model's timesteps."""
+    if min_t is None:
+        return gen
+    if is_student(gen):
+        raise cli.UsageError("--guide_min_t is for a teacher's autoguidance; a student's "
+                             "guidance was fixed when it was distilled")
+    if not 0 <= min_t < gen.sched.num_timesteps:
+        raise cli.UsageError(f"--guide_min_t must be in [0, {gen.sched.num_timesteps}), the "
+                             f"model's timesteps, got {min_t}")
+    return dataclasses.replace(gen, guide_min_t=min_t)
 
 
 def sampling_settings(fv, gen: Generator) -> tuple[str, int, float, float]:
@@ -555,6 +578,7 @@ def _main(argv: list[str] | None) -> None:
         gen = load_generator(fv.workdir, fv.stage, fv.step)
         check_conditioning_flags(fv, gen, labels, prompts)
         sampler, steps, eta, autoguidance = sampling_settings(fv, gen)
+        gen = with_guide_min_t(gen, fv.guide_min_t)
     except (cli.UsageError, configs.ConfigError) as e:
         cli.fail(prog, e)
     try:

@@ -139,7 +139,16 @@ def test_validation_and_old_configs():
     c.loss.adversarial_weight, c.loss.adversarial_start = 0.1, -1
     with pytest.raises(configs.ConfigError, match="adversarial_start"):
         configs.validate(c)
+    c.loss.adversarial_start, c.loss.disc_channels = 3, (8, 12)
+    with pytest.raises(configs.ConfigError, match="disc_channels"):
+        configs.validate(c)
+    c.loss.disc_channels = (8, 16)
+    configs.validate(c)
+    assert models.build_discriminator(c).channels == (8, 16)
     stored = configs.get_config("vae", "smoke").to_dict()
+    stored["loss"]["adversarial_weight"] = 0.5
+    del stored["loss"]["disc_channels"]  # a checkpoint from before the width was an option
+    assert models.build_discriminator(stored).channels == (32, 64)
     del stored["loss"]["adversarial_weight"], stored["loss"]["adversarial_start"]
     old = checkpoints.config_from_stored(stored)  # a checkpoint from before the option
     assert old.loss.adversarial_weight == 0.0 and models.build_discriminator(stored) is None

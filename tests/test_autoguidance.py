@@ -8,11 +8,12 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import run_main
-from ldm_jax import checkpoints, configs, evaluate, sample, train
+from ldm_jax import checkpoints, configs, diffusion, evaluate, sample, train
 
 
 @pytest.fixture(scope="module")
@@ -81,13 +82,16 @@ def test_a_lost_guide_is_one_line_exit_2(guided_workdir, tmp_path):
 
 
 def test_cached_samples_are_keyed_by_autoguidance(tmp_path):
-    gen = dataclasses.make_dataclass("G", ["stage", "identity", "step"])("ldm", "abc", 3)
+    gen = dataclasses.make_dataclass("G", ["stage", "identity", "step", "guide_min_t"])(
+        "ldm", "abc", 3, 200)
     images = np.arange(4 * 28 * 28, dtype=np.uint8).reshape(4, 28, 28)
     evaluate.save_samples(str(tmp_path), gen, images, 5, eta=1.0, autoguidance=1.5)
     np.testing.assert_array_equal(
         evaluate.cached_samples(str(tmp_path), gen, 4, 5, eta=1.0, autoguidance=1.5), images)
     assert evaluate.cached_samples(str(tmp_path), gen, 4, 5, eta=1.0) is None
     assert evaluate.cached_samples(str(tmp_path), gen, 4, 5, eta=1.0, autoguidance=1.0) is None
+    everywhere = dataclasses.replace(gen, guide_min_t=0)  # the same weights, guided at every t
+    assert evaluate.cached_samples(str(tmp_path), everywhere, 4, 5, eta=1.0, autoguidance=1.5) is None
 
 
 def test_pipeline_reads_a_grid_saved_before_autoguidance_as_unguided(tmp_path):
@@ -102,3 +106,43 @@ def test_pipeline_reads_a_grid_saved_before_autoguidance_as_unguided(tmp_path):
     with pytest.raises(cli.UsageError, match=r"other settings \(autoguidance=0.0\)"):
         pipeline.check_saved_samples(str(tmp_path), "ldm",
                                      pipeline.samples_request(16, 5, "ddim", 1.0, 1.5))
+    pipeline.check_saved_samples(str(tmp_path), "ldm",
+                                 pipeline.samples_request(16, 5, "ddim", 1.0, 0.0, 0))
+    with pytest.raises(cli.UsageError, match=r"other settings \(guide_min_t=0\)"):
+        pipeline.check_saved_samples(str(tmp_path), "ldm",
+                                     pipeline.samples_request(16, 5, "ddim", 1.0, 0.0, 200))
+
+
+def test_a_guidance_interval_guides_only_from_min_t():
+    """min_t: (1 + w) eps - w eps_guide at t >= min_t, eps alone below, against float64
+    numpy; a guide that returns nan leaves a batch all below min_t untouched (never run)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 3, 3, 2)).astype(np.float32)
+    t = np.array([10, 399, 400, 900], np.int32)
+    a, b = rng.standard_normal((2, 4)).astype(np.float32)
+    eps = lambda x, t: x * a[:, None, None, None]
+    guide = lambda x, t: x * b[:, None, None, None]
+    got = diffusion.autoguided_eps_fn(eps, guide, 2.0, min_t=400)(x, t)
+    x64, a64, b64 = x.astype(np.float64), a.astype(np.float64), b.astype(np.float64)
+    on = (t >= 400)[:, None, None, None]
+    want = np.where(on, 3.0 * x64 * a64[:, None, None, None] - 2.0 * x64 * b64[:, None, None, None],
+                    x64 * a64[:, None, None, None])
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+    nan_guide = lambda x, t: jnp.full_like(x, jnp.nan)
+    t_low = np.array([0, 10, 200, 399], np.int32)
+    low = jax.jit(diffusion.autoguided_eps_fn(eps, nan_guide, 2.0, min_t=400))(x, t_low)
+    assert np.isfinite(np.asarray(low)).all()
+    np.testing.assert_array_equal(np.asarray(low), np.asarray(eps(x, t_low)))
+
+
+def test_guide_min_t_is_checked_and_old_runs_guide_everywhere(guided_workdir, tmp_path):
+    c = configs.get_config("ldm", "smoke")
+    c.sample.guide_min_t = c.diffusion.timesteps
+    with pytest.raises(configs.ConfigError, match="guide_min_t"):
+        configs.validate(c)
+    assert sample.load_generator(guided_workdir, "ldm").guide_min_t == 0
+    for bad in ("-1", "50"):  # the smoke model has T = 50
+        r = run_main("sample", f"--workdir={guided_workdir}", f"--out={tmp_path / 'g.png'}",
+                     "--num=4", f"--guide_min_t={bad}")
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "--guide_min_t" in r.stderr and not (tmp_path / "g.png").exists()
