@@ -53,6 +53,11 @@ def trained_stages(workdir: str) -> list[str]:
             if os.path.isdir(os.path.join(workdir, s, "checkpoints"))]
 
 
+def _guide_min_t(gen, autoguidance: float) -> int:
+    """Where the samples' guidance starts: the generator's t, or 0 when unguided."""
+    return gen.guide_min_t if autoguidance else 0
+
+
 def save_samples(out_dir: str, gen, images: np.ndarray, steps: int, eta: float = 0.0,
                  autoguidance: float = 0.0) -> None:
     """The quality samples, with what they were drawn from (see cached_samples), written
@@ -61,7 +66,7 @@ def save_samples(out_dir: str, gen, images: np.ndarray, steps: int, eta: float =
         np.savez_compressed(f, images=images, identity=np.array(gen.identity),
                             model_step=gen.step, sampler="ddim", ddim_steps=steps,
                             ddim_eta=float(eta), seed=SAMPLE_SEED, autoguidance=float(autoguidance),
-                            guide_min_t=gen.guide_min_t if autoguidance else 0)
+                            guide_min_t=_guide_min_t(gen, autoguidance))
 
 
 def cached_samples(out_dir: str, gen, num: int, steps: int, eta: float = 0.0,
@@ -82,7 +87,7 @@ def cached_samples(out_dir: str, gen, num: int, steps: int, eta: float = 0.0,
             min_t = z["guide_min_t"].item() if "guide_min_t" in z.files else 0
             if (all(k in z.files for k in want) and "images" in z.files
                     and stored_w == float(autoguidance)
-                    and min_t == (gen.guide_min_t if autoguidance else 0)
+                    and min_t == _guide_min_t(gen, autoguidance)
                     and all(z[k].item() == v for k, v in want.items())
                     and len(z["images"]) == num):
                 print(f"{gen.stage}: reusing {num} samples from {path}", file=sys.stderr)

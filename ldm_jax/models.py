@@ -33,7 +33,8 @@ def build_discriminator(cfg) -> nets.PatchDiscriminator | None:
     (loss.adversarial_weight = 0, and every config from before the option existed)."""
     if not (cfg["loss"].get("adversarial_weight") or 0.0) > 0:
         return None
-    return nets.PatchDiscriminator(tuple(cfg["loss"].get("disc_channels") or (32, 64)))
+    channels = cfg["loss"].get("disc_channels")  # absent before the option: the class default
+    return nets.PatchDiscriminator(tuple(channels)) if channels else nets.PatchDiscriminator()
 
 
 def split_discriminator(params: dict) -> tuple[dict, dict | None]:

@@ -9,13 +9,13 @@ import sys
 import jax
 import numpy as np
 
-from ldm_jax import checkpoints, data, nets, score, stages
+from ldm_jax import checkpoints, data, metrics, nets, score, stages
 
 
-def shares(x: np.ndarray) -> str:
-    x = np.asarray(x).astype(int)
-    return (f"0 {100 * (x == 0).mean():.2f} %, 1-15 {100 * ((x > 0) & (x < 16)).mean():.2f} %, "
-            f"> 250 {100 * (x > 250).mean():.2f} %")
+def shares(images: np.ndarray) -> str:
+    p = metrics.pixel_stats(images)
+    return (f"0 {100 * p['zero']:.2f} %, 1-15 {100 * p['haze']:.2f} %, "
+            f"> 250 {100 * p['saturated']:.2f} %")
 
 
 def main(workdirs: list[str]) -> None:
