@@ -205,6 +205,7 @@ def _distill(c: ml_collections.ConfigDict) -> None:
     c.distill.target_ema = 0.95  # EMA decay of the target network (LCM); 0: the student, no gradient
     c.distill.guidance = 0.0  # class-conditional teachers: CFG weight w built into the target
     c.distill.autoguidance = -1.0  # autoguidance w built into the target; < 0: the teacher's own
+    c.distill.guide_min_t = -1  # the target guides only at t >= it; < 0: the teacher's own
     c.distill.low_noise_bias = 0.0  # b: interval n drawn with p ~ exp(-b n / intervals); 0: uniform
     # weight_max > weight_min: the student takes its guidance weight w as an input (LCM), trained
     # on w ~ U[weight_min, weight_max]; w is CFG's for a class teacher, else autoguidance's.

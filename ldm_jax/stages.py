@@ -350,16 +350,17 @@ def diffusion_task(c, workdir: str) -> Task:
 
 def teacher_eps_fn(unet: nets.UNet, tc, sched: diffusion.Schedule, teacher: dict,
                    labels: Array | None = None, guidance: float = 0.0,
-                   autoguidance: float | None = None) -> diffusion.EpsFn:
+                   autoguidance: float | None = None, min_t: int | None = None) -> diffusion.EpsFn:
     """The eps of a teacher's default sampler: autoguided by teacher['guide'] (if any) with
-    w = autoguidance (None: its sample.guide_weight) and, for class labels, classifier-free
-    guided with w = guidance."""
+    w = autoguidance at t >= min_t (None: its sample.guide_weight, sample.guide_min_t) and,
+    for class labels, classifier-free guided with w = guidance."""
     eps_of = lambda p: diffusion.eps_fn_from_model(models.unet_fn(unet, tc.model, p), sched,
                                                    tc.diffusion.prediction)
     eps_fn = eps_of(teacher["unet"])
     if "guide" in teacher:
         w = tc.sample.guide_weight if autoguidance is None else autoguidance
-        eps_fn = diffusion.autoguided_eps_fn(eps_fn, eps_of(teacher["guide"]), w)
+        m = tc.sample.guide_min_t if min_t is None else min_t
+        eps_fn = diffusion.autoguided_eps_fn(eps_fn, eps_of(teacher["guide"]), w, m)
     if labels is not None:
         eps_fn = diffusion.guided_eps_fn(eps_fn, labels, tc.model.num_classes, guidance)
     return eps_fn
@@ -419,10 +420,14 @@ def _load_teacher(c, workdir: str):
                                   "this teacher keeps no autoguidance guide")
     if w < 0:
         w = tc.sample.guide_weight if guide is not None else 0.0
+    m = c.distill.guide_min_t if c.distill.guide_min_t >= 0 else tc.sample.guide_min_t
+    if m >= tc.diffusion.timesteps:
+        raise configs.ConfigError(f"distill.guide_min_t={m} must be below the teacher's "
+                                  f"{tc.diffusion.timesteps} timesteps")
     # At w = 0 the guide's U-Net call would be multiplied by zero: leave it out.
     teacher = {"unet": params, **({"guide": guide} if w > 0 or weighted else {})}
     meta = dict(teacher_stage=tc.stage, teacher_step=t_meta["step"],
-                teacher_digest=t_meta["digests"]["tree"], autoguidance=w)
+                teacher_digest=t_meta["digests"]["tree"], autoguidance=w, guide_min_t=m)
     return tc, teacher, meta
 
 
@@ -450,7 +455,8 @@ def distill_task(c, workdir: str) -> Task:
         if w is not None:  # the weight the student takes: CFG's for a class teacher
             wb = w.reshape(-1, *(1,) * (x0.ndim - 1))
             cfg_w, auto_w = (wb, auto_w) if conditional else (cfg_w, wb)
-        eps_fn = teacher_eps_fn(unet, tc, sched, model_state["teacher"], y, cfg_w, auto_w)
+        eps_fn = teacher_eps_fn(unet, tc, sched, model_state["teacher"], y, cfg_w, auto_w,
+                                teacher_meta["guide_min_t"])
         target = model_state["target"] if ema > 0 else jax.lax.stop_gradient(params)
         pred, want = consistency.distillation_pair(
             student_x0_fn(student, tc, sched, params, y, w),

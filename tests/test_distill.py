@@ -117,6 +117,24 @@ def test_the_targets_autoguidance_weight_overrides_the_teachers_own_per_example_
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
 
 
+def test_the_targets_guidance_interval_leaves_low_noise_unguided():
+    tc = configs.get_config("ldm", "smoke")
+    tc.sample.guide_weight, tc.sample.guide_min_t = 2.0, 20
+    unet, sched = models.build_unet(tc.model), models.build_schedule(tc.diffusion)
+    z, t = jax.random.normal(jax.random.key(0), (3, 7, 7, 4)), jnp.array([3, 20, 40])
+    init = lambda k: jax.tree.map(lambda p: p + 0.01 * k, unet.init(
+        jax.random.key(k), z[:1], t[:1], None)["params"])
+    teacher = {"unet": init(1), "guide": init(2)}
+    eps = lambda p: np.asarray(stages.teacher_eps_fn(unet, tc, sched, {"unet": p})(z, t),
+                               np.float64)
+    e, g = eps(teacher["unet"]), eps(teacher["guide"])
+    guided = 3 * e - 2 * g
+    for min_t, on in ((None, [0, 1, 1]), (0, [1, 1, 1]), (30, [0, 0, 1]), (45, [0, 0, 0])):
+        got = stages.teacher_eps_fn(unet, tc, sched, teacher, min_t=min_t)(z, t)
+        want = np.where(np.array(on, bool)[:, None, None, None], guided, e)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+
+
 def test_a_student_that_takes_its_weight_starts_as_its_teacher_at_every_weight():
     tc = configs.get_config("ldm", "smoke")
     teacher_net, student_net = models.build_unet(tc.model), models.build_unet(tc.model, True)
@@ -314,7 +332,8 @@ def test_a_target_the_teacher_cannot_give_is_one_line_exit_2(teacher_workdir, tm
     for flag, message in (("--config.distill.autoguidance=3",
                            "needs a teacher with an autoguidance guide"),
                           ("--config.distill.weight_max=2", "keeps no autoguidance guide"),
-                          ("--config.distill.weight_min=3", "is below distill.weight_min")):
+                          ("--config.distill.weight_min=3", "is below distill.weight_min"),
+                          ("--config.distill.guide_min_t=50", "must be below the teacher's 50")):
         r = run_main("train", "--stage=distill", "--preset=smoke", f"--workdir={workdir}", flag)
         assert r.returncode == 2 and message in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and _nothing_written(workdir, before)
