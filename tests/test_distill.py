@@ -97,12 +97,12 @@ def test_a_low_noise_bias_draws_the_intervals_it_is_given():
     np.testing.assert_allclose(np.asarray(pred), grid[8], rtol=1e-4)
 
 
-def test_the_targets_autoguidance_weight_overrides_the_teachers_own_per_example_too():
-    tc = configs.get_config("ldm", "smoke")
-    tc.sample.guide_weight = 2.0
+def _teacher_and_guide(tc, t):
+    """(unet, sched, teacher, z, e, g): a smoke teacher with a guide, a batch z at t, and
+    their eps in float64; offset weights, as a fresh U-Net's zero output layer would make
+    model and guide agree."""
     unet, sched = models.build_unet(tc.model), models.build_schedule(tc.diffusion)
-    z, t = jax.random.normal(jax.random.key(0), (2, 7, 7, 4)), jnp.array([3, 40])
-    # Offset weights: a fresh U-Net's zero output layer would make model and guide agree.
+    z = jax.random.normal(jax.random.key(0), (t.shape[0], 7, 7, 4))
     init = lambda k: jax.tree.map(lambda p: p + 0.01 * k, unet.init(
         jax.random.key(k), z[:1], t[:1], None)["params"])
     teacher = {"unet": init(1), "guide": init(2)}
@@ -110,6 +110,14 @@ def test_the_targets_autoguidance_weight_overrides_the_teachers_own_per_example_
                                np.float64)
     e, g = eps(teacher["unet"]), eps(teacher["guide"])
     assert np.abs(e - g).max() > 1e-3
+    return unet, sched, teacher, z, e, g
+
+
+def test_the_targets_autoguidance_weight_overrides_the_teachers_own_per_example_too():
+    tc = configs.get_config("ldm", "smoke")
+    tc.sample.guide_weight = 2.0
+    t = jnp.array([3, 40])
+    unet, sched, teacher, z, e, g = _teacher_and_guide(tc, t)
     w_rows = jnp.array([0.5, 3.0]).reshape(2, 1, 1, 1)  # a student's per-example weights
     for w, want in ((None, 3 * e - 2 * g), (0.0, e), (3.5, 4.5 * e - 3.5 * g),
                     (w_rows, np.stack([1.5 * e[0] - 0.5 * g[0], 4 * e[1] - 3 * g[1]]))):
@@ -120,18 +128,11 @@ def test_the_targets_autoguidance_weight_overrides_the_teachers_own_per_example_
 def test_the_targets_guidance_interval_leaves_low_noise_unguided():
     tc = configs.get_config("ldm", "smoke")
     tc.sample.guide_weight, tc.sample.guide_min_t = 2.0, 20
-    unet, sched = models.build_unet(tc.model), models.build_schedule(tc.diffusion)
-    z, t = jax.random.normal(jax.random.key(0), (3, 7, 7, 4)), jnp.array([3, 20, 40])
-    init = lambda k: jax.tree.map(lambda p: p + 0.01 * k, unet.init(
-        jax.random.key(k), z[:1], t[:1], None)["params"])
-    teacher = {"unet": init(1), "guide": init(2)}
-    eps = lambda p: np.asarray(stages.teacher_eps_fn(unet, tc, sched, {"unet": p})(z, t),
-                               np.float64)
-    e, g = eps(teacher["unet"]), eps(teacher["guide"])
-    guided = 3 * e - 2 * g
+    t = jnp.array([3, 20, 40])
+    unet, sched, teacher, z, e, g = _teacher_and_guide(tc, t)
     for min_t, on in ((None, [0, 1, 1]), (0, [1, 1, 1]), (30, [0, 0, 1]), (45, [0, 0, 0])):
         got = stages.teacher_eps_fn(unet, tc, sched, teacher, min_t=min_t)(z, t)
-        want = np.where(np.array(on, bool)[:, None, None, None], guided, e)
+        want = np.where(np.array(on, bool)[:, None, None, None], 3 * e - 2 * g, e)
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
 
 
