@@ -598,8 +598,8 @@ def autoguided_eps_fn(eps_fn: EpsFn, guide_eps_fn: EpsFn, w: float | Array,
 
     def interval_guided(x: Array, t: Array, *args) -> Array:
         eps = eps_fn(x, t, *args)
-        on = t >= min_t  # [B]
+        on = (t >= min_t).reshape(t.shape + (1,) * (eps.ndim - 1))  # w may be per example
         guide = jax.lax.cond(jnp.any(on), lambda: guide_eps_fn(x, t, *args), lambda: eps)
-        w_t = jnp.where(on, w, 0.0).reshape(on.shape + (1,) * (eps.ndim - 1))
+        w_t = jnp.where(on, w, 0.0)
         return (1.0 + w_t) * eps - w_t * guide
     return interval_guided

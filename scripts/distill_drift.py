@@ -39,12 +39,13 @@ def student_x0(teacher: sample.Generator, params) -> consistency.X0Fn:
     return jax.jit(stages.student_x0_fn(teacher.unet, tc, teacher.sched, params))
 
 
-def ode_trajectory(teacher: sample.Generator, grid: np.ndarray, w: float,
+def ode_trajectory(teacher: sample.Generator, grid: np.ndarray, w: float, min_t: int = 0,
                    n: int = 512) -> dict[int, jax.Array]:
     """{t: z_t} along the grid from noise at T - 1, by the teacher steps distillation takes."""
     tc = checkpoints.config_from_stored(teacher.config)
     weights = {"unet": teacher.params, **({"guide": teacher.guide_params} if w > 0 else {})}
-    eps_fn = stages.teacher_eps_fn(teacher.unet, tc, teacher.sched, weights, None, 0.0, w)
+    eps_fn = stages.teacher_eps_fn(teacher.unet, tc, teacher.sched, weights, None, 0.0, w,
+                                   min_t)
     step = jax.jit(lambda z, t, s: consistency.teacher_step(eps_fn, teacher.sched, z, t, s))
     z = jax.random.normal(jax.random.key(3), (n, *teacher.shape))
     traj = {int(grid[-1]): z}
@@ -90,7 +91,7 @@ def main(argv):
     meta = checkpoints.stored_meta(f"{FLAGS.workdir}/distill")  # the newest student's
     w = meta["autoguidance"]
     grid = consistency.student_grid(teacher.sched.num_timesteps, meta["intervals"])
-    traj = ode_trajectory(teacher, grid, w)
+    traj = ode_trajectory(teacher, grid, w, meta.get("guide_min_t", 0))  # the student's ODE
     students = {s: sample.load_student(FLAGS.workdir, "distill", int(s), teacher)
                 for s in {*FLAGS.student_steps, *FLAGS.mix}}
     for s in ["0", *FLAGS.student_steps]:

@@ -134,6 +134,11 @@ def test_the_targets_guidance_interval_leaves_low_noise_unguided():
         got = stages.teacher_eps_fn(unet, tc, sched, teacher, min_t=min_t)(z, t)
         want = np.where(np.array(on, bool)[:, None, None, None], 3 * e - 2 * g, e)
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+    # A student that takes its weight guides each example's target at its own w.
+    w_rows = jnp.array([0.5, 3.0, 1.0]).reshape(3, 1, 1, 1)
+    got = stages.teacher_eps_fn(unet, tc, sched, teacher, autoguidance=w_rows, min_t=30)(z, t)
+    np.testing.assert_allclose(np.asarray(got), np.stack([e[0], e[1], 2 * e[2] - g[2]]),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_a_student_that_takes_its_weight_starts_as_its_teacher_at_every_weight():
@@ -302,9 +307,11 @@ def test_a_student_takes_its_autoguidance_weight(smoke_workdir, tmp_path):
     shutil.copytree(os.path.join(smoke_workdir, "vae"), os.path.join(workdir, "vae"))
     c = configs.get_config("ldm", "smoke")
     c.sample.guide_step, c.sample.guide_weight = 2, 1.0
+    c.sample.guide_min_t = 2  # sampled with an interval: its student's target follows it
     train.train_and_evaluate(c, workdir)
     train.train_and_evaluate(_student(workdir, distill__weight_min=0.0,
                                       distill__weight_max=2.0), workdir)
+    assert checkpoints.stored_meta(os.path.join(workdir, "distill"))["guide_min_t"] == 2
     gen = sample.load_generator(workdir, "distill")
     assert gen.config["sample"]["weight"] == 1.0  # the teacher's own, by default
     assert sample.student_weight_range(gen) == (0.0, 2.0)
