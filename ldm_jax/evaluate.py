@@ -372,7 +372,7 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
     result = dict(workdir=workdir, command=command, preset=preset, num=num,
                   ddim_steps=ddim_steps or steps_default, ddim_eta=float(eta),
                   autoguidance={s: float(w) for s, w in guided.items()},
-                  guide_min_t={s: gens[s].guide_min_t for s, w in guided.items() if w},
+                  guide_min_t={s: _guide_min_t(gens[s], w) for s, w in guided.items() if w},
                   device=jax.devices()[0].device_kind,
                   date=time.strftime("%Y-%m-%d"), quality=q, inception=inception_fid,
                   cost=cost_rows, few_step=few_step, guidance=guidance, text=prompt_rows,
