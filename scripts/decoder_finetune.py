@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from ldm_jax import checkpoints, cli, data, models, sample, score, stages
+from ldm_jax import checkpoints, cli, data, models, sample, score, stages, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A workdir with a trained vae/ and the ldm/ trained on it.")
@@ -54,8 +54,8 @@ def tune_decoder(c, params: dict, model_state: dict, steps: int) -> dict:
                                            key)[0])(trained)
         updates, opt = tx.update(grads, opt, trained)
         trained = optax.apply_updates(trained, updates)
-        decay = jnp.minimum(0.99, (1.0 + i) / (10.0 + i))
-        return trained, opt, optax.incremental_update(trained, ema, 1.0 - decay)
+        return trained, opt, optax.incremental_update(trained, ema,
+                                                      1.0 - train.ema_decay_at(i, 0.99))
 
     images = data.to_float(stages.train_split(c)[0])  # the holdout stays out
     rng = np.random.default_rng(c.seed)
@@ -68,6 +68,8 @@ def tune_decoder(c, params: dict, model_state: dict, steps: int) -> dict:
 
 def main(argv):
     del argv
+    if 0 < FLAGS.steps <= 50:
+        raise app.UsageError("--steps must be 0 or above the 50 warmup steps", exitcode=2)
     cli.setup_jax()
     params, model_state, cfg, meta = checkpoints.load_checkpoint(
         f"{FLAGS.workdir}/vae", with_state=True)
