@@ -40,7 +40,7 @@ LEGACY_VALUES = {"diffusion.prediction": "eps", "diffusion.loss_weighting": "uni
                  "autoencoder.likelihood": "gaussian", "data.holdout": 0,
                  "sample.time_power": 1.0, "loss.l1_weight": 0.0, "model.decoder_res_blocks": -1,
                  "distill.low_noise_bias": 0.0, "sample.gamma": 1.0, "sample.guide_min_t": 0,
-                 "distill.guide_min_t": 0}
+                 "distill.guide_min_t": 0, "distill.adversarial_weight": 0.0}
 
 
 def checkpoint_manager(stage_dir: str, keep: int = 3, create: bool = True,

@@ -210,6 +210,11 @@ def _distill(c: ml_collections.ConfigDict) -> None:
     # weight_max > weight_min: the student takes its guidance weight w as an input (LCM), trained
     # on w ~ U[weight_min, weight_max]; w is CFG's for a class teacher, else autoguidance's.
     c.distill.weight_min, c.distill.weight_max = 0.0, 0.0
+    # > 0: a patch discriminator judges the student's decoded x_0 against decoded data (ADD-style),
+    # its term scaled by this times the adaptive weight; 0: off, no discriminator at all.
+    c.distill.adversarial_weight = 0.0
+    c.distill.adversarial_start = 0  # step from which the term (and the discriminator's training) is on
+    c.distill.disc_channels = (32, 64)
     c.sample = ml_collections.ConfigDict()
     c.sample.steps = 4  # default sampling steps of sample and pipeline, in [1, intervals]
     c.sample.time_power = 1.0  # re-noise times ~ (T - 1)(1 - i / steps)^power; 1: LCM's
@@ -350,6 +355,13 @@ def _check_levels(name: str, levels) -> None:
                           f"got {levels!r}")
 
 
+def _check_disc_channels(name: str, channels) -> None:
+    _check_levels(name, channels)
+    if any(ch % nets.PatchDiscriminator.groups for ch in channels[1:]):
+        raise ConfigError(f"{name} after the first must be multiples of "
+                          f"{nets.PatchDiscriminator.groups} (GroupNorm), got {channels}")
+
+
 def _check_at_least(fields: dict, low: int) -> None:
     for name, value in fields.items():
         if not value >= low:
@@ -399,6 +411,9 @@ def _check_distill(c: ml_collections.ConfigDict) -> None:
     if student_takes_weight(d) and d.guidance > 0:
         raise ConfigError("distill.guidance fixes the CFG weight, distill.weight_max > "
                           "weight_min makes it the student's input: set one")
+    check_weight(d.adversarial_weight, "distill.adversarial_weight")
+    _check_at_least({"distill.adversarial_start": d.adversarial_start}, 0)
+    _check_disc_channels("distill.disc_channels", d.disc_channels)
     if not 0.0 <= d.low_noise_bias <= 20.0:  # e^20: every draw would be the lowest interval
         raise ConfigError(f"distill.low_noise_bias must be in [0, 20], got {d.low_noise_bias}")
     if not 1 <= c.sample.steps <= d.intervals:
@@ -458,10 +473,7 @@ def _check_first_stage(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"loss.{', loss.'.join(weights)} must be >= 0")
     if c.loss.adversarial_start < 0:
         raise ConfigError(f"loss.adversarial_start must be >= 0, got {c.loss.adversarial_start}")
-    _check_levels("loss.disc_channels", c.loss.disc_channels)
-    if any(ch % nets.PatchDiscriminator.groups for ch in c.loss.disc_channels[1:]):
-        raise ConfigError(f"loss.disc_channels after the first must be multiples of "
-                          f"{nets.PatchDiscriminator.groups} (GroupNorm), got {c.loss.disc_channels}")
+    _check_disc_channels("loss.disc_channels", c.loss.disc_channels)
     ae = c.autoencoder
     if ae.reg not in ("kl", "vq"):
         raise ConfigError(f"autoencoder.reg must be kl or vq, got {ae.reg!r}")

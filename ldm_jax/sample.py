@@ -96,6 +96,7 @@ def load_student(workdir: str, stage: str, step: int | None = None,
     checkpoint it was distilled from (checkpoints.check_teacher). `teacher`: that teacher,
     already loaded (its step is checked), so it is not read again."""
     params, cfg, meta = checkpoints.load_stage(workdir, stage, step)
+    params = models.split_discriminator(params)[0]
     teacher_step = checkpoints.check_teacher(workdir, stage, meta)
     if teacher is None or teacher.step != teacher_step:
         teacher = load_generator(workdir, configs.STUDENTS[stage], teacher_step)

@@ -431,10 +431,40 @@ def _load_teacher(c, workdir: str):
     return tc, teacher, meta
 
 
+def student_adversary(c, tc, workdir: str, data_meta: dict, scale: float):
+    """(discriminator, to_image) for distill.adversarial_weight > 0, else (None, None):
+    to_image maps the diffusion's x_0 to images in [-1, 1], through the teacher's frozen
+    VAE decoder for an LDM, as they are for pixels."""
+    if c.distill.adversarial_weight <= 0:
+        return None, None
+    disc = nets.PatchDiscriminator(tuple(c.distill.disc_channels))
+    if tc.stage != "ldm":
+        return disc, lambda x: x
+    vae, vae_vars, _, _ = checkpoints.load_vae(workdir, data_meta["vae_step"],
+                                               data_meta["vae_digest"])
+    return disc, lambda z: vae.apply(vae_vars, z / scale, method=nets.VAE.decode)
+
+
+def student_loss(pred: Array, want: Array, x0: Array, adversary, disc_params, d, step: Array):
+    """The distillation loss: mean pseudo-Huber(pred, want), plus with an adversary
+    (discriminator, to_image) the hinge-GAN terms of adversarial_terms on images of the
+    student's x_0 (pred) against images of the data's (x0), the adaptive weight from both
+    losses' gradients at pred."""
+    rec, rec_vjp = jax.vjp(lambda p: jnp.mean(consistency.pseudo_huber(p, want)), pred)
+    if adversary[0] is None:
+        return rec, {}
+    disc, to_image = adversary  # d has adversarial_weight and _start, as loss_cfg wants
+    adv, metrics = adversarial_terms(disc, disc_params, to_image(x0), pred,
+                                     rec_vjp(jnp.ones_like(rec))[0], lambda g: (g,), d, step,
+                                     to_image)
+    return rec + adv, dict(metrics, distill=rec)
+
+
 def distill_task(c, workdir: str) -> Task:
     """Latent consistency distillation (Luo et al. 2023) of workdir's ldm or pixel model: the
     student starts as the teacher and regresses on an EMA target one guided teacher step
-    closer to the data (consistency.distillation_pair), under a pseudo-Huber loss."""
+    closer to the data (consistency.distillation_pair), under a pseudo-Huber loss; with
+    distill.adversarial_weight > 0 a discriminator also judges its x_0 (student_loss)."""
     tc, teacher, teacher_meta = _load_teacher(c, workdir)
     arrays, data_meta, scale = diffusion_data(tc, workdir)
     sched, unet = models.build_schedule(tc.diffusion), models.build_unet(tc.model)
@@ -443,8 +473,10 @@ def distill_task(c, workdir: str) -> Task:
     conditional, ema = tc.model.conditioning != "none", c.distill.target_ema
     bias = c.distill.low_noise_bias
     probs = jnp.asarray(consistency.interval_probs(c.distill.intervals, bias)) if bias else None
+    adversary = student_adversary(c, tc, workdir, data_meta, scale)
 
     def loss_fn(params, model_state, batch, key):
+        params, disc_params = models.split_discriminator(params)
         z_key, y_key, d_key = jax.random.split(key, 3)
         y = diffusion.drop_labels(y_key, batch["label"], tc.model.label_dropout,
                                   tc.model.num_classes) if conditional else None
@@ -465,7 +497,9 @@ def distill_task(c, workdir: str) -> Task:
         if ema > 0:
             model_state = dict(model_state, target=optax.incremental_update(
                 jax.lax.stop_gradient(params), target, 1.0 - ema))
-        return jnp.mean(consistency.pseudo_huber(pred, want)), ({}, model_state)
+        loss, metrics = student_loss(pred, want, x0, adversary, disc_params, c.distill,
+                                     batch.get("step", 0))
+        return loss, (metrics, model_state)
 
     def init(key):  # the student starts as its teacher
         params = teacher["unet"]
@@ -473,7 +507,11 @@ def distill_task(c, workdir: str) -> Task:
             example = jnp.asarray(next(iter(arrays.values()))[:1], jnp.float32)
             y = jnp.zeros((1,), jnp.int32) if conditional else None
             params = {**params, **weight_embedding_params(student, key, example, y)}
-        return params, {"teacher": teacher, **({"target": params} if ema > 0 else {})}
+        state = {"teacher": teacher, **({"target": params} if ema > 0 else {})}
+        if adversary[0] is not None:
+            image = adversary[1](jnp.asarray(next(iter(arrays.values()))[:1], jnp.float32))
+            params = {**params, models.DISCRIMINATOR: adversary[0].init(key, image)["params"]}
+        return params, state
     meta = dict(data_meta, **teacher_meta, intervals=c.distill.intervals,
                 guidance=c.distill.guidance)
     return Task(init=init, loss_fn=loss_fn, **_data(c, arrays), meta=lambda variables: meta)

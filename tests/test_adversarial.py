@@ -1,6 +1,7 @@
 """The first stage's optional adversarial loss (loss.adversarial_weight > 0): which player
 each loss reaches, the warm-up, the adaptive weight against a hand computation, and a
-smoke run whose checkpoint the readers load without the discriminator."""
+smoke run whose checkpoint the readers load without the discriminator; and the same term
+in a few-step student's loss (distill.adversarial_weight > 0) against a hand computation."""
 
 import functools
 import json
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax import checkpoints, configs, data, models, nets, stages, train
+from ldm_jax import checkpoints, configs, consistency, data, models, nets, stages, train
 
 START = 3  # the smoke preset's loss.adversarial_start
 
@@ -179,3 +180,51 @@ def test_smoke_run_trains_resumes_and_loads_without_the_discriminator(tmp_path):
     train.train_and_evaluate(configs.get_config("ldm", "smoke"), str(tmp_path / "a"))
     ldm_meta = checkpoints.stored_meta(os.path.join(tmp_path, "a", "ldm"))
     assert ldm_meta["vae_digest"] == checkpoints.tree_digest(variables)
+
+
+def _student_loss(step, weight=1.0):
+    """stages.student_loss on pixel-space x_0 (to_image the identity, as for distill_pixel):
+    (loss, metrics) and the gradients in (pred, discriminator params)."""
+    d = types.SimpleNamespace(adversarial_weight=weight, adversarial_start=START)
+    disc = nets.PatchDiscriminator((8, 16))
+    x0 = data.to_float(data.load_mnist("test")[0][:4])
+    pred = jnp.clip(x0 + 0.3 * jax.random.normal(jax.random.key(2), x0.shape), -1, 1)
+    want = jnp.roll(x0, 1, axis=2)
+    disc_params = disc.init(jax.random.key(3), x0[:1])["params"]
+    fn = lambda p, dp: stages.student_loss(p, want, x0, (disc, lambda x: x), dp, d,
+                                           jnp.int32(step))
+    out, grads = jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(pred, disc_params)
+    return out, grads, dict(disc=disc, disc_params=disc_params, x0=x0, pred=pred, want=want)
+
+
+def test_the_students_adversarial_term_against_a_hand_computation():
+    """pred's gradient is dL/dpred + w lambda dL_G/dpred, lambda the ratio of their norms
+    (float64); the discriminator's is the hinge loss's alone; before the start, the plain loss."""
+    (loss, m), (g_pred, g_disc), a = _student_loss(START)
+    plain = lambda p: jnp.mean(consistency.pseudo_huber(p, a["want"]))
+    g_rec = np.asarray(jax.grad(plain)(a["pred"]), np.float64)
+    d_of = lambda dp, x: a["disc"].apply({"params": dp}, x)
+    g_gen = np.asarray(jax.grad(lambda p: -jnp.mean(d_of(a["disc_params"], p)))(a["pred"]),
+                       np.float64)
+    lam = np.linalg.norm(g_rec) / (np.linalg.norm(g_gen) + 1e-4)
+    assert float(m["adv_lambda"]) == pytest.approx(lam, rel=1e-4) and 0 < lam < 1e4
+    np.testing.assert_allclose(g_pred, g_rec + lam * g_gen, rtol=2e-4, atol=1e-7)
+    hinge = lambda dp: stages.hinge_d_loss(d_of(dp, a["x0"]), d_of(dp, a["pred"]))
+    chex.assert_trees_all_close(g_disc, jax.grad(hinge)(a["disc_params"]), rtol=1e-5, atol=1e-7)
+    assert float(m["distill"]) == pytest.approx(float(plain(a["pred"])), rel=1e-6)
+    (loss_off, m_off), (g_pred_off, g_disc_off), _ = _student_loss(START - 1)
+    assert float(loss_off) == float(plain(a["pred"])) and float(m_off["adv_weight"]) == 0.0
+    np.testing.assert_allclose(g_pred_off, g_rec, rtol=1e-6, atol=1e-9)
+    assert _abs_max(g_disc_off) == 0.0  # the discriminator waits too
+
+
+def test_the_students_adversarial_options_are_checked():
+    for field, value in (("adversarial_weight", -1.0), ("adversarial_start", -1),
+                         ("disc_channels", (8, 12))):
+        c = configs.get_config("distill", "smoke")
+        c.distill[field] = value
+        with pytest.raises(configs.ConfigError, match=f"distill.{field}"):
+            configs.validate(c)
+    stored = configs.get_config("distill", "smoke").to_dict()
+    del stored["distill"]["adversarial_weight"]  # a student from before the option
+    assert checkpoints.config_from_stored(stored).distill.adversarial_weight == 0.0

@@ -220,10 +220,12 @@ def _final(stage_dir):
 
 
 @pytest.mark.slow
-def test_a_resumed_distillation_equals_an_uninterrupted_one(teacher_workdir, tmp_path):
+@pytest.mark.parametrize("adversarial_weight", [0.0, 1.0])
+def test_a_resumed_distillation_equals_an_uninterrupted_one(teacher_workdir, tmp_path,
+                                                           adversarial_weight):
     for name in ("full", "split"):
         shutil.copytree(teacher_workdir, tmp_path / name)
-    c = _student(teacher_workdir)
+    c = _student(teacher_workdir, distill__adversarial_weight=adversarial_weight)
     train.train_and_evaluate(c, str(tmp_path / "full"))
     train.train_and_evaluate(c, str(tmp_path / "split"), stop_at_step=3)
     train.train_and_evaluate(c, str(tmp_path / "split"))
@@ -235,6 +237,11 @@ def test_a_resumed_distillation_equals_an_uninterrupted_one(teacher_workdir, tmp
     teacher = checkpoints.load_checkpoint(str(tmp_path / "full" / "ldm"))[0]
     chex.assert_trees_all_equal(a_state["teacher"]["unet"], teacher)  # never trained
     assert meta_a["teacher_step"] == 6 and meta_a["teacher_stage"] == "ldm"
+    assert (models.DISCRIMINATOR in a) == (adversarial_weight > 0)
+    gen = sample.load_generator(str(tmp_path / "full"), "distill")  # samples without it
+    chex.assert_trees_all_equal(gen.params, models.split_discriminator(a)[0])
+    assert bool(jnp.all(jnp.isfinite(sample.generate(gen, 4, jax.random.key(0), steps=2,
+                                                     progress=False))))
 
 
 def _fid(images, real):
