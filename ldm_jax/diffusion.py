@@ -457,8 +457,10 @@ def ddim_step(sched: Schedule, eps: Array, x_t: Array, t: Array, t_prev: Array, 
 
 def ddim_sample(eps_fn: EpsFn, sched: Schedule, key: Array, shape: tuple[int, ...],
                 steps: int, eta: float = 0.0, clip_x0: bool = False,
-                keep_trajectory: bool = False):
-    """DDIM over `steps` evenly spaced timesteps; eta = 0 is deterministic, 1 is DDPM-like."""
+                keep_trajectory: bool = False, eta_min_t: int = 0):
+    """DDIM over `steps` evenly spaced timesteps; eta = 0 is deterministic, 1 is DDPM-like.
+    Steps from t < eta_min_t take eta = 0: fresh noise only at high noise (a noise interval,
+    as EDM's S_tmin); 0 keeps eta at every step."""
     ts = ddim_timesteps(sched.num_timesteps, steps)
     ts_prev = np.append(ts[1:], -1).astype(np.int32)
     x_init = jax.random.normal(jax.random.fold_in(key, sched.num_timesteps), shape)
@@ -467,7 +469,8 @@ def ddim_sample(eps_fn: EpsFn, sched: Schedule, key: Array, shape: tuple[int, ..
     def step(x, i):
         t, t_prev = _full(ts_arr[i], batch), _full(ts_prev_arr[i], batch)
         noise = jax.random.normal(jax.random.fold_in(key, i), shape)
-        x, _ = ddim_step(sched, eps_fn(x, t), x, t, t_prev, eta, noise, clip_x0)
+        step_eta = jnp.where(t >= eta_min_t, eta, 0.0)
+        x, _ = ddim_step(sched, eps_fn(x, t), x, t, t_prev, step_eta, noise, clip_x0)
         return x, (x if keep_trajectory else None)
 
     ts_arr, ts_prev_arr = jnp.asarray(ts), jnp.asarray(ts_prev)

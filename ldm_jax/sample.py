@@ -1,7 +1,7 @@
 """Sampling from a trained LDM or pixel model, with the EMA parameters.
 
     python -m ldm_jax.sample --workdir=runs/demo --stage=ldm --num=64 --out=grid.png
-        [--sampler=ddpm|ddim|dpmpp2m] [--steps=K] [--eta=0.0] [--seed=0] [--step=N]
+        [--sampler=ddpm|ddim|dpmpp2m] [--steps=K] [--eta=0.0] [--eta_min_t=M] [--seed=0] [--step=N]
         [--autoguidance=W]   # guided by the run's earlier checkpoint (sample.guide_step)
     python -m ldm_jax.sample --workdir=runs/cond --stage=ldm --label=7 --guidance=3.0 --out=7s.png
     python -m ldm_jax.sample --workdir=runs/text --stage=ldm --prompt="a handwritten seven" \
@@ -56,6 +56,7 @@ class Generator:
     guide_params: Any = None
     guide_step: int = 0
     guide_min_t: int = 0  # autoguidance only where t >= this (sample.guide_min_t; 0: every t)
+    eta_min_t: int = 0  # DDIM's eta only at steps from t >= this (eta 0 below; 0: every step)
 
 
 def load_generator(workdir: str, stage: str, step: int | None = None) -> Generator:
@@ -230,7 +231,7 @@ def _reverse_chain(eps_fn, gen: Generator, key: jax.Array, shape: tuple, sampler
         return diffusion.dpmpp2m_sample(eps_fn, gen.sched, key, shape, steps, clip,
                                         keep_trajectory)
     return diffusion.ddim_sample(eps_fn, gen.sched, key, shape, steps, eta, clip,
-                                 keep_trajectory)
+                                 keep_trajectory, gen.eta_min_t)
 
 
 def _student_chain(gen: Generator, key: jax.Array, shape: tuple, steps: int, params, labels,
@@ -410,6 +411,9 @@ def define_flags(fv) -> None:
     flags.DEFINE_integer("guide_min_t", None, "Autoguidance only at timesteps t >= this, the "
                          "model alone below (default: the model config's sample.guide_min_t; "
                          "0 = every step).", flag_values=fv)
+    flags.DEFINE_integer("eta_min_t", None, "DDIM: fresh noise (eta) only at steps from "
+                         "t >= this, deterministic below (default 0: every step).",
+                         flag_values=fv)
 
 
 def parse_labels(label: str | None, num: int) -> tuple[np.ndarray | None, int | None]:
@@ -505,6 +509,19 @@ def with_guide_min_t(gen: Generator, min_t: int | None) -> Generator:
     return dataclasses.replace(gen, guide_min_t=min_t)
 
 
+def with_eta_min_t(gen: Generator, min_t: int | None, sampler: str) -> Generator:
+    """gen taking DDIM's eta only at steps from t >= min_t (None: at every step); refused
+    for a student, for the other samplers and at or past the model's timesteps."""
+    if min_t is None:
+        return gen
+    if is_student(gen) or sampler != "ddim":
+        raise cli.UsageError(f"--eta_min_t is for the ddim sampler, not {sampler}")
+    if not 0 <= min_t < gen.sched.num_timesteps:
+        raise cli.UsageError(f"--eta_min_t must be in [0, {gen.sched.num_timesteps}), the "
+                             f"model's timesteps, got {min_t}")
+    return dataclasses.replace(gen, eta_min_t=min_t)
+
+
 def sampling_settings(fv, gen: Generator) -> tuple[str, int, float, float]:
     """(sampler, steps, eta, autoguidance): each flag, or else the model config's default."""
     if is_student(gen):
@@ -579,7 +596,7 @@ def _main(argv: list[str] | None) -> None:
         gen = load_generator(fv.workdir, fv.stage, fv.step)
         check_conditioning_flags(fv, gen, labels, prompts)
         sampler, steps, eta, autoguidance = sampling_settings(fv, gen)
-        gen = with_guide_min_t(gen, fv.guide_min_t)
+        gen = with_eta_min_t(with_guide_min_t(gen, fv.guide_min_t), fv.eta_min_t, sampler)
     except (cli.UsageError, configs.ConfigError) as e:
         cli.fail(prog, e)
     try:

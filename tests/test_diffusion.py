@@ -66,16 +66,17 @@ def ddpm_moments(betas, a, b, var_type):
     return m, math.sqrt(v)
 
 
-def ddim_moments(ab, ts, eta, a, b):
+def ddim_moments(ab, ts, eta, a, b, eta_min_t=0):
     """Mean and std of DDIM's x_0 over timesteps ts (descending) when eps = a_t x + b_t:
     x_prev = sqrt(ab_prev) (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t)
              + sqrt(1 - ab_prev - sigma^2) eps + sigma z               (Song Eq. 12),
     sigma^2 = eta^2 (1 - ab_prev) / (1 - ab_t) (1 - ab_t / ab_prev)     (Eq. 16),
-    with ab_prev = 1 after the last timestep."""
+    with ab_prev = 1 after the last timestep, and eta 0 at steps from t < eta_min_t."""
     m, v = 0.0, 1.0
     for i, t in enumerate(ts):
         ab_prev = ab[ts[i + 1]] if i + 1 < len(ts) else 1.0
-        sigma2 = eta**2 * (1 - ab_prev) / (1 - ab[t]) * (1 - ab[t] / ab_prev)
+        e = eta if t >= eta_min_t else 0.0
+        sigma2 = e**2 * (1 - ab_prev) / (1 - ab[t]) * (1 - ab[t] / ab_prev)
         p = np.sqrt(ab_prev / ab[t])
         q = np.sqrt(1 - ab_prev - sigma2) - p * np.sqrt(1 - ab[t])
         c, off = p + q * a[t], q * b[t]
@@ -258,6 +259,22 @@ def test_ddim_matches_closed_form_on_gaussian_data(steps):
         assert_moments(run(jax.random.key(1), eta), mean, std)
         stds.append(std)
     assert max(stds) - min(stds) > 0.01  # eta matters at this step count: the test can see it
+
+
+def test_ddim_with_a_noise_interval_matches_closed_form_on_gaussian_data():
+    """eta = 1 only at steps from t >= eta_min_t, deterministic below: the moments of that
+    mixed chain, which differ from both the eta = 0 and the eta = 1 chain's."""
+    steps, min_t = 20, 100
+    ab = np.cumprod(1 - linear_betas(T))
+    sched = d.make_schedule("linear", T)
+    x = jax.jit(lambda k: d.ddim_sample(gaussian_eps_fn(ab, MU, S), sched, k, SHAPE, steps,
+                                        1.0, eta_min_t=min_t))(jax.random.key(2))
+    a, b = eps_affine(ab, MU, S)
+    ts = ddim_steps_ref(T, steps)
+    mean, std = ddim_moments(ab, ts, 1.0, a, b, eta_min_t=min_t)
+    assert_moments(x, mean, std)
+    others = [ddim_moments(ab, ts, eta, a, b)[1] for eta in (0.0, 1.0)]
+    assert min(abs(std - o) for o in others) > 0.004  # 0.1317 against 0.1266 and 0.1424
 
 
 def test_ddpm_guidance_matches_closed_form():

@@ -23,6 +23,9 @@ from test_bad_input import _one_line_exit_2
     (["--label=\u0663"], "--label must be a digit 0-9 or 'all'"),
     (["--label=all", "--num=3"], "--num must be a multiple of 10, got 3"),
     (["--sampler=euler"], "flag --sampler=euler: value should be one of <ddpm|ddim|dpmpp2m>"),
+    (["--sampler=ddim", "--eta_min_t=-1"], "--eta_min_t must be in [0, 50), the model's timesteps"),
+    (["--sampler=ddim", "--eta_min_t=50"], "--eta_min_t must be in [0, 50)"),
+    (["--eta_min_t=10"], "--eta_min_t is for the ddim sampler, not dpmpp2m"),  # smoke's sampler
     (["out=x.png"], "out=x.png"),
 ])
 def test_sample_refuses(smoke_workdir, tmp_path, args, message, monkeypatch):
@@ -30,6 +33,23 @@ def test_sample_refuses(smoke_workdir, tmp_path, args, message, monkeypatch):
     r = run_main("sample", f"--workdir={smoke_workdir}", f"--out={tmp_path / 'g.png'}", *args)
     _one_line_exit_2(r, message)
     assert not os.listdir(tmp_path)
+
+
+def test_a_noise_interval_reaches_the_chain(smoke_workdir):
+    """eta_min_t = 0 is the plain eta-1 chain, byte for byte; past every timestep it takes
+    no fresh noise, the eta-0 chain; in between it is neither."""
+    import dataclasses
+    import jax
+    from ldm_jax import sample
+    gen = sample.load_generator(smoke_workdir, "ldm")
+    draw = lambda g, eta: sample.generate(g, 8, jax.random.key(3), "ddim", 10, eta,
+                                          progress=False)
+    with_min_t = lambda m: dataclasses.replace(gen, eta_min_t=m)
+    plain, ode = draw(gen, 1.0), draw(gen, 0.0)
+    np.testing.assert_array_equal(draw(with_min_t(0), 1.0), plain)
+    np.testing.assert_array_equal(draw(with_min_t(gen.sched.num_timesteps), 1.0), ode)
+    half = draw(with_min_t(gen.sched.num_timesteps // 2), 1.0)
+    assert not np.array_equal(half, plain) and not np.array_equal(half, ode)
 
 
 def test_sample_refuses_bad_places(smoke_workdir, tmp_path):
