@@ -454,6 +454,7 @@ def student_loss(pred: Array, want: Array, x0: Array, adversary, disc_params, d,
     if adversary[0] is None:
         return rec, {}
     disc, to_image = adversary  # d has adversarial_weight and _start, as loss_cfg wants
+    # The gradients at pred itself stand in for the decoder's last layer: an identity vjp.
     adv, metrics = adversarial_terms(disc, disc_params, to_image(x0), pred,
                                      rec_vjp(jnp.ones_like(rec))[0], lambda g: (g,), d, step,
                                      to_image)
@@ -503,14 +504,14 @@ def distill_task(c, workdir: str) -> Task:
 
     def init(key):  # the student starts as its teacher
         params = teacher["unet"]
+        example = jnp.asarray(next(iter(arrays.values()))[:1], jnp.float32)
         if student.weight_input:
-            example = jnp.asarray(next(iter(arrays.values()))[:1], jnp.float32)
             y = jnp.zeros((1,), jnp.int32) if conditional else None
             params = {**params, **weight_embedding_params(student, key, example, y)}
         state = {"teacher": teacher, **({"target": params} if ema > 0 else {})}
-        if adversary[0] is not None:
-            image = adversary[1](jnp.asarray(next(iter(arrays.values()))[:1], jnp.float32))
-            params = {**params, models.DISCRIMINATOR: adversary[0].init(key, image)["params"]}
+        if adversary[0] is not None:  # beside the U-Net, outside the EMA target
+            disc_params = adversary[0].init(key, adversary[1](example))["params"]
+            params = {**params, models.DISCRIMINATOR: disc_params}
         return params, state
     meta = dict(data_meta, **teacher_meta, intervals=c.distill.intervals,
                 guidance=c.distill.guidance)
