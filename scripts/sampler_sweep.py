@@ -1,5 +1,5 @@
 """Classifier FID and recognisable share of one trained generator under several samplers:
-docs/results.md, "Autoguidance" (its line on stochastic sampling).
+docs/results.md, "Autoguidance, guides and samplers" (its line on stochastic sampling).
 
     python scripts/sampler_sweep.py --workdir=W --num=N --samplers=SAMPLER:STEPS:ETA,... [--stage=pixel]
     python scripts/sampler_sweep.py --workdir=runs/demo --num=2000 --samplers=ddim:50:0,ddim:50:1,dpmpp2m:20:0
