@@ -503,23 +503,26 @@ def with_guide_min_t(gen: Generator, min_t: int | None) -> Generator:
     if is_student(gen):
         raise cli.UsageError("--guide_min_t is for a teacher's autoguidance; a student's "
                              "guidance was fixed when it was distilled")
-    if not 0 <= min_t < gen.sched.num_timesteps:
-        raise cli.UsageError(f"--guide_min_t must be in [0, {gen.sched.num_timesteps}), the "
-                             f"model's timesteps, got {min_t}")
+    _check_timestep("--guide_min_t", min_t, gen)
     return dataclasses.replace(gen, guide_min_t=min_t)
 
 
 def with_eta_min_t(gen: Generator, min_t: int | None, sampler: str) -> Generator:
     """gen taking DDIM's eta only at steps from t >= min_t (None: at every step); refused
-    for a student, for the other samplers and at or past the model's timesteps."""
+    for the other samplers (a student's is 'consistency') and past the model's timesteps."""
     if min_t is None:
         return gen
-    if is_student(gen) or sampler != "ddim":
+    if sampler != "ddim":
         raise cli.UsageError(f"--eta_min_t is for the ddim sampler, not {sampler}")
-    if not 0 <= min_t < gen.sched.num_timesteps:
-        raise cli.UsageError(f"--eta_min_t must be in [0, {gen.sched.num_timesteps}), the "
-                             f"model's timesteps, got {min_t}")
+    _check_timestep("--eta_min_t", min_t, gen)
     return dataclasses.replace(gen, eta_min_t=min_t)
+
+
+def _check_timestep(flag: str, t: int, gen: Generator) -> None:
+    """UsageError unless t is one of the model's timesteps, [0, T)."""
+    if not 0 <= t < gen.sched.num_timesteps:
+        raise cli.UsageError(f"{flag} must be in [0, {gen.sched.num_timesteps}), the "
+                             f"model's timesteps, got {t}")
 
 
 def sampling_settings(fv, gen: Generator) -> tuple[str, int, float, float]:

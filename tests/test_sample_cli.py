@@ -1,10 +1,14 @@
 """`ldm_jax.sample` refuses bad input in one line (exit 2, nothing written) and writes
 what it was asked for."""
 
+import dataclasses
 import os
 
+import jax
 import numpy as np
 import pytest
+
+from ldm_jax import sample
 
 from conftest import run_main, run_module
 from test_bad_input import _one_line_exit_2
@@ -38,9 +42,6 @@ def test_sample_refuses(smoke_workdir, tmp_path, args, message, monkeypatch):
 def test_a_noise_interval_reaches_the_chain(smoke_workdir):
     """eta_min_t = 0 is the plain eta-1 chain, byte for byte; past every timestep it takes
     no fresh noise, the eta-0 chain; in between it is neither."""
-    import dataclasses
-    import jax
-    from ldm_jax import sample
     gen = sample.load_generator(smoke_workdir, "ldm")
     draw = lambda g, eta: sample.generate(g, 8, jax.random.key(3), "ddim", 10, eta,
                                           progress=False)
