@@ -29,7 +29,8 @@ from ldm_jax import configs, models
 RESUMABLE_FIELDS = ("preset", "train.steps", "train.max_minutes", "train.log_every",
                     "train.ckpt_every", "train.keep_checkpoints", "train.skip_nonfinite",
                     "sample.sampler", "sample.steps", "sample.eta", "sample.guide_weight",
-                    "sample.time_power", "sample.gamma", "sample.guide_min_t", "model.dtype")
+                    "sample.time_power", "sample.gamma", "sample.guide_min_t", "sample.eta_min_t",
+                    "model.dtype")
 
 # What a stored config that lacks a field was trained with, where that differs from
 # today's default (the recipe's defaults changed on 2026-11-26 from eps + uniform), or
@@ -40,7 +41,8 @@ LEGACY_VALUES = {"diffusion.prediction": "eps", "diffusion.loss_weighting": "uni
                  "autoencoder.likelihood": "gaussian", "data.holdout": 0,
                  "sample.time_power": 1.0, "loss.l1_weight": 0.0, "model.decoder_res_blocks": -1,
                  "distill.low_noise_bias": 0.0, "sample.gamma": 1.0, "sample.guide_min_t": 0,
-                 "distill.guide_min_t": 0, "distill.adversarial_weight": 0.0}
+                 "distill.guide_min_t": 0, "distill.adversarial_weight": 0.0,
+                 "sample.eta_min_t": 0}
 
 
 def checkpoint_manager(stage_dir: str, keep: int = 3, create: bool = True,

@@ -58,6 +58,18 @@ def _guide_min_t(gen, autoguidance: float) -> int:
     return gen.guide_min_t if autoguidance else 0
 
 
+def _eta_min_t(gen, eta: float) -> int:
+    """Where the samples' fresh noise stops: the generator's t, or 0 when eta is 0."""
+    return gen.eta_min_t if eta else 0
+
+
+def _sampling_record(gens: dict, guided: dict, eta: float) -> dict:
+    """metrics.json's record of how each stage's quality samples were guided and noised."""
+    return dict(autoguidance={s: float(w) for s, w in guided.items()},
+                guide_min_t={s: _guide_min_t(gens[s], w) for s, w in guided.items() if w},
+                eta_min_t={s: _eta_min_t(g, eta) for s, g in gens.items() if eta})
+
+
 def save_samples(out_dir: str, gen, images: np.ndarray, steps: int, eta: float = 0.0,
                  autoguidance: float = 0.0) -> None:
     """The quality samples, with what they were drawn from (see cached_samples), written
@@ -66,7 +78,8 @@ def save_samples(out_dir: str, gen, images: np.ndarray, steps: int, eta: float =
         np.savez_compressed(f, images=images, identity=np.array(gen.identity),
                             model_step=gen.step, sampler="ddim", ddim_steps=steps,
                             ddim_eta=float(eta), seed=SAMPLE_SEED, autoguidance=float(autoguidance),
-                            guide_min_t=_guide_min_t(gen, autoguidance))
+                            guide_min_t=_guide_min_t(gen, autoguidance),
+                            eta_min_t=_eta_min_t(gen, eta))
 
 
 def cached_samples(out_dir: str, gen, num: int, steps: int, eta: float = 0.0,
@@ -75,7 +88,7 @@ def cached_samples(out_dir: str, gen, num: int, steps: int, eta: float = 0.0,
     digest of the parameters that sample), sampler, steps, eta, autoguidance, seed and size,
     else None. A file without an identity or an eta (written before they were recorded) is
     never reused; one without an autoguidance weight was drawn without it (w = 0), one
-    without guide_min_t guided at every step."""
+    without guide_min_t guided at every step, one without eta_min_t took eta at every step."""
     path = os.path.join(out_dir, f"{gen.stage}_samples.npz")
     if not os.path.isfile(path) or not gen.identity:
         return None
@@ -85,9 +98,11 @@ def cached_samples(out_dir: str, gen, num: int, steps: int, eta: float = 0.0,
         with np.load(path, allow_pickle=False) as z:
             stored_w = z["autoguidance"].item() if "autoguidance" in z.files else 0.0
             min_t = z["guide_min_t"].item() if "guide_min_t" in z.files else 0
+            eta_min_t = z["eta_min_t"].item() if "eta_min_t" in z.files else 0
             if (all(k in z.files for k in want) and "images" in z.files
                     and stored_w == float(autoguidance)
                     and min_t == _guide_min_t(gen, autoguidance)
+                    and eta_min_t == _eta_min_t(gen, eta)
                     and all(z[k].item() == v for k, v in want.items())
                     and len(z["images"]) == num):
                 print(f"{gen.stage}: reusing {num} samples from {path}", file=sys.stderr)
@@ -371,9 +386,7 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
 
     result = dict(workdir=workdir, command=command, preset=preset, num=num,
                   ddim_steps=ddim_steps or steps_default, ddim_eta=float(eta),
-                  autoguidance={s: float(w) for s, w in guided.items()},
-                  guide_min_t={s: _guide_min_t(gens[s], w) for s, w in guided.items() if w},
-                  device=jax.devices()[0].device_kind,
+                  **_sampling_record(gens, guided, eta), device=jax.devices()[0].device_kind,
                   date=time.strftime("%Y-%m-%d"), quality=q, inception=inception_fid,
                   cost=cost_rows, few_step=few_step, guidance=guidance, text=prompt_rows,
                   autoencoder=autoencoder, classifier=os.path.abspath(classifier))

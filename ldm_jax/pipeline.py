@@ -64,15 +64,19 @@ def stage_configs(fv) -> list[ml_collections.ConfigDict]:
 
 
 def samples_request(num: int, steps: int, sampler: str, eta: float,
-                    autoguidance: float = 0.0, guide_min_t: int | None = None) -> dict:
-    """What a stage's grid is drawn with (guide_min_t: None for a student)."""
+                    autoguidance: float = 0.0, guide_min_t: int | None = None,
+                    eta_min_t: int | None = None) -> dict:
+    """What a stage's grid is drawn with (guide_min_t, eta_min_t: None for a student)."""
     request = dict(num=num, seed=SEED, sampler=sampler, steps=steps, eta=eta,
                    autoguidance=autoguidance)
-    return request if guide_min_t is None else dict(request, guide_min_t=guide_min_t)
+    for name, t in (("guide_min_t", guide_min_t), ("eta_min_t", eta_min_t)):
+        if t is not None:
+            request[name] = t
+    return request
 
 
 # What a grid saved before a setting was recorded was drawn with.
-REQUEST_DEFAULTS = dict(autoguidance=0.0, guide_min_t=0)
+REQUEST_DEFAULTS = dict(autoguidance=0.0, guide_min_t=0, eta_min_t=0)
 
 
 def saved_samples_info(npz_path: str) -> dict | None:
@@ -116,7 +120,8 @@ def write_samples(workdir: str, gen: sample.Generator, request: dict) -> str:
             if os.path.exists(base + ext):
                 os.replace(base + ext, old + ext)
         note = f"; the earlier grid is now {old}.png"
-    gen = sample.with_guide_min_t(gen, request.get("guide_min_t"))
+    gen = sample.with_eta_min_t(sample.with_guide_min_t(gen, request.get("guide_min_t")),
+                                request.get("eta_min_t"), request["sampler"])
     images = sample.generate(gen, request["num"], jax.random.key(SEED), request["sampler"],
                              request["steps"], request["eta"],
                              autoguidance=request["autoguidance"])
@@ -191,7 +196,7 @@ def _main(argv: list[str] | None) -> None:
             elif c.stage in configs.DIFFUSION_STAGES:
                 requests[c.stage] = samples_request(fv.num, c.sample.steps, c.sample.sampler,
                                                     c.sample.eta, c.sample.guide_weight,
-                                                    c.sample.guide_min_t)
+                                                    c.sample.guide_min_t, c.sample.eta_min_t)
             if c.stage in requests:
                 check_saved_samples(fv.workdir, c.stage, requests[c.stage])
         cli.setup_jax()

@@ -103,7 +103,9 @@ def _quality_section(r: dict) -> list[str]:
              f"`{r['command']}` — {r['num']} samples per model, DDIM {r['ddim_steps']} steps "
              f"(eta {r.get('ddim_eta', 0.0):g}"
              + "".join(f"; {k} autoguidance {w:g}" for k, w in
-                       (r.get("autoguidance") or {}).items() if w) + "), "
+                       (r.get("autoguidance") or {}).items() if w)
+             + "".join(f"; {k} eta only from t = {m}" for k, m in
+                       (r.get("eta_min_t") or {}).items() if m) + "), "
              f"device {r['device']}, {r['date']}.", "",
              "## Quality (MNIST-classifier features; FID against the 10,000 test images, "
              f"PRDC against {r['num']} test images)", "",

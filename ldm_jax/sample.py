@@ -56,7 +56,7 @@ class Generator:
     guide_params: Any = None
     guide_step: int = 0
     guide_min_t: int = 0  # autoguidance only where t >= this (sample.guide_min_t; 0: every t)
-    eta_min_t: int = 0  # DDIM's eta only at steps from t >= this (eta 0 below; 0: every step)
+    eta_min_t: int = 0  # DDIM's eta only at steps from t >= this (sample.eta_min_t; 0: every step)
 
 
 def load_generator(workdir: str, stage: str, step: int | None = None) -> Generator:
@@ -77,7 +77,8 @@ def load_generator(workdir: str, stage: str, step: int | None = None) -> Generat
     common = dict(stage=stage, unet=models.build_unet(cfg["model"]), params=params,
                   sched=models.build_schedule(cfg["diffusion"]), config=cfg, step=meta["step"],
                   guide_params=guide, guide_step=guide_step if guide is not None else 0,
-                  guide_min_t=cfg.get("sample", {}).get("guide_min_t", 0))
+                  guide_min_t=cfg.get("sample", {}).get("guide_min_t", 0),
+                  eta_min_t=cfg.get("sample", {}).get("eta_min_t", 0))
     weights = {"unet": params} if guide is None else {"unet": params, "guide": guide}
     if stage == "pixel":
         identity = checkpoints.tree_digest(params if guide is None else weights)
@@ -412,8 +413,8 @@ def define_flags(fv) -> None:
                          "model alone below (default: the model config's sample.guide_min_t; "
                          "0 = every step).", flag_values=fv)
     flags.DEFINE_integer("eta_min_t", None, "DDIM: fresh noise (eta) only at steps from "
-                         "t >= this, deterministic below (default 0: every step).",
-                         flag_values=fv)
+                         "t >= this, deterministic below (default: the model config's "
+                         "sample.eta_min_t; 0 = every step).", flag_values=fv)
 
 
 def parse_labels(label: str | None, num: int) -> tuple[np.ndarray | None, int | None]:
@@ -508,11 +509,12 @@ def with_guide_min_t(gen: Generator, min_t: int | None) -> Generator:
 
 
 def with_eta_min_t(gen: Generator, min_t: int | None, sampler: str) -> Generator:
-    """gen taking DDIM's eta only at steps from t >= min_t (None: at every step); refused
-    for the other samplers (a student's is 'consistency') and past the model's timesteps."""
+    """gen taking DDIM's eta only at steps from t >= min_t (None: as configured); a min_t
+    > 0 is refused for the other samplers (a student's is 'consistency'), and any past the
+    model's timesteps."""
     if min_t is None:
         return gen
-    if sampler != "ddim":
+    if min_t and sampler != "ddim":
         raise cli.UsageError(f"--eta_min_t is for the ddim sampler, not {sampler}")
     _check_timestep("--eta_min_t", min_t, gen)
     return dataclasses.replace(gen, eta_min_t=min_t)

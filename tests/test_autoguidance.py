@@ -82,8 +82,8 @@ def test_a_lost_guide_is_one_line_exit_2(guided_workdir, tmp_path):
 
 
 def test_cached_samples_are_keyed_by_autoguidance(tmp_path):
-    gen = dataclasses.make_dataclass("G", ["stage", "identity", "step", "guide_min_t"])(
-        "ldm", "abc", 3, 200)
+    gen = dataclasses.make_dataclass("G", ["stage", "identity", "step", "guide_min_t",
+                                           "eta_min_t"])("ldm", "abc", 3, 200, 500)
     images = np.arange(4 * 28 * 28, dtype=np.uint8).reshape(4, 28, 28)
     evaluate.save_samples(str(tmp_path), gen, images, 5, eta=1.0, autoguidance=1.5)
     np.testing.assert_array_equal(
@@ -92,6 +92,8 @@ def test_cached_samples_are_keyed_by_autoguidance(tmp_path):
     assert evaluate.cached_samples(str(tmp_path), gen, 4, 5, eta=1.0, autoguidance=1.0) is None
     everywhere = dataclasses.replace(gen, guide_min_t=0)  # the same weights, guided at every t
     assert evaluate.cached_samples(str(tmp_path), everywhere, 4, 5, eta=1.0, autoguidance=1.5) is None
+    noised = dataclasses.replace(gen, eta_min_t=0)  # fresh noise at every step
+    assert evaluate.cached_samples(str(tmp_path), noised, 4, 5, eta=1.0, autoguidance=1.5) is None
 
 
 def test_pipeline_reads_a_grid_saved_before_autoguidance_as_unguided(tmp_path):
@@ -111,6 +113,11 @@ def test_pipeline_reads_a_grid_saved_before_autoguidance_as_unguided(tmp_path):
     with pytest.raises(cli.UsageError, match=r"other settings \(guide_min_t=0\)"):
         pipeline.check_saved_samples(str(tmp_path), "ldm",
                                      pipeline.samples_request(16, 5, "ddim", 1.0, 0.0, 200))
+    pipeline.check_saved_samples(str(tmp_path), "ldm",
+                                 pipeline.samples_request(16, 5, "ddim", 1.0, 0.0, 0, 0))
+    with pytest.raises(cli.UsageError, match=r"other settings \(eta_min_t=0\)"):
+        pipeline.check_saved_samples(str(tmp_path), "ldm",
+                                     pipeline.samples_request(16, 5, "ddim", 1.0, 0.0, 0, 500))
 
 
 def test_a_guidance_interval_guides_only_from_min_t():

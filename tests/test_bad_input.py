@@ -218,6 +218,7 @@ def test_positional_argument_is_refused(tmp_path, monkeypatch, module, args, mes
     ("pixel", "--config.diffusion.schedule=linear --config.diffusion.timesteps=10",
      "diffusion: linear schedule with T=10"),
     ("pixel", "--config.sample.eta=-1", "sample.eta must be in [0, 1], got -1.0"),
+    ("ldm", "--config.sample.eta_min_t=50", "sample.eta_min_t must be in [0, timesteps=50), got 50"),
     ("pixel", "--config.sample.guide_step=6",
      "sample.guide_step must be 0 (none) or an earlier step than train.steps=6, got 6"),
     ("ldm", "--config.sample.guide_weight=1", "sample.guide_weight > 0 needs sample.guide_step"),

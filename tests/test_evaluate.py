@@ -147,7 +147,7 @@ def test_autoencoder_quality_against_hand_values():
 
 def test_cached_samples_are_keyed_by_eta(tmp_path):
     """Samples drawn with one DDIM eta are never reused as those of another."""
-    gen = types.SimpleNamespace(stage="ldm", identity="abc", step=3)
+    gen = types.SimpleNamespace(stage="ldm", identity="abc", step=3, eta_min_t=0)
     images = np.arange(4 * 28 * 28, dtype=np.uint8).reshape(4, 28, 28)
     evaluate.save_samples(str(tmp_path), gen, images, 5, eta=1.0)
     np.testing.assert_array_equal(evaluate.cached_samples(str(tmp_path), gen, 4, 5, eta=1.0), images)

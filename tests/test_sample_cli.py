@@ -3,12 +3,13 @@ what it was asked for."""
 
 import dataclasses
 import os
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
-from ldm_jax import sample
+from ldm_jax import configs, sample, train
 
 from conftest import run_main, run_module
 from test_bad_input import _one_line_exit_2
@@ -51,6 +52,27 @@ def test_a_noise_interval_reaches_the_chain(smoke_workdir):
     np.testing.assert_array_equal(draw(with_min_t(gen.sched.num_timesteps), 1.0), ode)
     half = draw(with_min_t(gen.sched.num_timesteps // 2), 1.0)
     assert not np.array_equal(half, plain) and not np.array_equal(half, ode)
+
+
+def test_the_configured_noise_interval_is_the_default(smoke_workdir, tmp_path):
+    """A run trained with sample.eta_min_t samples with it unless --eta_min_t says
+    otherwise: the default grid equals --eta_min_t=25's and differs from --eta_min_t=0's."""
+    workdir = str(tmp_path / "w")
+    shutil.copytree(os.path.join(smoke_workdir, "vae"), os.path.join(workdir, "vae"))
+    c = configs.get_config("ldm", "smoke")
+    c.sample.sampler, c.sample.steps, c.sample.eta, c.sample.eta_min_t = "ddim", 10, 1.0, 25
+    train.train_and_evaluate(c, workdir)
+    assert sample.load_generator(workdir, "ldm").eta_min_t == 25
+    assert sample.load_generator(smoke_workdir, "ldm").eta_min_t == 0
+    grids = {}
+    for name, args in (("default", ()), ("25", ("--eta_min_t=25",)), ("0", ("--eta_min_t=0",))):
+        out = tmp_path / f"{name}.png"
+        r = run_main("sample", f"--workdir={workdir}", f"--out={out}", "--num=8", *args)
+        assert r.returncode == 0, r.stderr
+        with np.load(out.with_suffix(".npz"), allow_pickle=False) as z:
+            grids[name] = z["images"]
+    np.testing.assert_array_equal(grids["default"], grids["25"])
+    assert not np.array_equal(grids["default"], grids["0"])
 
 
 def test_sample_refuses_bad_places(smoke_workdir, tmp_path):
