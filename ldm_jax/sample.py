@@ -69,7 +69,8 @@ def load_generator(workdir: str, stage: str, step: int | None = None) -> Generat
                                   f"{', '.join(configs.DIFFUSION_STAGES + tuple(configs.STUDENTS))}")
     stage_dir = os.path.join(workdir, stage)
     params, cfg, meta = checkpoints.load_stage(workdir, stage, step)
-    guide_step = cfg.get("sample", {}).get("guide_step", 0)
+    sample_cfg = cfg.get("sample", {})
+    guide_step = sample_cfg.get("guide_step", 0)
     guide = None
     # A guide must be an earlier (weaker) model: at or past it, check_autoguidance refuses.
     if guide_step and guide_step < meta["step"] and guide_step in checkpoints.step_dirs(stage_dir):
@@ -77,8 +78,8 @@ def load_generator(workdir: str, stage: str, step: int | None = None) -> Generat
     common = dict(stage=stage, unet=models.build_unet(cfg["model"]), params=params,
                   sched=models.build_schedule(cfg["diffusion"]), config=cfg, step=meta["step"],
                   guide_params=guide, guide_step=guide_step if guide is not None else 0,
-                  guide_min_t=cfg.get("sample", {}).get("guide_min_t", 0),
-                  eta_min_t=cfg.get("sample", {}).get("eta_min_t", 0))
+                  **{k: sample_cfg.get(k, checkpoints.LEGACY_VALUES[f"sample.{k}"])
+                     for k in ("guide_min_t", "eta_min_t")})
     weights = {"unet": params} if guide is None else {"unet": params, "guide": guide}
     if stage == "pixel":
         identity = checkpoints.tree_digest(params if guide is None else weights)

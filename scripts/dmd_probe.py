@@ -102,7 +102,7 @@ def generator_loss(params, fake_params, real_eps, parts: Parts, key):
     axes = tuple(range(1, x.ndim))
     norm = jnp.mean(jnp.abs(jax.lax.stop_gradient(x) - x0_real), axis=axes, keepdims=True)
     g = jax.lax.stop_gradient((x0_fake - x0_real) / (norm + 1e-6))
-    return 0.5 * jnp.mean(jnp.square(x - jax.lax.stop_gradient(x - g))), x
+    return 0.5 * jnp.mean(jnp.square(x - jax.lax.stop_gradient(x - g)))
 
 
 def fake_loss(fake_params, g_params, parts: Parts, key):
@@ -123,7 +123,7 @@ def updates(parts: Parts, real_eps):
 
     @jax.jit
     def g_update(params, state, fake_params, key):
-        (loss, _), grads = jax.value_and_grad(generator_loss, has_aux=True)(
+        loss, grads = jax.value_and_grad(generator_loss)(
             params, fake_params, real_eps, parts, key)
         upd, state = opt_g.update(grads, state, params)
         return optax.apply_updates(params, upd), state, loss
