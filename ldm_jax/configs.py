@@ -577,6 +577,9 @@ def _check_sampling(c: ml_collections.ConfigDict) -> None:
     if c.sample.guide_weight > 0 and not c.sample.guide_step:
         raise ConfigError("sample.guide_weight > 0 needs sample.guide_step, the earlier "
                           "checkpoint that guides")
+    if c.sample.eta_min_t and c.sample.sampler != "ddim":  # sample and pipeline would refuse it
+        raise ConfigError(f"sample.eta_min_t={c.sample.eta_min_t} is for the ddim sampler, not "
+                          f"{c.sample.sampler}; set sample.eta_min_t=0 with it")
 
 
 def check_unet_input(c: ml_collections.ConfigDict, side: int, channels: int) -> None:

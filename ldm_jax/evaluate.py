@@ -351,6 +351,8 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
     if not stages and not os.path.isdir(os.path.join(workdir, "vae", "checkpoints")):
         raise configs.ConfigError(f"no trained vae, ldm or pixel model in {workdir}; train one "
                                   f"with `python -m ldm_jax.train --stage=vae --workdir={workdir}`")
+    out_dir = os.path.join(workdir, "eval")
+    check_out_dir(out_dir, stages, students)
     n_default, steps_default = PLAN[preset]
     num = num or n_default
     if num > configs.MNIST_TRAIN_IMAGES:
@@ -359,7 +361,6 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
     first_stage, gens = _load_models(workdir, stages, step, autoguidance)
     # A student whose teacher changed fails here, before writing.
     teachers = {s: fewstep.load_teacher_of(workdir, s) for s in students}
-    out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     classifier = classifier or features.DEFAULT_PATH
     ref = Reference(classifier, num)
@@ -390,13 +391,32 @@ def evaluate(workdir: str, preset: str, num: int | None = None, ddim_steps: int 
                   date=time.strftime("%Y-%m-%d"), quality=q, inception=inception_fid,
                   cost=cost_rows, few_step=few_step, guidance=guidance, text=prompt_rows,
                   autoencoder=autoencoder, classifier=os.path.abspath(classifier))
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(result, f, indent=2)
     report.save_figures(samples, ref.test_n, cost_rows, out_dir)
     if guidance:
         report.save_guidance_plot(guidance, out_dir)
     report.write_report(result, out_dir)
+    with cli.atomic_output(os.path.join(out_dir, "metrics.json")) as f:  # last: its report is in
+        f.write(json.dumps(result, indent=2).encode())
     return result
+
+
+# What evaluate writes in workdir/eval, besides <stage>_samples.npz and <student>_few_step.png.
+OUTPUTS = ("metrics.json", "report.md", "samples.png", "cost.png", "guidance.png",
+           "prompts.png", "reconstructions.png")
+
+
+def check_out_dir(out_dir: str, stages: list[str], students: list[str]) -> None:
+    """One line, before any sampling, unless evaluate can write its outputs in out_dir."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise cli.UsageError(f"{out_dir} is a file; evaluate writes its outputs in that "
+                             "directory: move it away")
+    names = OUTPUTS + tuple(f"{s}_samples.npz" for s in stages) + tuple(
+        f"{s}_few_step.png" for s in students)
+    for path in (os.path.join(out_dir, name) for name in names):
+        if os.path.isdir(path):
+            raise cli.UsageError(f"{path}, which evaluate writes, is a directory; move it away")
+    if os.path.isdir(out_dir) and (why := cli.unwritable_reason(out_dir)):
+        raise cli.UsageError(f"{out_dir} is not writable ({why})")
 
 
 def define_flags(fv) -> None:
@@ -428,6 +448,11 @@ def define_flags(fv) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    with cli.sigterm_as_interrupt():  # SIGTERM: the one line Ctrl-C prints
+        _main(argv)
+
+
+def _main(argv: list[str] | None) -> None:
     prog = "ldm_jax.evaluate"
     argv = argv or sys.argv
     fv = cli.parse_flags(prog, argv, define_flags)
@@ -461,6 +486,10 @@ def main(argv: list[str] | None = None) -> None:
         cli.fail(prog, e)
     except inception.InceptionWeightsError as e:
         cli.fail(prog, e)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (cli.sigterm_as_interrupt)
+        print(f"{prog}: interrupted; files already in {fv.workdir}/eval are whole, its "
+              "metrics.json is the last finished run's", file=sys.stderr)
+        sys.exit(cli.interrupted_status(e))
     print(f"wrote {os.path.join(fv.workdir, 'eval', 'report.md')}", file=sys.stderr)
     for name, qs in result["quality"].items():
         print(f"  {name:>22}: " + "  ".join(f"{k}={qs[k]:.3f}" for k in QUALITY + COVERAGE),

@@ -93,7 +93,11 @@ def saved_samples_info(npz_path: str) -> dict | None:
 
 
 def check_saved_samples(workdir: str, stage: str, request: dict) -> None:
-    """Refuses (before any training) to replace a grid drawn with other settings."""
+    """Refuses (before any training) to replace a grid drawn with other settings, or to
+    write one where a directory stands."""
+    for ext in (".png", ".npz"):
+        if os.path.isdir(grid := os.path.join(workdir, f"{stage}_samples{ext}")):
+            raise cli.UsageError(f"{grid}, where the {stage} grid goes, is a directory; move it away")
     path = os.path.join(workdir, f"{stage}_samples.npz")
     info = saved_samples_info(path)
     if info is None:
@@ -144,6 +148,28 @@ def student_weight(c, cfgs: list, workdir: str) -> float:
     return sample.default_student_weight(c.to_dict(), stored)
 
 
+def check_plan(cfgs: list, workdir: str) -> None:
+    """Refuses, before anything trains, what a stage would refuse only after the stages
+    before it had trained: a config that cannot resume, a VAE trained further under its
+    LDM, a student whose teacher the plan trains further or that has changed since."""
+    planned = {c.stage: c for c in cfgs}
+    for c in cfgs:
+        checkpoints.check_resumable(c, os.path.join(workdir, c.stage))
+        if train.will_train(c, workdir):
+            train.check_no_dependents(c, workdir)
+    for student in [s for s in planned if s in configs.STUDENTS]:
+        bound = checkpoints.stored_meta(os.path.join(workdir, student))
+        teacher = configs.STUDENTS[student]
+        if bound is None:
+            continue
+        if teacher in planned and train.will_train(planned[teacher], workdir):
+            raise configs.ConfigError(
+                f"training {teacher} further would leave behind the student in {workdir}/"
+                f"{student}, distilled from its step {bound.get('teacher_step')}; drop "
+                f"{student} from --stages to train it anyway, or use a new workdir")
+        checkpoints.check_teacher(workdir, student, bound)
+
+
 def check_stage_list(stages: list[str], workdir: str) -> None:
     """--stages: known, each once, and each model's parent (the LDM's VAE, a student's
     teacher) trained earlier in the list or already in the workdir."""
@@ -187,9 +213,9 @@ def _main(argv: list[str] | None) -> None:
             raise cli.UsageError(f"--num must be positive, got {fv.num}")
         check_stage_list(fv.stages, fv.workdir)
         cfgs = stage_configs(fv)
+        check_plan(cfgs, fv.workdir)
         requests = {}
-        for c in cfgs:  # refuse before training anything if a stage could not resume
-            checkpoints.check_resumable(c, os.path.join(fv.workdir, c.stage))
+        for c in cfgs:  # refuse before training anything to replace a grid
             if c.stage in configs.STUDENTS:
                 requests[c.stage] = samples_request(fv.num, c.sample.steps, "consistency", 0.0,
                                                     student_weight(c, cfgs, fv.workdir))

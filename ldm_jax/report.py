@@ -244,6 +244,7 @@ def write_report(result: dict, out_dir: str) -> str:
     for stage, rows in (r.get("text") or {}).items():
         lines += _text_section(stage, rows, r["num"])
     path = os.path.join(out_dir, "report.md")
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:  # renamed when whole: an interrupt keeps the old one
         f.write("\n".join(lines))
+    os.replace(path + ".tmp", path)
     return path

@@ -122,6 +122,12 @@ def is_finished(c: ml_collections.ConfigDict, step: int, train_seconds: float) -
     return step >= c.train.steps or bool(budget and train_seconds >= 60 * budget)
 
 
+def will_train(c: ml_collections.ConfigDict, workdir: str) -> bool:
+    """Whether workdir's c.stage is unfinished (or absent), so training it takes steps."""
+    newest = checkpoints.stored_meta(os.path.join(workdir, c.stage)) or {}
+    return not is_finished(c, newest.get("step", 0), newest.get("train_seconds", 0.0))
+
+
 def check_no_dependents(c: ml_collections.ConfigDict, workdir: str) -> None:
     """A VAE that an LDM was trained on cannot be changed (or rotated away) in place."""
     if c.stage != "vae":
@@ -234,9 +240,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
     if jax.process_count() > 1 and c.data.batch_size % jax.device_count():
         raise configs.ConfigError(f"data.batch_size={c.data.batch_size} does not split over "
                                   f"{jax.device_count()} devices")
-    newest = checkpoints.stored_meta(stage_dir) or {}
-    if not (stop_at_step is None and is_finished(c, newest.get("step", 0),
-                                                 newest.get("train_seconds", 0.0))):
+    if stop_at_step is not None or will_train(c, workdir):
         check_no_dependents(c, workdir)
     task = stages.TASKS[c.stage](c, workdir)
     check_enough_data(c, task)  # before the lock or any directory is made
