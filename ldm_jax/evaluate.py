@@ -487,8 +487,8 @@ def _main(argv: list[str] | None) -> None:
     except inception.InceptionWeightsError as e:
         cli.fail(prog, e)
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (cli.sigterm_as_interrupt)
-        print(f"{prog}: interrupted; files already in {fv.workdir}/eval are whole, its "
-              "metrics.json is the last finished run's", file=sys.stderr)
+        print(f"{prog}: interrupted; any metrics.json in {fv.workdir}/eval is from a run "
+              "that finished", file=sys.stderr)
         sys.exit(cli.interrupted_status(e))
     print(f"wrote {os.path.join(fv.workdir, 'eval', 'report.md')}", file=sys.stderr)
     for name, qs in result["quality"].items():

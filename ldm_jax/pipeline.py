@@ -165,8 +165,8 @@ def check_plan(cfgs: list, workdir: str) -> None:
         if teacher in planned and train.will_train(planned[teacher], workdir):
             raise configs.ConfigError(
                 f"training {teacher} further would leave behind the student in {workdir}/"
-                f"{student}, distilled from its step {bound.get('teacher_step')}; drop "
-                f"{student} from --stages to train it anyway, or use a new workdir")
+                f"{student}, distilled from its step {bound.get('teacher_step')}; use a new "
+                f"workdir, or drop {student} from --stages to train on and give the student up")
         checkpoints.check_teacher(workdir, student, bound)
 
 
