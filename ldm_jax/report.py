@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from ldm_jax import fewstep, score
+from ldm_jax import cli, fewstep, score
 from ldm_jax.score import COVERAGE, PERCEPTUAL_NOTE, PIXELS, QUALITY, RECOGNISABLE
 
 PIXEL_HEADS = ("exact 0", "1–15", "> 250")  # the columns of PIXELS
@@ -244,7 +244,6 @@ def write_report(result: dict, out_dir: str) -> str:
     for stage, rows in (r.get("text") or {}).items():
         lines += _text_section(stage, rows, r["num"])
     path = os.path.join(out_dir, "report.md")
-    with open(path + ".tmp", "w") as f:  # renamed when whole: an interrupt keeps the old one
-        f.write("\n".join(lines))
-    os.replace(path + ".tmp", path)
+    with cli.atomic_output(path) as f:  # an interrupt keeps the old report whole
+        f.write("\n".join(lines).encode())
     return path

@@ -399,10 +399,10 @@ def _load_teacher(c, workdir: str):
     bound = checkpoints.stored_meta(os.path.join(workdir, c.stage))
     teacher_dir = os.path.join(workdir, configs.STUDENTS[c.stage])
     stored = checkpoints.stored_meta(teacher_dir)
-    if stored is not None and not (stored.get("digests") or {}).get("tree"):
+    if stored is not None and not (stored.get("digests") or {}).get("tree"):  # older than digests
         raise configs.ConfigError(f"{teacher_dir} step {stored.get('step')} was saved without "
                                   "weight digests, so no student can be bound to it; train "
-                                  "the teacher again in a new workdir")  # a checkpoint older than digests
+                                  "the teacher again in a new workdir")
     params, t_cfg, t_meta = checkpoints.load_teacher(workdir, c.stage, bound)
     tc = checkpoints.config_from_stored(t_cfg)
     if tc.model.conditioning == "text":
