@@ -14,14 +14,14 @@ import math
 
 import ml_collections
 
-from ldm_jax import diffusion, nets
+from ldm_jax import data, diffusion, nets
 
 STAGES = ("vae", "ldm", "pixel", "classifier", "distill", "distill_pixel")
 PRESETS = ("smoke", "cpu-quick", "full")
 DIFFUSION_STAGES = ("ldm", "pixel")
 STUDENTS = {"distill": "ldm", "distill_pixel": "pixel"}  # student stage -> its teacher
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
-MNIST_TRAIN_IMAGES = 60_000
+MNIST_TRAIN_IMAGES = data.MNIST_TRAIN_IMAGES
 
 
 class ConfigError(ValueError):

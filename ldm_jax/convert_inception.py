@@ -171,12 +171,11 @@ def convert_module(module) -> dict[str, np.ndarray]:
 
 
 def save_npz(arrays: dict[str, np.ndarray], out: str) -> None:
+    from ldm_jax import cli  # pylint: disable=import-outside-toplevel  (inception imports us)
     out = os.path.expanduser(out)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp"
-    with open(tmp, "wb") as f:
+    with cli.atomic_output(out) as f:  # a unique temp name: no two writers mix
         np.savez(f, **arrays)
-    os.replace(tmp, out)
 
 
 def check_source(src: str) -> None:
@@ -200,6 +199,27 @@ def define_flags(fv) -> None:
                         flag_values=fv)
 
 
+def check_out(out: str) -> None:
+    """Raises ValueError (one line) unless out is a new file in a writable directory:
+    converting never replaces weights a user may rely on."""
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out} is a directory; give the npz file's path")
+    if os.path.lexists(out):
+        raise ValueError(f"--out {out} exists; move it away first (nothing is replaced)")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):  # save_npz makes the missing directories
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ValueError(f"--out {out}: {parent} is not a writable directory")
+
+
+def check_sha1(data: bytes, src: str) -> None:
+    """Raises ValueError unless data is the default_1.pt these weights are defined by."""
+    if (sha1 := hashlib.sha1(data).hexdigest()) != SOURCE_SHA1:
+        raise ValueError(f"--src {src} has sha1 {sha1}, not default_1.pt's {SOURCE_SHA1}; "
+                         "its FIDs would not be the field's")
+
+
 def main(argv: list[str] | None = None) -> None:
     from ldm_jax import cli  # pylint: disable=import-outside-toplevel  (inception imports us)
     prog = "ldm_jax.convert_inception"
@@ -208,9 +228,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.require(fv, "src", "out")
         check_source(fv.src)
-        if os.path.isdir(out):
-            raise cli.UsageError(f"--out {out} is a directory; give the npz file's path")
-    except ValueError as e:  # cli.UsageError included
+        check_out(out)
+        data = read_source(fv.src)
+        check_sha1(data, fv.src)
+    except (ValueError, OSError) as e:  # cli.UsageError included
         cli.fail(prog, e)
     try:
         import torch  # pylint: disable=import-outside-toplevel
@@ -218,11 +239,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{prog}: error: reading the TorchScript needs PyTorch: pip install torch==2.13.0",
               file=sys.stderr)
         sys.exit(1)
-
-    data = read_source(fv.src)
-    sha1 = hashlib.sha1(data).hexdigest()
-    if sha1 != SOURCE_SHA1:
-        print(f"warning: {fv.src} has sha1 {sha1}, expected {SOURCE_SHA1}", file=sys.stderr)
     module = torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
     arrays = convert_module(module)
     save_npz(arrays, out)

@@ -32,6 +32,7 @@ FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+MNIST_TRAIN_IMAGES = 60_000
 
 
 class DataError(ValueError):
@@ -48,11 +49,19 @@ def read_md5sums(data_dir: str) -> dict[str, str]:
         raise DataError(f"{path}: missing (it lists the MD5 of each uncompressed IDX file)")
     sums = {}
     with open(path) as f:
-        for line in f:
+        for n, line in enumerate(f, 1):
             if line.strip():
-                digest, name = line.split()
-                sums[name] = digest
+                if len(fields := line.split()) != 2:
+                    raise DataError(f"{path}:{n}: expected 'MD5 NAME', got {line.strip()!r}")
+                sums[fields[1]] = fields[0]
     return sums
+
+
+def trained_on(data_cfg) -> int:
+    """How many leading MNIST training images a stage with data config data_cfg trains on
+    (stages.train_split keeps all but the last data.holdout, then the first max_examples)."""
+    keep = MNIST_TRAIN_IMAGES - data_cfg.get("holdout", 0)
+    return min(keep, data_cfg.get("max_examples", 0) or keep)
 
 
 def read_idx(path: str, magic: int, md5: str) -> np.ndarray:
@@ -91,6 +100,8 @@ def load_mnist(split: str, data_dir: str | None = None) -> tuple[np.ndarray, np.
     data_dir = data_dir or default_data_dir()
     sums = read_md5sums(data_dir)
     image_name, label_name = FILES[split]
+    if missing := [name for name in FILES[split] if name not in sums]:
+        raise DataError(f"{data_dir}/MD5SUMS: no MD5 for {', '.join(missing)}")
     images = read_idx(os.path.join(data_dir, image_name + ".gz"), IMAGE_MAGIC, sums[image_name])
     labels = read_idx(os.path.join(data_dir, label_name + ".gz"), LABEL_MAGIC, sums[label_name])
     if len(images) != len(labels):

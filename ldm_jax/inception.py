@@ -13,6 +13,7 @@ pool inside the Mixed blocks excludes the padding from its count, and the last b
 
 from __future__ import annotations
 
+import functools
 import os
 import zipfile
 from typing import Any, Callable
@@ -279,17 +280,43 @@ class InceptionWeightsError(ValueError):
 
 def check_weights_file(path: str) -> None:
     """The cheap part of load_params's checks, for a command to run before any work: the
-    file, if it exists, is a whole zip archive (a cut-off one has no central directory)."""
-    if os.path.isfile(path) and not zipfile.is_zipfile(path):
+    file, if it exists, is a whole zip archive (a cut-off one has no central directory)
+    holding InceptionV3's arrays by name."""
+    if not os.path.isfile(path):
+        return
+    _check_zip(path)
+    with zipfile.ZipFile(path) as z:
+        names = {n.removesuffix(".npy") for n in z.namelist()}
+    _check_names(path, {tuple(n.split("/")) for n in names})
+
+
+def _check_zip(path: str) -> None:
+    if not zipfile.is_zipfile(path):  # a cut-off zip has no central directory
         raise InceptionWeightsError(f"{path} is not a whole .npz file of Inception weights "
                                     "(cut off or garbled); convert it again")
+
+
+@functools.cache
+def _expected_shapes() -> dict:
+    """{('a', 'b'): ShapeDtypeStruct} of InceptionV3's parameters."""
+    abstract = jax.eval_shape(InceptionV3().init, jax.random.key(0),
+                              jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32))
+    return traverse_util.flatten_dict(abstract["params"])
+
+
+def _check_names(path: str, names: set) -> None:
+    if names != set(expected := _expected_shapes()):
+        missing = sorted("/".join(k) for k in set(expected) - names)
+        extra = sorted("/".join(k) for k in names - set(expected))
+        raise InceptionWeightsError(f"{path} does not match InceptionV3: missing {missing[:3]}, "
+                                    f"unexpected {extra[:3]}; convert it again")
 
 
 def _read_weights(path: str) -> dict:
     """{('a', 'b'): float32 array} of a converted npz, every array read and finite."""
     if not os.path.isfile(path):
         raise FileNotFoundError(_missing_weights_message(path))
-    check_weights_file(path)
+    _check_zip(path)
     try:
         with np.load(path, allow_pickle=False) as npz:
             flat = {tuple(k.split("/")): np.asarray(npz[k], np.float32) for k in npz.files}
@@ -313,17 +340,11 @@ def load_params(path: str | None = None) -> dict:
     path = os.path.expanduser(path) if path is not None else default_weights_path()
     flat = _read_weights(path)
 
-    abstract = jax.eval_shape(
-        InceptionV3().init, jax.random.key(0), jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)
-    )
-    expected = traverse_util.flatten_dict(abstract["params"])
-    if set(flat) != set(expected):
-        missing = sorted("/".join(k) for k in set(expected) - set(flat))
-        extra = sorted("/".join(k) for k in set(flat) - set(expected))
-        raise ValueError(f"{path} does not match InceptionV3: missing {missing[:5]}, unexpected {extra[:5]}")
-    for key, spec in expected.items():
+    _check_names(path, set(flat))
+    for key, spec in _expected_shapes().items():
         if flat[key].shape != spec.shape:
-            raise ValueError(f"{path}: {'/'.join(key)} has shape {flat[key].shape}, expected {spec.shape}")
+            raise InceptionWeightsError(f"{path}: {'/'.join(key)} has shape {flat[key].shape}, "
+                                        f"expected {spec.shape}; convert it again")
     return jax.tree.map(jnp.asarray, traverse_util.unflatten_dict(flat))
 
 

@@ -21,6 +21,7 @@ import functools
 import math
 import os
 import sys
+import zipfile
 from typing import Any
 
 import jax
@@ -568,6 +569,27 @@ def _student_settings(fv, gen: Generator) -> tuple[str, int, float, float]:
     return "consistency", steps, 0.0, 0.0 if cond else w
 
 
+SAMPLE_KEYS = frozenset({"images", "labels", "prompts", "provenance"})  # what write_samples saves
+
+
+def check_npz_replaceable(out: str) -> None:
+    """Refuses an --out whose .npz beside it exists and is not a samples file (trained
+    weights, features): writing the grid would replace it."""
+    npz = os.path.splitext(out)[0] + ".npz"
+    if not os.path.lexists(npz):
+        return
+    try:
+        loaded = np.load(npz, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile):  # not a zip, nor an .npy
+        loaded = None
+    keys = set(loaded.files) if isinstance(loaded, np.lib.npyio.NpzFile) else set()
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        loaded.close()
+    if "images" not in keys or not keys <= SAMPLE_KEYS:
+        raise cli.UsageError(f"{npz} exists and is not a samples file; --out {out} would "
+                             "replace it: give another name or move it away")
+
+
 def write_samples(path: str, images: np.ndarray, ncol: int | None, **extra) -> str:
     """The .npz beside the PNG grid, each written under a unique temporary name and renamed
     (cli.atomic_output), so a failure leaves neither half-written nor a temporary file, and
@@ -598,6 +620,7 @@ def _main(argv: list[str] | None) -> None:
         ncol = ncol or prompt_cols
         cli.check_workdir(fv.workdir, must_exist=True, writable=False)
         cli.check_out_path(fv.out)
+        check_npz_replaceable(fv.out)
         cli.setup_jax()
         gen = load_generator(fv.workdir, fv.stage, fv.step)
         check_conditioning_flags(fv, gen, labels, prompts)

@@ -96,18 +96,47 @@ def cached_features(feat_fn, images: np.ndarray, name: str) -> np.ndarray:
     return feats
 
 
+def check_holdout(holdout: int) -> None:
+    """Raises ValueError unless the val split is a real part of the training images
+    (train[-0:] would be all of them)."""
+    if not 0 < holdout < data.MNIST_TRAIN_IMAGES:
+        raise ValueError(f"holdout must be in [1, {data.MNIST_TRAIN_IMAGES - 1}], got {holdout}")
+
+
+def check_val_unseen(cfg: dict, holdout: int, where: str) -> None:
+    """Raises ValueError if the model of stored config cfg trained on the last `holdout`
+    training images: its val scores would be of its own training data."""
+    check_holdout(holdout)
+    if (n := data.trained_on(cfg["data"])) > (free := data.MNIST_TRAIN_IMAGES - holdout):
+        unseen = data.MNIST_TRAIN_IMAGES - n
+        hint = f"pass --holdout={unseen} or less, or " if unseen > 0 else ""
+        raise ValueError(f"{where} trained on the first {n:,} training images, into the last "
+                         f"{holdout:,} (the val split); {hint}score the test split only")
+
+
+def require_val_unseen(cfg: dict, holdout: int, where: str, prog: str) -> None:
+    """check_val_unseen for a script: its one line, exit 2."""
+    try:
+        check_val_unseen(cfg, holdout, where)
+    except ValueError as e:
+        cli.fail(prog, e)
+
+
 def split_images(split: str, holdout: int) -> np.ndarray:
     """uint8 reference images of a split: 'val', the last `holdout` training images (which
     data.holdout never trains on), for choosing; 'test', the 10,000 test images, for reporting."""
     if split not in SPLITS:
         raise ValueError(f"split must be {'|'.join(SPLITS)}, got {split!r}")
+    if split == "val":
+        check_holdout(holdout)
     return data.load("package", "train")[0][-holdout:] if split == "val" else \
         data.load("package", "test")[0]
 
 
 def floor_images(num: int, holdout: int) -> np.ndarray:
     """num training images from outside the holdout (seed 1): real data scored as samples."""
-    train = data.load("package", "train")[0][:-holdout or None]
+    check_holdout(holdout)
+    train = data.load("package", "train")[0][:-holdout]
     return train[np.random.default_rng(1).choice(len(train), num, replace=False)]
 
 

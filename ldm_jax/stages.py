@@ -273,6 +273,16 @@ def vae_task(c, workdir: str) -> Task:
         **_data(c, {"image": images}), meta=meta)
 
 
+def check_first_stage_holdout(vae_cfg: dict, c, workdir: str) -> None:
+    """Refuses an LDM whose VAE trained on images the LDM holds out for validation: its
+    val scores would see them through the decoder."""
+    if (n := data.trained_on(vae_cfg["data"])) > data.MNIST_TRAIN_IMAGES - c.data.holdout:
+        raise configs.ConfigError(
+            f"the VAE in {workdir}/vae trained on the first {n:,} training images, into the last "
+            f"{c.data.holdout:,} this LDM holds out (data.holdout); train the VAE with "
+            f"data.holdout >= {c.data.holdout} in a new workdir")
+
+
 def diffusion_data(c, workdir: str) -> tuple[dict, dict, float]:
     """(arrays, meta, scale) a diffusion stage trains on: pixels, or for an LDM the latents
     of its VAE (posterior mean and std), the latent scale and the VAE it is bound to."""
@@ -282,7 +292,9 @@ def diffusion_data(c, workdir: str) -> tuple[dict, dict, float]:
         # latent scale, and every resume (and benchmark) uses exactly those, never whatever
         # workdir/vae holds now.
         bound = checkpoints.stored_meta(os.path.join(workdir, "ldm"))
-        vae, vae_vars, _, vae_meta = checkpoints.load_vae(workdir, bound and bound["vae_step"])
+        vae, vae_vars, vae_cfg, vae_meta = checkpoints.load_vae(workdir,
+                                                                bound and bound["vae_step"])
+        check_first_stage_holdout(vae_cfg, c, workdir)
         vae_digest = checkpoints.tree_digest(vae_vars)
         if bound and bound.get("vae_digest", vae_digest) != vae_digest:
             raise configs.ConfigError(f"{workdir}/vae step {bound['vae_step']} is not the VAE "

@@ -77,6 +77,8 @@ def main(argv):
 def sweep(stage: str, scorer: score.SplitScorer) -> dict:
     """Every setting of one stage against both splits; the val-chosen one again at final_num."""
     gen = sample.load_generator(FLAGS.workdir, stage)
+    score.require_val_unseen(gen.config, FLAGS.holdout, f"{FLAGS.workdir}/{stage}",
+                             "choose_sampler")
     rows, saved = [], {}
     for setting in FLAGS.settings:
         w, eta = (float(v) for v in setting.split(":"))

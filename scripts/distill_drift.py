@@ -88,6 +88,7 @@ def main(argv):
     del argv
     cli.setup_jax()
     teacher = sample.load_generator(FLAGS.workdir, "ldm")
+    score.require_val_unseen(teacher.config, FLAGS.holdout, FLAGS.workdir, "distill_drift")
     meta = checkpoints.stored_meta(f"{FLAGS.workdir}/distill")  # the newest student's
     w = meta["autoguidance"]
     grid = consistency.student_grid(teacher.sched.num_timesteps, meta["intervals"])

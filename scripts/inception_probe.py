@@ -45,6 +45,8 @@ def images_to_score() -> tuple[str, np.ndarray, np.ndarray | None]:
     if FLAGS.vae:
         from ldm_jax import checkpoints  # pylint: disable=import-outside-toplevel
         first_stage = checkpoints.load_vae(FLAGS.vae)
+        if "val" in FLAGS.splits or FLAGS.recon_split == "val":
+            score.require_val_unseen(first_stage[2], FLAGS.holdout, FLAGS.vae, "inception_probe")
         originals = score.split_images(FLAGS.recon_split, FLAGS.holdout)[:FLAGS.num]
         recons = data.to_uint8(score.reconstruct(first_stage, originals)[0])
         return (f"{FLAGS.vae} VAE step {first_stage[3]['step']}, reconstructions of "

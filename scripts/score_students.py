@@ -65,6 +65,7 @@ def main(argv):
     for workdir in FLAGS.workdirs:
         name = os.path.basename(os.path.normpath(workdir))
         teacher = fewstep.load_teacher_of(workdir, FLAGS.student)
+        score.require_val_unseen(teacher.config, FLAGS.holdout, workdir, "score_students")
         rows = [r for step in [int(s) for s in FLAGS.student_steps] or [None]
                 for r in fewstep.settings(workdir, FLAGS.student, teacher, step)]
         for i, (row, gen, sampler, k, eta, w) in enumerate(rows):
