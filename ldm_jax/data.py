@@ -53,7 +53,7 @@ def read_md5sums(data_dir: str) -> dict[str, str]:
             if line.strip():
                 if len(fields := line.split()) != 2:
                     raise DataError(f"{path}:{n}: expected 'MD5 NAME', got {line.strip()!r}")
-                sums[fields[1]] = fields[0]
+                sums[fields[1].removeprefix("*")] = fields[0]  # md5sum -b writes *NAME
     return sums
 
 

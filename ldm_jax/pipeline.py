@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from ml_collections import config_flags
 
-from ldm_jax import checkpoints, cli, configs, data, sample, train
+from ldm_jax import checkpoints, cli, configs, data, sample, stages, train
 
 PIPELINE_STAGES = ("vae", "ldm", "pixel", *configs.STUDENTS)
 SEED = 0  # the sampling seed of the pipeline's grids
@@ -168,6 +168,18 @@ def check_plan(cfgs: list, workdir: str) -> None:
                 f"{student}, distilled from its step {bound.get('teacher_step')}; use a new "
                 f"workdir, or drop {student} from --stages to train on and give the student up")
         checkpoints.check_teacher(workdir, student, bound)
+    if "ldm" in planned:
+        check_ldm_holdout(planned, workdir)
+
+
+def check_ldm_holdout(planned: dict, workdir: str) -> None:
+    """stages.check_first_stage_holdout, before the VAE trains: the VAE the LDM will get is
+    the planned one if the plan trains it, else the one in the workdir."""
+    vae = planned.get("vae")
+    vae_cfg = (vae.to_dict() if vae is not None and train.will_train(vae, workdir)
+               else checkpoints.stored_config(os.path.join(workdir, "vae")))
+    if vae_cfg is not None:
+        stages.check_first_stage_holdout(vae_cfg, planned["ldm"], workdir)
 
 
 def check_stage_list(stages: list[str], workdir: str) -> None:

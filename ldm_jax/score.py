@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax import cli, data, features, inception, metrics, nets
+from ldm_jax import checkpoints, cli, data, features, inception, metrics, nets
 
 QUALITY = ("fid", "precision", "recall", "density", "coverage")
 COVERAGE = ("recognisable", "class_kl")  # metrics.class_coverage, on the classifier's probabilities
@@ -107,17 +107,21 @@ def check_val_unseen(cfg: dict, holdout: int, where: str) -> None:
     """Raises ValueError if the model of stored config cfg trained on the last `holdout`
     training images: its val scores would be of its own training data."""
     check_holdout(holdout)
-    if (n := data.trained_on(cfg["data"])) > (free := data.MNIST_TRAIN_IMAGES - holdout):
+    if (n := data.trained_on(cfg["data"])) > data.MNIST_TRAIN_IMAGES - holdout:
         unseen = data.MNIST_TRAIN_IMAGES - n
-        hint = f"pass --holdout={unseen} or less, or " if unseen > 0 else ""
-        raise ValueError(f"{where} trained on the first {n:,} training images, into the last "
-                         f"{holdout:,} (the val split); {hint}score the test split only")
+        hint = f"; pass --holdout={unseen} or less" if unseen > 0 else ""
+        raise ValueError(f"{where} trained on the first {n:,} training images, including the "
+                         f"last {holdout:,} (the val split){hint}")
 
 
-def require_val_unseen(cfg: dict, holdout: int, where: str, prog: str) -> None:
-    """check_val_unseen for a script: its one line, exit 2."""
+def require_val_unseen(workdir: str, stages: list[str], holdout: int, prog: str) -> None:
+    """check_val_unseen for a script, on the stored config of each stage in workdir and of
+    the VAE under a latent model: its one line, exit 2."""
+    stages = list(stages) + (["vae"] if set(stages) & {"ldm", "distill"} else [])
     try:
-        check_val_unseen(cfg, holdout, where)
+        for stage in stages:
+            if (cfg := checkpoints.stored_config(os.path.join(workdir, stage))) is not None:
+                check_val_unseen(cfg, holdout, os.path.join(workdir, stage))
     except ValueError as e:
         cli.fail(prog, e)
 
@@ -135,8 +139,9 @@ def split_images(split: str, holdout: int) -> np.ndarray:
 
 def floor_images(num: int, holdout: int) -> np.ndarray:
     """num training images from outside the holdout (seed 1): real data scored as samples."""
-    check_holdout(holdout)
-    train = data.load("package", "train")[0][:-holdout]
+    if not 0 <= holdout < data.MNIST_TRAIN_IMAGES:  # 0: every training image
+        raise ValueError(f"holdout must be in [0, {data.MNIST_TRAIN_IMAGES - 1}], got {holdout}")
+    train = data.load("package", "train")[0][:-holdout or None]
     return train[np.random.default_rng(1).choice(len(train), num, replace=False)]
 
 

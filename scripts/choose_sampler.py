@@ -60,6 +60,8 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # no Orbax restore chatter between the rows
     cli.setup_jax()
+    if FLAGS.workdir:
+        score.require_val_unseen(FLAGS.workdir, FLAGS.stages, FLAGS.holdout, "choose_sampler")
     scorer = score.SplitScorer(score.SPLITS, FLAGS.holdout, FLAGS.max_ref)
     emit(f"real: {FLAGS.num} training images", score.floor_images(FLAGS.num, FLAGS.holdout),
          scorer)
@@ -77,8 +79,6 @@ def main(argv):
 def sweep(stage: str, scorer: score.SplitScorer) -> dict:
     """Every setting of one stage against both splits; the val-chosen one again at final_num."""
     gen = sample.load_generator(FLAGS.workdir, stage)
-    score.require_val_unseen(gen.config, FLAGS.holdout, f"{FLAGS.workdir}/{stage}",
-                             "choose_sampler")
     rows, saved = [], {}
     for setting in FLAGS.settings:
         w, eta = (float(v) for v in setting.split(":"))

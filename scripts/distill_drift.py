@@ -87,8 +87,9 @@ def mix_plans(steps: int) -> dict[str, list[int]]:
 def main(argv):
     del argv
     cli.setup_jax()
+    if FLAGS.mix:  # probe 2 scores against val
+        score.require_val_unseen(FLAGS.workdir, ["ldm", "distill"], FLAGS.holdout, "distill_drift")
     teacher = sample.load_generator(FLAGS.workdir, "ldm")
-    score.require_val_unseen(teacher.config, FLAGS.holdout, FLAGS.workdir, "distill_drift")
     meta = checkpoints.stored_meta(f"{FLAGS.workdir}/distill")  # the newest student's
     w = meta["autoguidance"]
     grid = consistency.student_grid(teacher.sched.num_timesteps, meta["intervals"])

@@ -34,8 +34,8 @@ def shares(x: np.ndarray) -> dict:
 def main(argv):
     del argv
     cli.setup_jax()
+    score.require_val_unseen(FLAGS.workdir, ["pixel"], FLAGS.holdout, "haze_probe")
     gen = sample.load_generator(FLAGS.workdir, "pixel")
-    score.require_val_unseen(gen.config, FLAGS.holdout, FLAGS.workdir, "haze_probe")
     net_fn = models.unet_fn(gen.unet, gen.config["model"], gen.params)
     eps_fn = diffusion.eps_fn_from_model(net_fn, gen.sched, models.prediction(gen.config["diffusion"]))
     x0 = jnp.asarray(data.to_float(score.split_images("val", FLAGS.holdout)[:500]))

@@ -44,9 +44,9 @@ def images_to_score() -> tuple[str, np.ndarray, np.ndarray | None]:
             return FLAGS.npz, z["images"][:FLAGS.num], None
     if FLAGS.vae:
         from ldm_jax import checkpoints  # pylint: disable=import-outside-toplevel
-        first_stage = checkpoints.load_vae(FLAGS.vae)
         if "val" in FLAGS.splits or FLAGS.recon_split == "val":
-            score.require_val_unseen(first_stage[2], FLAGS.holdout, FLAGS.vae, "inception_probe")
+            score.require_val_unseen(FLAGS.vae, ["vae"], FLAGS.holdout, "inception_probe")
+        first_stage = checkpoints.load_vae(FLAGS.vae)
         originals = score.split_images(FLAGS.recon_split, FLAGS.holdout)[:FLAGS.num]
         recons = data.to_uint8(score.reconstruct(first_stage, originals)[0])
         return (f"{FLAGS.vae} VAE step {first_stage[3]['step']}, reconstructions of "

@@ -22,8 +22,8 @@ def main(workdirs: list[str]) -> None:
     real = score.split_images("val", 2000)[:2000]
     print("holdout images:", shares(real))
     for workdir in workdirs:
-        vae, variables, cfg, _ = checkpoints.load_vae(workdir)
-        score.check_val_unseen(cfg, 2000, workdir)
+        score.require_val_unseen(workdir, ["vae"], 2000, "posterior_decode")
+        vae, variables, _, _ = checkpoints.load_vae(workdir)
         mean, std = stages.encode_dataset(vae, variables, data.to_float(real))
         decode = jax.jit(lambda z: vae.apply(variables, z, method=nets.VAE.decode))
         print(workdir, "posterior std (mean):", float(std.mean()))

