@@ -476,7 +476,7 @@ def _main(argv: list[str] | None) -> None:
         cli.check_workdir(fv.workdir, must_exist=True)
         cli.setup_jax()  # before anything starts a backend (the classifier's arrays would)
         features.load_classifier(fv.classifier)
-        if fv.inception:  # a cut-off weights file fails now, not after the sampling
+        if fv.inception:  # missing or cut-off weights fail now, not after the sampling
             inception.check_weights_file(inception.default_weights_path())
         command = "python -m ldm_jax.evaluate " + " ".join(argv[1:])
         result = evaluate(fv.workdir, fv.preset, fv.num, fv.steps, fv.classifier, fv.inception,

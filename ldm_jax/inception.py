@@ -280,10 +280,12 @@ class InceptionWeightsError(ValueError):
 
 def check_weights_file(path: str) -> None:
     """The cheap part of load_params's checks, for a command to run before any work: the
-    file, if it exists, is a whole zip archive (a cut-off one has no central directory)
+    file exists and is a whole zip archive (a cut-off one has no central directory)
     holding InceptionV3's arrays by name."""
     if not os.path.isfile(path):
-        return
+        raise FileNotFoundError(f"FID Inception weights not found at {path}; convert them once "
+                                "(docs/guide.md, convert_inception) or point "
+                                f"${WEIGHTS_ENV_VAR} at converted weights")
     _check_zip(path)
     with zipfile.ZipFile(path) as z:
         names = {n.removesuffix(".npy") for n in z.namelist()}

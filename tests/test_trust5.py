@@ -111,6 +111,14 @@ def test_item7_a_whole_npz_of_other_weights_is_refused_by_the_cheap_check():
         inception.check_weights_file(CLASSIFIER)  # evaluate runs it before sampling
 
 
+def test_item7_evaluate_refuses_missing_inception_weights_before_sampling(tmp_path, monkeypatch):
+    monkeypatch.setenv("LDM_JAX_INCEPTION", str(tmp_path / "none.npz"))
+    (tmp_path / "w").mkdir()
+    r = run_main("evaluate", f"--workdir={tmp_path / 'w'}", "--preset=smoke", "--inception")
+    _one_line_exit_2(r, "none.npz; convert them once")  # it sampled first, then gave 1 of 4 lines
+    assert not os.listdir(tmp_path / "w")
+
+
 @pytest.mark.parametrize("md5sums,message", [
     ("", "no MD5 for"),
     ("abc train-images-idx3-ubyte extra\n", "expected 'MD5 NAME'"),
