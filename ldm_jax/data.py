@@ -19,6 +19,7 @@ import functools
 import gzip
 import hashlib
 import os
+import re
 import struct
 import zlib
 
@@ -51,7 +52,8 @@ def read_md5sums(data_dir: str) -> dict[str, str]:
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if line.strip():
-                if len(fields := line.split()) != 2:
+                fields = line.split()
+                if len(fields) != 2 or not re.fullmatch(r"[0-9a-fA-F]{32}", fields[0]):
                     raise DataError(f"{path}:{n}: expected 'MD5 NAME', got {line.strip()!r}")
                 sums[fields[1].removeprefix("*")] = fields[0]  # md5sum -b writes *NAME
     return sums

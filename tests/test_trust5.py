@@ -122,6 +122,7 @@ def test_item7_evaluate_refuses_missing_inception_weights_before_sampling(tmp_pa
 @pytest.mark.parametrize("md5sums,message", [
     ("", "no MD5 for"),
     ("abc train-images-idx3-ubyte extra\n", "expected 'MD5 NAME'"),
+    ("abc t10k-images-idx3-ubyte\n", "expected 'MD5 NAME'"),  # a cut-off digest
 ])
 def test_item8_a_malformed_md5sums_is_a_data_error(tmp_path, md5sums, message):
     shutil.copytree(data.default_data_dir(), tmp_path / "mnist")
